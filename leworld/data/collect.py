@@ -1,0 +1,176 @@
+"""Generate a dataset by running a scripted policy in one of our environments.
+
+Example:
+    python -m leworld.data.collect --env tworoom --episodes 200 --steps 100 --resolution 64 \\
+        --policy expert --noise 2.0 --seed 0 --out data/tworoom.h5
+
+The same from Python:
+    >>> from leworld.data.collect import collect
+    >>> collect("tworoom", episodes=200, steps=100, resolution=64, out="data/tworoom.h5")
+
+Episodes are generated in fixed blocks of `chunk_size` episodes, each block seeded from
+(seed, block index), so the file depends only on the arguments, not on the number of
+worker processes. Blocks run in parallel worker processes and are written in order.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import envs
+from envs.policies import POLICIES, make_policy
+from leworld.data.store import EpisodeStore, EpisodeWriter
+
+DEFAULT_POLICY = {"tworoom": "expert", "pusht": "contact"}
+DEFAULT_WORKERS = {"tworoom": 1, "pusht": os.cpu_count() or 1}
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("leworld")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def collect_block(env_name: str, num_episodes: int, steps: int, resolution: int, policy: str,
+                  noise: float | None, seed: int, block: int, env_kwargs: dict | None = None) -> dict:
+    """Run `num_episodes` episodes of `steps` steps in one batched env.
+
+    Returns arrays shaped (E, steps + 1, ...); the action row of the last observation is NaN.
+    """
+    env_seed, policy_seed = np.random.SeedSequence([seed, block]).generate_state(2)
+    env = envs.make_batch(env_name, num_envs=num_episodes, resolution=resolution, seed=int(env_seed),
+                          **(env_kwargs or {}))
+    pi = make_policy(env_name, policy, env, noise=noise, seed=int(policy_seed))
+    n, length = num_episodes, steps + 1
+    out = {
+        "pixels": np.empty((n, length, resolution, resolution, 3), np.uint8),
+        "action": np.full((n, length, env.action_dim), np.nan, np.float32),
+        "proprio": np.empty((n, length, env.proprio_dim), np.float32),
+        "state": np.empty((n, length, env.state_dim), np.float64),
+    }
+    obs = env.reset()
+    pi.reset(env)
+    for t in range(length):
+        out["pixels"][:, t] = obs["pixels"]
+        out["proprio"][:, t] = obs["proprio"]
+        out["state"][:, t] = env.get_state()
+        if t == steps:
+            break
+        action = np.clip(np.asarray(pi.act(env), np.float32), -1.0, 1.0)  # (N, A)
+        out["action"][:, t] = action
+        obs = env.step(action)
+    return out
+
+
+def _block_job(args: tuple) -> dict:
+    return collect_block(*args)
+
+
+def _check_args(env: str, episodes: int, steps: int, resolution: int, policy: str,
+                noise: float | None, chunk_size: int, workers: int) -> None:
+    if env not in envs.ENV_NAMES:
+        raise ValueError(f"unknown env {env!r}: choose one of {', '.join(envs.ENV_NAMES)}")
+    if policy not in POLICIES[env]:
+        raise ValueError(f"unknown policy {policy!r} for {env}: choose one of {', '.join(POLICIES[env])}")
+    for name, value in (("episodes", episodes), ("steps", steps), ("chunk_size", chunk_size), ("workers", workers)):
+        if int(value) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if resolution < 16:
+        raise ValueError(f"--resolution must be at least 16 px, got {resolution}")
+    if noise is not None and noise < 0:
+        raise ValueError(f"--noise is a standard deviation and must be >= 0, got {noise}")
+
+
+def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, policy: str | None = None,
+            noise: float | None = None, seed: int = 0, out: str | os.PathLike = "data/dataset.h5",
+            overwrite: bool = False, workers: int | None = None, chunk_size: int = 16,
+            env_kwargs: dict | None = None, progress: bool = True, compression: str | None = None) -> Path:
+    """Collect `episodes` episodes of `steps` steps and write them atomically to `out`."""
+    policy = policy or DEFAULT_POLICY.get(env, "random")
+    workers = workers or DEFAULT_WORKERS.get(env, 1)
+    _check_args(env, episodes, steps, resolution, policy, noise, chunk_size, workers)
+    if compression not in (None, "none", "lzf", "gzip"):
+        raise ValueError(f"unknown compression {compression!r}: choose none, lzf or gzip")
+    compression = None if compression == "none" else compression
+    out = Path(out)
+    probe = envs.make_batch(env, num_envs=1, resolution=resolution, seed=seed, **(env_kwargs or {}))
+    metadata = {
+        "env": env, "env_id": probe.env_id, "env_params": probe.params(), "policy": policy, "noise": noise,
+        "seed": seed, "chunk_size": chunk_size, "resolution": resolution, "episodes": episodes, "steps": steps,
+        "leworld_version": _package_version(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    sizes = [min(chunk_size, episodes - start) for start in range(0, episodes, chunk_size)]
+    jobs = [(env, n, steps, resolution, policy, noise, seed, b, env_kwargs) for b, n in enumerate(sizes)]
+    start_time = time.perf_counter()
+    writer = EpisodeWriter(out, resolution=resolution, action_dim=probe.action_dim, proprio_dim=probe.proprio_dim,
+                           state_dim=probe.state_dim, metadata=metadata, overwrite=overwrite,
+                           compression=compression)
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        blocks = pool.imap(_block_job, jobs) if pool else map(_block_job, jobs)
+        with tqdm(total=episodes, desc=f"collect {env}", unit="ep", disable=not progress) as bar:
+            for block in blocks:
+                writer.append(block)
+                bar.update(len(block["pixels"]))
+        seconds = time.perf_counter() - start_time
+        writer.update_metadata(seconds=seconds, steps_per_second=episodes * steps / seconds)
+        writer.close()
+    except BaseException:
+        if pool:
+            pool.terminate()
+        writer.abort()
+        raise
+    finally:
+        if pool:
+            pool.close()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m leworld.data.collect", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--env", required=True, help=f"environment: {', '.join(envs.ENV_NAMES)}")
+    p.add_argument("--episodes", type=int, default=100, help="number of episodes")
+    p.add_argument("--steps", type=int, default=100, help="env steps per episode")
+    p.add_argument("--resolution", type=int, default=224, help="frame size in pixels")
+    p.add_argument("--policy", default=None, help="data policy (default: expert for tworoom, contact for pusht)")
+    p.add_argument("--noise", type=float, default=None, help="policy action noise std (default: the policy's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", required=True, help="output .h5 file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: 1 tworoom, all cores pusht)")
+    p.add_argument("--chunk-size", type=int, default=16, help="episodes per seeded block (changes the data)")
+    p.add_argument("--compression", default="none", help="pixel compression: none, lzf or gzip")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        path = collect(args.env, args.episodes, args.steps, args.resolution, args.policy, args.noise, args.seed,
+                       args.out, overwrite=args.overwrite, workers=args.workers, chunk_size=args.chunk_size,
+                       progress=not args.quiet, compression=args.compression)
+    except (ValueError, FileExistsError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    print(EpisodeStore(path).summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

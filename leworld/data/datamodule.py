@@ -1,0 +1,118 @@
+"""LightningDataModule over an HDF5 episode store, generating the dataset first if asked to.
+
+Example:
+    >>> from leworld.data.datamodule import CollectSpec, LeWMDataModule
+    >>> dm = LeWMDataModule("data/tworoom_64.h5", batch_size=64,
+    ...                     generate=CollectSpec(env="tworoom", episodes=500, resolution=64))
+    >>> dm.prepare_data(); dm.setup("fit")   # collects the data if the file is missing
+    >>> dm.action_mean, dm.action_std        # training-split statistics, saved with the model
+
+Batches hold `pixels` (B, T, Hp, Wp, C) uint8 (permuted and normalised on the device) and
+`action` (B, T-1, frameskip*A) raw actions (z-scored by the model with these statistics).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from leworld.data.clips import ClipDataset, action_stats, collate_batch, split_episodes
+from leworld.data.store import EpisodeStore
+
+
+@dataclass
+class CollectSpec:
+    """How to generate the dataset when its file does not exist (see `leworld.data.collect`)."""
+
+    env: str = "tworoom"  # environment name: tworoom or pusht
+    episodes: int = 1000  # number of episodes
+    steps: int = 100  # env steps per episode
+    resolution: int = 224  # frame size in pixels
+    policy: str | None = None  # data policy (None: the env's default)
+    noise: float | None = None  # policy action noise std (None: the policy's default)
+    seed: int = 0  # collection seed
+    workers: int | None = None  # worker processes (None: the env's default)
+    compression: str | None = None  # pixel compression: None, "lzf" or "gzip"
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on (seed, epoch), so resuming replays it."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+
+class LeWMDataModule(L.LightningDataModule):
+    def __init__(self, path: str = "data/tworoom.h5", num_frames: int = 4, frameskip: int = 5,
+                 batch_size: int = 128, num_workers: int = 2, val_fraction: float = 0.1, split_seed: int = 0,
+                 shuffle_seed: int = 0, generate: CollectSpec | None = None):
+        """
+        Args:
+            path: HDF5 dataset written by `python -m leworld.data.collect`.
+            num_frames: frames per training clip (history + 1).
+            frameskip: env steps between kept frames; one action block = frameskip actions.
+            batch_size: clips per batch (per process under DDP).
+            num_workers: DataLoader worker processes (each opens the file itself).
+            val_fraction: fraction of episodes held out for validation (split by episode).
+            split_seed: seed of the episode split.
+            shuffle_seed: seed of the training-clip order (combined with the epoch).
+            generate: how to make the dataset if `path` does not exist; None means it must exist.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.path = Path(path)
+        self.generate = generate
+        self.action_mean: np.ndarray | None = None
+        self.action_std: np.ndarray | None = None
+
+    def prepare_data(self) -> None:
+        if self.path.exists() or self.generate is None:
+            return
+        from leworld.data.collect import collect
+
+        spec = asdict(self.generate) if not isinstance(self.generate, dict) else dict(self.generate)
+        env = spec.pop("env")
+        print(f"{self.path} does not exist: generating it ({spec['episodes']} {env} episodes)")
+        collect(env, out=self.path, **spec)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.action_mean is not None:
+            return
+        hp = self.hparams
+        store = EpisodeStore(self.path)  # clear error if the file is missing
+        self.metadata = store.metadata
+        self.action_dim = store.action_dim
+        self.resolution = store.resolution
+        self.train_episodes, self.val_episodes = split_episodes(store.num_episodes, hp.val_fraction, hp.split_seed)
+        self.train_set = ClipDataset(store, self.train_episodes, hp.num_frames, hp.frameskip)
+        self.val_set = (ClipDataset(store, self.val_episodes, hp.num_frames, hp.frameskip)
+                        if len(self.val_episodes) else None)
+        self.action_mean, self.action_std = action_stats(store, self.train_episodes)
+
+    def _loader(self, dataset, sampler=None, drop_last=False) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+                          collate_fn=collate_batch)
+
+    def train_dataloader(self) -> DataLoader:
+        # a last batch of one clip would break the projector's BatchNorm: drop it when there are others
+        sampler = EpochSampler(len(self.train_set), self.hparams.shuffle_seed)
+        return self._loader(self.train_set, sampler, drop_last=len(self.train_set) > self.hparams.batch_size)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set) if self.val_set is not None else []

@@ -1,0 +1,195 @@
+"""Dataset generation, storage and clip reading."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import envs
+from leworld.data import collect as collect_mod
+from leworld.data.clips import ClipDataset, action_stats, split_episodes
+from leworld.data.collect import collect, main
+from leworld.data.store import DatasetError, EpisodeStore
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tworoom.h5"
+    collect("tworoom", episodes=6, steps=30, resolution=RES, noise=1.0, seed=3, out=path, chunk_size=4,
+            progress=False)
+    return path
+
+
+def test_round_trip_matches_the_env(dataset):
+    store = EpisodeStore(dataset)
+    assert store.num_episodes == 6 and store.num_frames == 6 * 31
+    block = collect_mod.collect_block("tworoom", 4, 30, RES, "expert", 1.0, 3, 0)
+    for e in range(4):
+        ep = store.episode(e)
+        for name in ("pixels", "action", "proprio", "state"):
+            np.testing.assert_array_equal(ep[name], block[name][e])
+    meta = store.metadata
+    assert meta["env_id"] == "leworld/TwoRoom-v0" and meta["policy"] == "expert" and meta["seed"] == 3
+    assert meta["noise"] == 1.0 and meta["resolution"] == RES and "created" in meta and "leworld_version" in meta
+
+
+def test_action_t_is_taken_from_observation_t(dataset):
+    """Replaying stored action t from stored state t reproduces stored observation t + 1."""
+    store = EpisodeStore(dataset)
+    ep = store.episode(1)
+    assert np.isnan(ep["action"][-1]).all() and not np.isnan(ep["action"][:-1]).any()
+    env = envs.make_batch("tworoom", num_envs=1, resolution=RES)
+    env.reset(seed=0)
+    for t in range(30):
+        env.set_state(ep["state"][t][None])
+        obs = env.step(ep["action"][t][None])
+        np.testing.assert_allclose(env.get_state()[0], ep["state"][t + 1], atol=1e-9)
+        np.testing.assert_array_equal(obs["pixels"][0], ep["pixels"][t + 1])
+
+
+def test_same_seed_same_data_for_any_worker_count(tmp_path, dataset):
+    other = tmp_path / "again.h5"
+    collect("tworoom", episodes=6, steps=30, resolution=RES, noise=1.0, seed=3, out=other, chunk_size=4,
+            workers=2, progress=False)
+    a, b = EpisodeStore(dataset), EpisodeStore(other)
+    for e in range(6):
+        np.testing.assert_array_equal(a.episode(e)["pixels"], b.episode(e)["pixels"])
+        np.testing.assert_array_equal(a.episode(e)["action"], b.episode(e)["action"])
+    third = tmp_path / "seed4.h5"
+    collect("tworoom", episodes=6, steps=30, resolution=RES, noise=1.0, seed=4, out=third, chunk_size=4,
+            progress=False)
+    assert not np.array_equal(EpisodeStore(third).episode(0)["state"], a.episode(0)["state"])
+
+
+def test_clip_frames_and_action_blocks_align_with_raw_steps(dataset):
+    store = EpisodeStore(dataset)
+    clips = ClipDataset(store, num_frames=4, frameskip=5, with_state=True)
+    assert len(clips) == 6 * (30 - 15 + 1)
+    pixels, actions, states = (store.read(k, slice(None)) for k in ("pixels", "action", "state"))
+    env = envs.make_batch("tworoom", num_envs=1, resolution=RES)
+    env.reset(seed=0)
+    for index in (0, 7, 16, 40, len(clips) - 1):
+        clip, start = clips[index], int(clips.starts[index])
+        assert clip["pixels"].shape == (4, RES, RES, 3) and clip["action"].shape == (3, 10)
+        for k in range(4):
+            np.testing.assert_array_equal(clip["pixels"][k].numpy(), pixels[start + 5 * k])
+        for k in range(3):  # block k = the 5 actions after kept frame k; replaying them reaches frame k + 1
+            np.testing.assert_array_equal(clip["action"][k].numpy(), actions[start + 5 * k:start + 5 * k + 5].ravel())
+            env.set_state(clip["state"][k].numpy()[None])
+            for step_action in clip["action"][k].numpy().reshape(5, 2):
+                env.step(step_action[None])
+            np.testing.assert_allclose(env.get_state()[0], states[start + 5 * (k + 1)], atol=1e-9)
+
+
+def test_validation_episodes_never_appear_in_training_clips(dataset):
+    store = EpisodeStore(dataset)
+    train, val = split_episodes(store.num_episodes, val_fraction=0.34, seed=1)
+    assert len(val) == 2 and len(set(train) | set(val)) == 6 and not set(train) & set(val)
+    np.testing.assert_array_equal(split_episodes(6, 0.34, seed=1)[1], val)
+    clips = ClipDataset(store, episodes=train, num_frames=4, frameskip=5)
+    owner = np.searchsorted(store.episode_offset, clips.starts, side="right") - 1
+    assert set(owner.tolist()) == set(train.tolist())
+    # the last kept frame of every clip lies in the same episode as its first
+    end = clips.starts + 15
+    assert (end < store.episode_offset[owner] + store.episode_length[owner]).all()
+
+
+def test_action_stats_use_training_episodes_only(dataset):
+    store = EpisodeStore(dataset)
+    train = np.array([0, 2, 5])
+    mean, std = action_stats(store, train)
+    rows = np.concatenate([store.episode(e)["action"][:-1] for e in train]).astype(np.float64)
+    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, rows.std(0), rtol=1e-5)
+
+
+def test_failed_collection_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "d.h5"
+    calls = {"n": 0}
+    real = collect_mod.collect_block
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args)
+
+    monkeypatch.setattr(collect_mod, "collect_block", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        collect("tworoom", episodes=8, steps=5, resolution=RES, out=path, chunk_size=2, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(collect_mod, "collect_block", real)
+    collect("tworoom", episodes=2, steps=5, resolution=RES, out=path, progress=False)
+    before = path.read_bytes()
+    calls["n"] = 0
+    monkeypatch.setattr(collect_mod, "collect_block", failing)
+    with pytest.raises(RuntimeError):
+        collect("tworoom", episodes=8, steps=5, resolution=RES, out=path, chunk_size=2, overwrite=True,
+                progress=False)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["d.h5"]
+
+
+def test_killed_collection_leaves_no_valid_looking_file(tmp_path):
+    path = tmp_path / "killed.h5"
+    cmd = [sys.executable, "-m", "leworld.data.collect", "--env", "tworoom", "--episodes", "4000", "--steps", "100",
+           "--resolution", "64", "--out", str(path), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not path.exists()
+    leftovers = list(tmp_path.iterdir())
+    assert leftovers and all(p.name.startswith(".") and p.name.endswith(".tmp") for p in leftovers)
+    try:  # opened by hand it is either unreadable or marked incomplete
+        with h5py.File(leftovers[0], "r") as f:
+            assert not f.attrs["complete"]
+    except OSError:
+        pass
+    with pytest.raises(DatasetError, match="incomplete"):
+        EpisodeStore(leftovers[0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--env", "mars"], "unknown env 'mars'"),
+    (["--env", "tworoom", "--episodes", "0"], "--episodes must be a positive integer"),
+    (["--env", "tworoom", "--steps", "-3"], "--steps must be a positive integer"),
+    (["--env", "tworoom", "--policy", "teleporter"], "unknown policy 'teleporter'"),
+    (["--env", "tworoom", "--noise", "-1"], "--noise"),
+])
+def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "x.h5"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_existing_and_unwritable_outputs_are_refused(tmp_path, capsys):
+    path = tmp_path / "d.h5"
+    args = ["--env", "tworoom", "--episodes", "2", "--steps", "5", "--resolution", "32", "--quiet"]
+    assert main([*args, "--out", str(path)]) == 0
+    assert "episodes  2" in capsys.readouterr().out
+    assert main([*args, "--out", str(path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main([*args, "--out", str(blocker / "sub" / "d.h5")]) == 2
+    assert "cannot create the directory" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root can write anywhere; the directory case above covers it
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main([*args, "--out", str(locked / "d.h5")]) == 2
+
+
+def test_missing_dataset_error_says_how_to_make_it(tmp_path):
+    with pytest.raises(DatasetError, match="python -m leworld.data.collect"):
+        EpisodeStore(tmp_path / "nothing.h5")

@@ -1,0 +1,281 @@
+"""Two-Room: gymnasium compliance, determinism, wall collisions, rendering, perturbations, policies."""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from envs.policies import make_policy
+from envs.two_room import HIGH, LOW, WALL, TwoRoomBatch, TwoRoomEnv
+
+MID = 0.5 * (WALL[0] + WALL[1])  # x = 112
+
+
+def test_check_env_and_gym_make():
+    env = gym.make("leworld/TwoRoom-v0", resolution=64)
+    check_env(env.unwrapped)
+    obs, info = env.reset(seed=0)
+    assert obs["pixels"].shape == (64, 64, 3) and obs["pixels"].dtype == np.uint8
+    assert obs["proprio"].dtype == np.float32 and set(info) == {"agent_pos", "target_pos", "success"}
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert reward == float(info["success"]) and not terminated and not truncated
+    assert env.render().shape == (64, 64, 3)
+    obs, info = env.reset(options={"state": np.array([60.0, 60.0, 70.0, 60.0])})
+    assert info["success"] and np.allclose(obs["proprio"], [60, 60])
+    for _ in range(20):
+        env.reset(options={"target_mode": "other_room"})
+        state = env.unwrapped.get_state()
+        assert (state[0] < MID) != (state[2] < MID)
+    base = env.unwrapped  # the perturbations and the goal image are on the gym view too
+    base.set_state([150.0, 150.0, 40.0, 150.0])
+    base.set_colour((0, 255, 0))
+    i, j = int(150 * 64 / 224), int(40 * 64 / 224)
+    assert env.render()[i, i, 1] > 200 and env.render()[i, i, 0] < 60
+    assert base.goal_pixels()[i, j, 1] > 200 and base.goal_pixels()[i, i, 1] == 255
+
+
+def _rollout(seed, steps=20):
+    env = TwoRoomBatch(num_envs=8, resolution=32, seed=seed)
+    obs = [env.reset()]
+    actions = np.random.default_rng(seed).uniform(-1.5, 1.5, (steps, 8, 2))
+    states = [env.get_state()]
+    for a in actions:
+        obs.append(env.step(a))
+        states.append(env.get_state())
+    return np.stack([o["pixels"] for o in obs]), np.stack(states)
+
+
+def test_same_seed_same_trajectory():
+    pixels_a, states_a = _rollout(3)
+    pixels_b, states_b = _rollout(3)
+    np.testing.assert_array_equal(pixels_a, pixels_b)
+    np.testing.assert_array_equal(states_a, states_b)
+    assert not np.array_equal(_rollout(4)[1][0], states_a[0])
+    env = TwoRoomBatch(num_envs=5, resolution=32)
+    first = env.reset(seed=7)["pixels"]
+    env.reset()
+    np.testing.assert_array_equal(env.reset(seed=7)["pixels"], first)
+
+
+def _starts(rng, n, lo, hi):
+    """Starts in the rooms, on the wall faces, in the doors and right next to the door edges."""
+    eps = rng.choice([0.0, 1e-9, 0.01, 0.5, 2.0, 4.9], n)
+    face = np.where(rng.random(n) < 0.5, WALL[0] - eps, WALL[1] + eps)
+    r = rng.random(n)
+    x = np.select([r < 0.5, r < 0.7], [face, rng.uniform(WALL[0], WALL[1], n)], rng.uniform(LOW, HIGH, n))
+    y = rng.choice(np.concatenate([lo, hi]), n) + rng.choice([-1, 1], n) * eps
+    y = np.where(rng.random(n) < 0.3, rng.uniform(LOW, HIGH, n), y)
+    # Agents inside the slab must be inside a door: move them onto a door's edge or into it.
+    k = rng.integers(0, len(lo), n)
+    in_slab = (x > WALL[0]) & (x < WALL[1])
+    y = np.where(in_slab, np.clip(y, lo[k], hi[k]), y)
+    return np.clip(np.stack([x, y], 1), LOW, HIGH)
+
+
+def _actions(rng, n):
+    """Random moves, moves along the wall, straight into it and diagonals into the door edges."""
+    kind = rng.integers(0, 4, n)
+    a = rng.uniform(-1, 1, (n, 2))
+    along = np.stack([rng.uniform(-0.05, 0.05, n), rng.choice([-1.0, 1.0], n)], 1)
+    straight = np.stack([rng.choice([-1.0, 1.0], n), rng.uniform(-0.02, 0.02, n)], 1)
+    diagonal = rng.choice([-1.0, 1.0], (n, 2)) * rng.uniform(0.7, 1.3, (n, 1))
+    return np.select([kind[:, None] == i for i in range(4)], [a, along, straight, diagonal])
+
+
+@pytest.mark.parametrize("doors,speed", [(((49.0, 14.0),), 5.0), (((40.0, 8.0), (170.0, 10.0)), 5.0),
+                                         (((120.0, 3.0),), 3.0), (((120.0, 3.0),), 12.0)])
+def test_wall_is_never_crossed_outside_a_door(doors, speed):
+    rng = np.random.default_rng(0)
+    env = TwoRoomBatch(num_envs=256, resolution=8, doors=doors, speed=speed)
+    lo, hi = env.door_lo, env.door_hi
+    crossings = 0
+    for episode in range(6):
+        start = _starts(rng, 256, lo, hi)
+        env.set_state(np.concatenate([start, start], 1))
+        for t in range(40):
+            old = env.agent_pos
+            env.step(_actions(rng, 256))
+            new = env.agent_pos
+            assert ((new >= LOW) & (new <= HIGH)).all()
+            # Never inside the wall slab outside a door.
+            in_slab = (new[:, 0] > WALL[0]) & (new[:, 0] < WALL[1])
+            in_door = ((new[:, 1, None] >= lo) & (new[:, 1, None] <= hi)).any(1)
+            assert not (in_slab & ~in_door).any(), new[in_slab & ~in_door]
+            crossed = (old[:, 0] - MID) * (new[:, 0] - MID) < 0
+            crossings += crossed.sum()
+            # Far from every door (further than one step), nobody changes side.
+            far = (np.abs(old[:, 1, None] - env.doors[:, 0]) > env.doors[:, 1] + speed * 1.5).all(1)
+            assert not (crossed & far).any(), old[crossed & far]
+            if speed > 5.0:
+                continue  # several sub-steps per step: the path from old to new is not straight
+            # A change of side crosses x = 112 at a y inside a door.
+            frac = (MID - old[crossed, 0]) / (new[crossed, 0] - old[crossed, 0])
+            y = old[crossed, 1] + frac * (new[crossed, 1] - old[crossed, 1])
+            ok = ((y[:, None] >= lo - 1e-9) & (y[:, None] <= hi + 1e-9)).any(1)
+            assert ok.all(), (old[crossed][~ok], new[crossed][~ok])
+    assert crossings > 50  # the property was exercised, not vacuous
+
+
+def test_moves_into_the_wall_stop_at_the_face_and_slide():
+    env = TwoRoomBatch(num_envs=3, resolution=32)
+    env.set_state([[100.0, 150.0, 20, 20], [121.0, 150.0, 20, 20], [104.0, 100.0, 20, 20]])
+    env.step([[1.0, 0.0], [-1.0, 0.0], [1.0, 1.0]])
+    env.step([[1.0, 0.0], [-1.0, 0.0], [1.0, 1.0]])
+    np.testing.assert_allclose(env.agent_pos, [[107.0, 150.0], [117.0, 150.0], [107.0, 110.0]])
+    env.set_state([[110.0, 36.0, 20, 20], [104.0, 40.0, 20, 20], [112.0, 60.0, 20, 20]])
+    env.step([[0.0, -1.0], [1.0, 0.0], [1.0, 1.0]])  # slide on the door edge / enter / slide
+    np.testing.assert_allclose(env.agent_pos, [[110.0, 35.0], [109.0, 40.0], [117.0, 63.0]])
+
+
+def test_border_clamping():
+    env = TwoRoomBatch(num_envs=2, resolution=32)
+    env.set_state([[20.0, 20.0, 50, 50], [200.0, 205.0, 50, 50]])
+    for _ in range(5):
+        env.step([[-1.0, -1.0], [3.0, 3.0]])  # out-of-range actions are clipped to 1
+    np.testing.assert_array_equal(env.agent_pos, [[LOW, LOW], [HIGH, HIGH]])
+    assert (env.background[0, 0] == 255).all() and (env.background[1, 1] == 0).all()  # ring at 10-14 px
+
+
+def test_success_radius():
+    env = TwoRoomBatch(num_envs=4, resolution=32)
+    env.set_state([[50, 50, 50 + 15.9, 50], [50, 50, 50 + 16.1, 50], [50, 50, 50, 50],
+                   [150, 150, 150 + 11.4, 150 + 11.4]])  # 16.12 px away
+    np.testing.assert_array_equal(env.success(), [True, False, True, False])
+
+
+def _centroid(frames, background):
+    """Dot centroid (x, y) in pixel coordinates from how much the green channel dropped on white."""
+    white = background[..., 1] == 255
+    w = np.where(white, 255.0 - frames[..., 1], 0.0)  # (N, R, R)
+    rows, cols = np.indices(w.shape[1:])
+    total = w.sum((1, 2))
+    return np.stack([(w * cols).sum((1, 2)) / total, (w * rows).sum((1, 2)) / total], 1)
+
+
+def _brute_force_frame(env, x, y, colour):
+    """Full-frame float64 render, an independent reference for the windowed renderer."""
+    r = env.resolution
+    u = (np.arange(r) + 0.5) * 224 / r
+    w = np.exp(-((u[None, :] - x) ** 2 + (u[:, None] - y) ** 2) / (2 * env.agent_std**2))[..., None]
+    bg = env.background.astype(np.float64)
+    return np.floor(bg + w * (np.asarray(colour, float) - bg) + 0.5)
+
+
+@pytest.mark.parametrize("resolution", [64, 96, 224])
+def test_render_shape_and_dot_position(resolution):
+    env = TwoRoomBatch(num_envs=3, resolution=resolution)
+    pos = np.array([[50.0, 100.0], [160.3, 170.7], [80.2, 60.9]])
+    env.set_state(np.concatenate([pos, pos], 1))
+    frames = env.render()
+    assert frames.shape == (3, resolution, resolution, 3) and frames.dtype == np.uint8
+    scale = resolution / 224
+    np.testing.assert_allclose(_centroid(frames, env.background), pos * scale - 0.5, atol=0.05)
+    for i, (x, y) in enumerate([(50.0, 100.0), (112.0, 49.0), (16.0, 208.0)]):  # incl. door, corner
+        env.set_state(np.tile([x, y, x, y], (3, 1)))
+        diff = np.abs(env.render()[0].astype(float) - _brute_force_frame(env, x, y, (255, 0, 0)))
+        assert diff.max() <= 1.0
+    assert (frames[:, :, int(112 * scale)] == 0).all(-1).any()  # the wall is drawn black
+
+
+def test_teleport_and_colour_change_show_in_pixels():
+    env = TwoRoomBatch(num_envs=2, resolution=64)
+    state = np.array([[40.0, 150.0, 180.0, 40.0], [170.0, 120.0, 60.0, 60.0]])
+    env.set_state(state)
+    np.testing.assert_array_equal(env.get_state(), state)  # exact round trip
+    i, j = (state[0, :2] * 64 / 224).astype(int)
+    before = env.render()
+    assert before[0, j, i, 0] > 200 and before[0, j, i, 2] < 60  # red at the agent
+    env.set_colour((0, 0, 255), index=0)
+    after = env.render()
+    assert after[0, j, i, 2] > 200 and after[0, j, i, 0] < 60  # now blue
+    np.testing.assert_array_equal(after[1], before[1])  # the other env is untouched
+    env.set_state([[150.0, 190.0, 180.0, 40.0], state[1]])
+    np.testing.assert_allclose(_centroid(env.render(), env.background)[0], [150 * 64 / 224 - 0.5,
+                                                                            190 * 64 / 224 - 0.5], atol=0.05)
+    goal = env.goal_pixels()
+    env.set_state(np.concatenate([env.target_pos, env.target_pos], 1))
+    np.testing.assert_array_equal(goal, env.render())
+    env.reset()
+    assert (env._colour == [255, 0, 0]).all()  # reset restores the colour
+
+
+def test_bad_inputs_fail_loudly():
+    env = TwoRoomBatch(num_envs=2, resolution=32)
+    with pytest.raises(ValueError, match="inside the wall"):
+        env.set_state([[112.0, 150.0, 50, 50], [50, 50, 50, 50]])
+    with pytest.raises(ValueError, match="finite"):
+        env.step([[np.nan, 0.0], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="doors"):
+        TwoRoomBatch(num_envs=1, doors=((50.0, 20.0), (60.0, 5.0)))
+    with pytest.raises(ValueError, match="target_mode"):
+        TwoRoomBatch(num_envs=1, target_mode="elsewhere")
+    with pytest.raises(ValueError, match="colour"):
+        env.set_colour((300, 0, 0))
+
+
+def _crosses_at(doors, y):
+    env = TwoRoomBatch(num_envs=len(y), resolution=8, doors=doors)
+    env.set_state(np.stack([np.full(len(y), 95.0), y, np.full(len(y), 50.0), y], 1))
+    for _ in range(10):
+        env.step(np.tile([1.0, 0.0], (len(y), 1)))
+    return env.agent_pos[:, 0] > WALL[1]
+
+
+def test_doors_are_configurable():
+    y = np.array([49.0, 100.0, 150.0, 40.0, 170.0, 176.0])
+    np.testing.assert_array_equal(_crosses_at(((49.0, 14.0),), y), [1, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(_crosses_at(((150.0, 10.0),), y), [0, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(_crosses_at(((40.0, 8.0), (170.0, 10.0)), y), [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(_crosses_at((), y), [0] * 6)
+    frame = TwoRoomBatch(num_envs=1, resolution=224, doors=((150.0, 10.0),)).background
+    assert (frame[150, 112] == 255).all() and (frame[49, 112] == 0).all()
+
+
+def _run_expert(noise, target_mode, n=200, steps=150, seed=0, doors=((49.0, 14.0),)):
+    env = envs.make_batch("tworoom", num_envs=n, resolution=8, target_mode=target_mode, doors=doors)
+    env.reset(seed=seed)
+    start_dist = np.linalg.norm(env.agent_pos - env.target_pos, axis=1)
+    policy = make_policy("tworoom", "expert", env, noise=noise, seed=seed)
+    policy.reset(env)
+    reached = np.zeros(n, bool)
+    for _ in range(steps):
+        action = policy.act(env)
+        assert action.shape == (n, 2) and action.dtype == np.float32 and np.abs(action).max() <= 1
+        env.step(action)
+        reached |= env.success()
+    return reached, start_dist, np.linalg.norm(env.agent_pos - env.target_pos, axis=1)
+
+
+@pytest.mark.parametrize("target_mode,doors", [("other_room", ((49.0, 14.0),)), ("any", ((49.0, 14.0),)),
+                                                ("other_room", ((40.0, 6.0), (170.0, 10.0)))])
+def test_noiseless_expert_reaches_the_target(target_mode, doors):
+    reached, _, _ = _run_expert(0.0, target_mode, doors=doors)
+    assert reached.mean() >= 0.95
+
+
+def test_noisy_expert_makes_progress_and_beats_random():
+    reached, start, end = _run_expert(2.0, "other_room", steps=150)
+    assert np.median(end) < 0.5 * np.median(start) and reached.mean() > 0.6
+    env = envs.make_batch("tworoom", num_envs=200, resolution=8, target_mode="other_room")
+    env.reset(seed=0)
+    random = make_policy("tworoom", "random", env, seed=0)
+    random.reset(env)
+    hits = np.zeros(200, bool)
+    for _ in range(150):
+        action = random.act(env)
+        assert action.dtype == np.float32 and action.min() >= -1 and action.max() <= 1
+        env.step(action)
+        hits |= env.success()
+    assert reached.mean() > hits.mean() + 0.3
+
+
+def test_policies_accept_the_gym_view_and_reject_unknown_names():
+    env = TwoRoomEnv(resolution=32)
+    env.reset(seed=0)
+    assert make_policy("tworoom", "expert", env, noise=0.0).act(env).shape == (1, 2)
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("tworoom", "teleport", env)
