@@ -1,0 +1,170 @@
+"""The LightningModule: loss = pred_loss + lambda_sigreg * sigreg, nothing else.
+
+Example:
+    python train.py fit --config configs/tworoom_tiny.yaml
+
+From Python:
+    >>> from leworld.model import LeWMConfig
+    >>> from leworld.module import LeWMModule
+    >>> module = LeWMModule(LeWMConfig(encoder="cnn", image_size=64, history=1))
+
+Teacher-forced next-embedding prediction on clips of T frames: the encoder embeds every
+frame, the predictor predicts z_2..z_T from z_1..z_{T-1} and the action blocks, and SIGReg
+pushes the embeddings of each time step towards an isotropic Gaussian. No stop-gradient and
+no EMA target: gradients flow through prediction and target alike.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import grad_norm, rank_zero_only, rank_zero_warn
+
+from leworld.model import LeWMConfig, LeWorldModel
+from leworld.sigreg import sigreg
+
+
+def effective_rank(emb: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the normalised singular values of centred embeddings (N, D): D when
+    every direction is used equally, 1 when the embedding has collapsed onto a line."""
+    s = torch.linalg.svdvals(emb.float() - emb.float().mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+class LeWMModule(L.LightningModule):
+    def __init__(self, model: LeWMConfig = LeWMConfig(), lambda_sigreg: float = 0.09, lr: float = 5e-5,
+                 weight_decay: float = 1e-3, warmup_fraction: float = 0.01, num_directions: int = 1024,
+                 num_knots: int = 17, t_max: float = 3.0, sigreg_seed: int = 0,
+                 collapse_rank_fraction: float = 0.05):
+        """
+        Args:
+            model: architecture of the world model (defaults: the paper's ViT-Tiny LeWM).
+            lambda_sigreg: weight of SIGReg (paper 0.1, reference code 0.09).
+            lr: AdamW peak learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_fraction: fraction of optimiser steps of linear warm-up before the cosine decay to 0.
+            num_directions: K, random directions of SIGReg per step.
+            num_knots: quadrature knots of the Epps-Pulley integral on [0, t_max].
+            t_max: upper end of the integration range (the integrand is even; weights are doubled).
+            sigreg_seed: seed of the SIGReg directions (combined with the global step).
+            collapse_rank_fraction: warn when the effective rank of batch embeddings falls below this
+                fraction of the embedding dimension.
+        """
+        super().__init__()
+        self.config = model if isinstance(model, LeWMConfig) else LeWMConfig.from_dict(model)
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["model"] = self.config.to_dict()  # plain data: checkpoints load without unpickling objects
+        self.model = LeWorldModel(self.config)
+        self._collapse_warned = False
+
+    # ---------------------------------------------------------------- data hand-off
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or getattr(dm, "action_mean", None) is None:
+            return
+        c, hp = self.config, dm.hparams
+        block = hp.frameskip * dm.action_dim
+        problems = []
+        if dm.action_dim != c.action_dim or hp.frameskip != c.frameskip:
+            problems.append(f"data actions are {dm.action_dim}-d with frameskip {hp.frameskip}, the model expects "
+                            f"{c.action_dim}-d with frameskip {c.frameskip} (block {block} vs "
+                            f"{c.action_dim * c.frameskip}): set model.action_dim / model.frameskip")
+        if dm.resolution != c.image_size:
+            problems.append(f"data frames are {dm.resolution} px, the model expects {c.image_size} px: "
+                            f"set model.image_size or collect at that resolution")
+        if hp.num_frames - 1 > c.history:
+            problems.append(f"clips of {hp.num_frames} frames need a history of {hp.num_frames - 1}, the model has "
+                            f"{c.history}: set data.num_frames = model.history + 1")
+        if problems:
+            raise ValueError("config does not match the dataset:\n  " + "\n  ".join(problems))
+        if stage == "fit" and self.trainer.ckpt_path is None:
+            self.model.set_action_stats(dm.action_mean, dm.action_std)
+
+    # ---------------------------------------------------------------- the method
+    def losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels = batch["pixels"].permute(0, 1, 4, 2, 3)  # (B, T, Hp, Wp, C) -> (B, T, C, Hp, Wp) uint8
+        actions = self.model.normalize_actions(batch["action"].float())  # (B, T-1, frameskip*A)
+        emb = self.model.encode(pixels)  # (B, T, D)
+        pred = self.model.predict(emb[:, :-1], self.model.encode_actions(actions))  # (B, T-1, D)
+        pred_loss = F.mse_loss(pred.float(), emb[:, 1:].float())
+        reg = sigreg(emb, step=self.global_step, num_directions=self.hparams.num_directions,
+                     num_knots=self.hparams.num_knots, t_max=self.hparams.t_max, seed=self.hparams.sigreg_seed)
+        return pred_loss, reg, emb
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        pred_loss, reg, emb = self.losses(batch)
+        loss = pred_loss + self.hparams.lambda_sigreg * reg
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.global_step} (pred_loss {pred_loss.item():.4g}, "
+                f"sigreg {reg.item():.4g}): lower the learning rate or check the data for NaN actions"
+            )
+        self._log_all("train", loss, pred_loss, reg, emb)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pred_loss, reg, emb = self.losses(batch)
+        self._log_all("val", pred_loss + self.hparams.lambda_sigreg * reg, pred_loss, reg, emb)
+
+    # ---------------------------------------------------------------- monitoring
+    def _log_all(self, split: str, loss, pred_loss, reg, emb) -> None:
+        train = split == "train"
+        flat = emb.detach().flatten(0, 1).float()  # (B*T, D)
+        std = flat.std(0)
+        rank = effective_rank(flat)
+        metrics = {"loss": loss, "pred_loss": pred_loss, "sigreg": reg, "emb_std_mean": std.mean(),
+                   "emb_std_min": std.min(), "effective_rank": rank}
+        for name, value in metrics.items():
+            self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "effective_rank") and train,
+                     on_step=train, on_epoch=not train, sync_dist=not train, batch_size=len(emb))
+        if train and not self._collapse_warned and rank < self.hparams.collapse_rank_fraction * flat.shape[1]:
+            self._collapse_warned = True
+            rank_zero_warn(f"embedding collapse: effective rank {rank.item():.1f} of {flat.shape[1]} at step "
+                           f"{self.global_step} (per-dimension std min {std.min().item():.2e}); raise lambda_sigreg")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"], on_step=True)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                fused=fused)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, round(self.hparams.warmup_fraction * total))
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}  # dropout continues identically on resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"]["torch"])
+
+    def on_train_end(self) -> None:
+        directory = Path(self.trainer.log_dir or ".") / "model"  # log_dir is a collective: every rank asks
+        self._export(directory)
+
+    @rank_zero_only
+    def _export(self, directory: Path) -> None:
+        from leworld.checkpoint import export_model
+
+        dm = getattr(self.trainer, "datamodule", None)
+        extra = {"global_step": int(self.global_step), "epoch": int(self.current_epoch),
+                 "hparams": {k: v for k, v in self.hparams.items() if k != "model"},
+                 "dataset": getattr(dm, "metadata", None)}
+        export_model(self.model, directory, extra=extra)
+        print(f"exported the model to {directory}")

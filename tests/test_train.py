@@ -1,0 +1,148 @@
+"""Lightning training: loss goes down, resume is exact, export/load, clear errors, CLI and DDP."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from leworld import load_model
+from leworld.data.collect import collect
+from leworld.data.datamodule import CollectSpec, LeWMDataModule
+from leworld.model import LeWMConfig
+from leworld.module import LeWMModule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(encoder="cnn", image_size=32, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=32, proj_hidden=64,
+            history=3, pred_depth=1, pred_heads=2, pred_head_dim=16, pred_mlp=64, action_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tworoom32.h5"
+    collect("tworoom", episodes=10, steps=40, resolution=32, seed=0, out=path, progress=False)
+    return path
+
+
+def make(data_path, root, batch_size=16, lr=3e-3, **module_kwargs):
+    module = LeWMModule(LeWMConfig(**TINY), lr=lr, num_directions=64, **module_kwargs)
+    dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=batch_size, num_workers=0,
+                        val_fraction=0.2)
+    return module, dm
+
+
+def trainer(root, **kwargs):
+    defaults = dict(accelerator="cpu", devices=1, default_root_dir=str(root), logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_a_few_steps_reduce_the_loss_and_export_the_model(data_path, tmp_path):
+    L.seed_everything(0)
+    module, dm = make(data_path, tmp_path)
+    rec = LossRecorder()
+    trainer(tmp_path, max_steps=40, callbacks=[rec], enable_checkpointing=False).fit(module, dm)
+    assert np.mean(rec.losses[-5:]) < 0.7 * np.mean(rec.losses[:5])
+    # action statistics of the training split travel with the model
+    np.testing.assert_allclose(module.model.action_mean.numpy(), dm.action_mean, rtol=1e-6)
+    exported = load_model(tmp_path / "model")
+    pixels = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
+    module.model.eval()
+    torch.testing.assert_close(exported.encode(pixels), module.model.encode(pixels), rtol=0, atol=0)
+    torch.testing.assert_close(exported.action_std, module.model.action_std)
+
+
+class StopAfterFirstEpoch(L.Callback):
+    """Interrupts a 3-epoch run after its first epoch (same schedule, unlike max_epochs=1)."""
+
+    def on_train_epoch_end(self, trainer, module):
+        trainer.should_stop = True
+
+
+def test_resuming_from_a_checkpoint_continues_identically(data_path, tmp_path):
+    def run(root, ckpt=None, callbacks=()):
+        L.seed_everything(0)
+        module, dm = make(data_path, root, batch_size=64)
+        t = trainer(root, max_epochs=3, limit_val_batches=0, callbacks=list(callbacks))
+        t.fit(module, dm, ckpt_path=ckpt)
+        return module, t
+
+    straight, _ = run(tmp_path / "a")
+    _, first = run(tmp_path / "b", callbacks=[StopAfterFirstEpoch()])
+    ckpt = first.checkpoint_callback.best_model_path
+    assert Path(ckpt).is_file() and first.current_epoch == 1
+    resumed, t = run(tmp_path / "c", ckpt=ckpt)
+    assert t.global_step == straight.global_step > first.global_step > 0
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs after resuming")
+
+
+def test_nan_loss_stops_with_a_clear_error(data_path, tmp_path):
+    module, dm = make(data_path, tmp_path, lambda_sigreg=float("nan"))
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, dm)
+
+
+def test_config_that_does_not_match_the_data_is_refused(data_path, tmp_path):
+    module = LeWMModule(LeWMConfig(**{**TINY, "image_size": 64, "frameskip": 4}))
+    dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=8, num_workers=0)
+    with pytest.raises(ValueError) as err:
+        trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, dm)
+    assert "32 px" in str(err.value) and "frameskip" in str(err.value)
+
+
+def test_missing_dataset_without_a_recipe_is_a_clear_error(tmp_path):
+    dm = LeWMDataModule(str(tmp_path / "none.h5"))
+    dm.prepare_data()
+    with pytest.raises(Exception, match="python -m leworld.data.collect"):
+        dm.setup("fit")
+
+
+def write_config(tmp_path, **trainer):
+    config = yaml.safe_load((ROOT / "configs" / "tworoom_tiny.yaml").read_text())
+    config["trainer"].update({"max_steps": 3, "val_check_interval": None, "limit_val_batches": 1,
+                              "log_every_n_steps": 1, "enable_progress_bar": False, **trainer})
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    config["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                       "init_args": {"save_last": True}}]
+    config["model"]["model"].update(TINY | {"history": 1})
+    config["model"]["num_directions"] = 64
+    config["data"].update({"path": str(tmp_path / "gen.h5"), "batch_size": 8, "num_workers": 0})
+    config["data"]["generate"].update({"episodes": 6, "steps": 20, "resolution": 32})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_train_cli_generates_data_trains_and_exports(tmp_path):
+    config = write_config(tmp_path)
+    out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "gen.h5").is_file()
+    run = tmp_path / "runs" / "tworoom_tiny" / "version_0"
+    assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    model = load_model(run / "model")
+    assert model.config.image_size == 32 and model.config.history == 1
+
+
+def test_two_process_ddp_training_runs(tmp_path):
+    config = write_config(tmp_path, strategy="ddp", devices=2, accelerator="cpu")
+    out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert load_model(tmp_path / "runs" / "tworoom_tiny" / "version_0" / "model").config.embed_dim == 32
