@@ -1,0 +1,115 @@
+"""Training throughput (clips/s) and peak memory of one LeWM training step, for any config.
+
+Example:
+    python bench/train_throughput.py --config configs/tworoom_tiny.yaml --steps 20
+    python bench/train_throughput.py --config configs/tworoom.yaml --compile   # on a GPU
+
+One step = exactly what `LeWMModule.training_step` does (encode, predict, SIGReg, loss)
+plus backward, gradient clipping at 1.0 and a (fused on CUDA) AdamW step, on synthetic
+uint8 clips already on the device, so the number measures the model, not the data loader.
+bf16 autocast on CUDA (SIGReg in float32), float32 elsewhere. Prints one line per run and,
+with --json, appends the result as one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+import yaml
+
+from leworld.model import LeWMConfig
+from leworld.module import LeWMModule
+
+
+def load_settings(path: str) -> tuple[dict, dict, dict]:
+    config = yaml.safe_load(open(path))
+    model_args = dict(config["model"])
+    arch = model_args.pop("model")
+    return arch, model_args, config["data"]
+
+
+def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: bool, device: str,
+        compile_mode: str | None = None) -> dict:
+    arch, module_args, data = load_settings(config)
+    batch_size = batch_size or data["batch_size"]
+    T = data["num_frames"]
+    module = LeWMModule(LeWMConfig(**arch), **module_args).to(device)
+    cfg = module.config
+    module.train()
+    fused = device.startswith("cuda")
+    opt = torch.optim.AdamW(module.parameters(), lr=module.hparams.lr, weight_decay=module.hparams.weight_decay,
+                            fused=fused)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    batch = {  # (B, T, Hp, Wp, C) uint8 frames and (B, T-1, frameskip*A) raw actions, already on the device
+        "pixels": torch.randint(0, 256, (batch_size, T, cfg.image_size, cfg.image_size, 3), generator=g,
+                                dtype=torch.uint8).to(device),
+        "action": torch.randn(batch_size, T - 1, cfg.action_block_dim, generator=g).to(device),
+    }
+    lam = module.hparams.lambda_sigreg
+    losses = torch.compile(module.losses, mode=compile_mode) if compile else module.losses
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+    def step():
+        with autocast:
+            pred_loss, reg, _ = losses(batch)
+            loss = pred_loss + lam * reg
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        name = torch.cuda.get_device_name()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS, GiB
+        name = f"cpu ({torch.get_num_threads()} threads)"
+    params = sum(p.numel() for p in module.parameters())
+    return {"config": config, "device": name, "batch_size": batch_size, "frames": T, "compile": compile,
+            "compile_mode": compile_mode,
+            "params_M": round(params / 1e6, 3), "step_s": seconds, "clips_per_s": batch_size / seconds,
+            "peak_memory_GiB": peak, "loss": float(loss.detach()), "torch": torch.__version__}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/tworoom_tiny.yaml", help="training config YAML")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="append the result as a JSON line to this file")
+    args = p.parse_args()
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    r = run(args.config, args.steps, args.warmup, args.batch_size, args.compile or bool(args.compile_mode),
+            args.device, args.compile_mode)
+    mem = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
+    print(f"{r['config']}: {r['params_M']}M params, batch {r['batch_size']}x{r['frames']} on {r['device']}"
+          f"{' (compiled' + (', ' + r['compile_mode'] if r['compile_mode'] else '') + ')' if r['compile'] else ''}: {r['step_s'] * 1000:.1f} ms/step, "
+          f"{r['clips_per_s']:,.1f} clips/s, {mem} {r['peak_memory_GiB']:.2f} GiB")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

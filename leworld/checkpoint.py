@@ -1,0 +1,178 @@
+"""Self-describing, pickle-free model files: model.safetensors + config.json.
+
+Example:
+    >>> import tempfile
+    >>> from leworld.model import LeWMConfig, LeWorldModel
+    >>> from leworld.checkpoint import export_model, load_model
+    >>> model = LeWorldModel(LeWMConfig(encoder="cnn", image_size=32, pred_depth=1))
+    >>> directory = export_model(model, tempfile.mkdtemp(), extra={"env": "tworoom"})
+    >>> load_model(directory).config == model.config
+    True
+
+`model.safetensors` holds every parameter and persistent buffer (action statistics included);
+`config.json` holds the format version, the package version, `LeWMConfig.to_dict()` and any
+`extra` information (training run, dataset). Both are written atomically (temporary file in
+the same directory, then `os.replace`). Loading never unpickles: safetensors and JSON only;
+a Lightning `.ckpt` is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from leworld.model import LeWMConfig, LeWorldModel
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT = "leworld.model"
+FORMAT_VERSION = 1
+_HOW_TO_MAKE = (
+    "expected a directory with model.safetensors and config.json written by "
+    "leworld.checkpoint.export_model (training exports one: `python train.py fit ...`), "
+    "or a Lightning .ckpt file"
+)
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("leworld")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via `write(tmp_path)` to a temporary file next to `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export_model(model: LeWorldModel, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write `directory`/model.safetensors and `directory`/config.json; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "leworld_version": _package_version(),
+        "config": model.config.to_dict(),
+        "extra": extra or {},
+    }
+    try:
+        text = json.dumps(info, indent=2, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(f"export_model: `extra` must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "pt", "leworld_format_version": str(FORMAT_VERSION)}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return directory
+
+
+def _check_matches(model: LeWorldModel, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        problems = []
+        for name, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                problems.append(f"{len(items)} {name}: {items[:5]}{more}")
+        raise ValueError(
+            f"the weights in {source} do not match their config: " + "; ".join(problems)
+            + ". The config.json was probably edited or comes from another model; export both again together."
+        )
+
+
+def _build(config: LeWMConfig, state: dict[str, torch.Tensor], source: Path, map_location) -> LeWorldModel:
+    model = LeWorldModel(config)
+    _check_matches(model, state, source)
+    model.load_state_dict(state)
+    return model.to(map_location).eval()
+
+
+def _read_config(path: Path) -> LeWMConfig:
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); export the model again.") from e
+    if not isinstance(info, dict) or "config" not in info:
+        raise ValueError(f"{path} has no 'config' entry; it was not written by leworld.checkpoint.export_model.")
+    if info.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {info['format_version']}, newer than this leworld reads "
+            f"({FORMAT_VERSION}); upgrade leworld."
+        )
+    try:
+        return LeWMConfig.from_dict(info["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad model config in {path}: {e}") from e
+
+
+def _config_from_hparams(hparams) -> LeWMConfig | None:
+    candidates = [hparams]
+    if isinstance(hparams, dict):
+        candidates += [hparams.get(k) for k in ("config", "model_config", "model")]
+    for c in candidates:
+        if isinstance(c, LeWMConfig):
+            return c
+        if isinstance(c, dict) and c and set(c) <= {f for f in LeWMConfig.__dataclass_fields__}:
+            return LeWMConfig.from_dict(c)
+    return None
+
+
+def _load_lightning(path: Path, map_location) -> LeWorldModel:
+    with torch.serialization.safe_globals([LeWMConfig]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    config = _config_from_hparams(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else None
+    if config is None or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{path} holds no LeWMConfig in its hyper_parameters (or no state_dict); "
+            "load the exported model directory instead, or re-export it with export_model."
+        )
+    state = ckpt["state_dict"]
+    stripped = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return _build(config, stripped or state, path, map_location)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LeWorldModel:
+    """Load a LeWorldModel in eval mode from an exported directory, its .safetensors file, or a .ckpt."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}: {_HOW_TO_MAKE}.")
+    if path.is_file() and path.suffix == ".ckpt":
+        return _load_lightning(path, map_location)
+    if path.is_dir():
+        weights, config_path = path / WEIGHTS_NAME, path / CONFIG_NAME
+    elif path.suffix == ".safetensors":
+        weights, config_path = path, path.with_name(CONFIG_NAME)
+    else:
+        raise ValueError(f"cannot load {path}: {_HOW_TO_MAKE}, or the model.safetensors inside it.")
+    for needed in (weights, config_path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} is missing: {_HOW_TO_MAKE}.")
+    config = _read_config(config_path)
+    return _build(config, load_file(str(weights), device="cpu"), weights, map_location)

@@ -1,0 +1,59 @@
+"""Small patchify-stem CNN encoder: the fast CPU alternative to the ViT.
+
+Example:
+    >>> import torch
+    >>> from leworld.model.cnn import CNN
+    >>> cnn = CNN(image_size=64, channels=(32, 64, 128), width=192)
+    >>> cnn(torch.randn(4, 3, 64, 64)).shape  # (B, width)
+    torch.Size([4, 192])
+
+Conv 4x4 stride 4 (patchify) -> conv 3x3 stride 2 -> conv 3x3 stride 2, GELU after each,
+then flatten (keeps where things are in the image) -> Linear to `width`. No normalisation
+layers: the BatchNorm lives in the projector, and GroupNorm is slow on CPU (LEWM.md 12).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class CNN(nn.Module):
+    """Patchify-stem CNN returning one feature vector per image.
+
+    Args:
+        image_size: side of the square input image in pixels (at least 16).
+        channels: output channels of the three convolutions.
+        width: size of the returned feature (the projector's input).
+        in_channels: image channels.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        channels: tuple[int, int, int] = (32, 64, 128),
+        width: int = 192,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if len(channels) != 3:
+            raise ValueError(f"CNN needs 3 channel counts (one per conv), got {tuple(channels)}.")
+        if image_size < 16:
+            raise ValueError(f"CNN image_size must be at least 16 pixels, got {image_size}.")
+        c1, c2, c3 = channels
+        self.width = width
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels, c1, kernel_size=4, stride=4), nn.GELU(),  # (B, c1, Hp/4, Wp/4)
+            nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1), nn.GELU(),  # (B, c2, Hp/8, Wp/8)
+            nn.Conv2d(c2, c3, kernel_size=3, stride=2, padding=1), nn.GELU(),  # (B, c3, Hp/16, Wp/16)
+        )
+        side = _conv_out(_conv_out(_conv_out(image_size, 4, 4, 0), 3, 2, 1), 3, 2, 1)
+        self.head = nn.Linear(c3 * side * side, width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, Hp, Wp), already normalised -> features (B, width)."""
+        return self.head(self.convs(images).flatten(1))  # (B, c3*s*s) -> (B, width)

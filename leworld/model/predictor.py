@@ -1,0 +1,117 @@
+"""Causal AdaLN-zero transformer predictor over the history of frame embeddings.
+
+Example:
+    >>> import torch
+    >>> from leworld.model.predictor import Predictor
+    >>> pred = Predictor(dim=64, history=3, depth=2, heads=4, head_dim=16, mlp=128)
+    >>> emb, act_emb = torch.randn(8, 3, 64), torch.randn(8, 3, 64)  # (B, T, D)
+    >>> pred(emb, act_emb).shape  # (B, T, D); position t predicts frame t+1
+    torch.Size([8, 3, 64])
+
+DiT-style blocks: the action embedding of step t (the condition c_t) modulates token t.
+SiLU -> Linear(D, 6D), zero-initialised, gives shift/scale/gate for the attention and MLP
+branches; x += gate * branch(modulate(LN(x))) with a LayerNorm without affine parameters.
+With zero gates every block starts as the identity (AdaLN-zero).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift, all (B, T, D)."""
+    return x * (1 + scale) + shift
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention with inner width heads * head_dim, then an output projection."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)  # (B, T, nh*hs)
+        return self.proj_drop(self.proj(y))  # (B, T, D)
+
+
+class AdaLNBlock(nn.Module):
+    """One AdaLN-zero block: conditioned causal attention, then conditioned MLP."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = CausalSelfAttention(dim, heads, head_dim, dropout)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp, dim), nn.Dropout(dropout)
+        )
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) tokens, c (B, T, D) per-token condition -> (B, T, D)."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN(c).chunk(6, dim=-1)  # 6 x (B, T, D)
+        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class Predictor(nn.Module):
+    """Learned positions over `history` slots + AdaLN-zero blocks + final LayerNorm.
+
+    Args:
+        dim: embedding width D (tokens and condition).
+        history: maximum number of frames T the predictor sees (positions learned for each).
+        depth: number of blocks.
+        heads: attention heads.
+        head_dim: width of each head (inner attention width heads * head_dim).
+        mlp: hidden width of each block's MLP.
+        dropout: dropout in attention and MLP (the paper's biggest lever; 0.1).
+    """
+
+    def __init__(
+        self,
+        dim: int = 192,
+        history: int = 3,
+        depth: int = 6,
+        heads: int = 16,
+        head_dim: int = 64,
+        mlp: int = 2048,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.history = history
+        self.pos_embed = nn.Parameter(torch.zeros(1, history, dim))
+        self.blocks = nn.ModuleList(AdaLNBlock(dim, heads, head_dim, mlp, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for block in self.blocks:  # AdaLN-zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
+
+    def forward(self, emb: torch.Tensor, act_emb: torch.Tensor) -> torch.Tensor:
+        """emb (B, T, D) frame embeddings, act_emb (B, T, D) conditions -> (B, T, D)."""
+        T = emb.shape[1]
+        if T > self.history:
+            raise ValueError(
+                f"predictor got {T} frames but was built for history={self.history}; "
+                f"pass at most the last {self.history} embeddings."
+            )
+        x = emb + self.pos_embed[:, :T]  # (B, T, D)
+        for block in self.blocks:
+            x = block(x, act_emb)
+        return self.norm(x)  # (B, T, D)

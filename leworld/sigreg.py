@@ -1,0 +1,137 @@
+"""SIGReg: Sketched Isotropic Gaussian Regulariser, exact across processes.
+
+Example:
+    >>> import torch
+    >>> from leworld.sigreg import sigreg
+    >>> z = torch.randn(128, 4, 192)  # (B, T, D) encoder embeddings of every frame
+    >>> loss = sigreg(z, step=0)  # scalar; small for isotropic Gaussian z
+    >>> bool(loss < 2.0)
+    True
+
+For each time step, over the batch Z_t (N, D):
+  1. K directions u_k uniform on the unit sphere, drawn by a CPU `torch.Generator` seeded
+     from (seed, step): identical on every rank, fresh every training step.
+  2. Projections s_nk = <z_n, u_k>.
+  3. Empirical characteristic function phi_hat_k(t) = mean_n exp(i t s_nk) at knots t_j.
+  4. Epps-Pulley EP_k = N * integral w(t) |phi_hat_k(t) - exp(-t^2/2)|^2 dt, w(t) = exp(-t^2/2),
+     integrated over [-t_max, t_max] as a trapezoid on [0, t_max] with doubled weights
+     (the integrand is even).
+  5. SIGReg = mean over directions, then mean over time steps.
+
+Multi-process: when torch.distributed is initialised with world size > 1, the cos/sin sums
+and the sample count are summed over all ranks with a differentiable all-reduce, so phi_hat
+and N are those of the global batch. Every rank returns the global value.
+
+Gradient convention: the all-reduce's backward sums the (identical) upstream gradients of
+all ranks, so the gradient w.r.t. a rank's local inputs is world_size times the gradient of
+the global statistic w.r.t. those inputs. DDP averages parameter gradients over ranks
+(divides by world_size), which makes parameter gradients equal to those of one process
+holding the whole batch; add the loss to a per-rank mean loss (L_pred) as usual.
+Everything is computed in float32, with autocast disabled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def sample_directions(
+    dim: int, num_directions: int, step: int, seed: int = 0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Unit directions (dim, K), a deterministic function of (seed, step), on `device`."""
+    if step < 0 or seed < 0:
+        raise ValueError(f"step and seed must be non-negative integers, got step={step}, seed={seed}.")
+    # torch's CPU generator keeps 32 bits of its seed: mix (seed, step) into 32 bits so that
+    # every step of a run gets its own directions (a bijection in step for a fixed seed)
+    # drawn on the device itself: no host-to-device copy, so the host never waits for the GPU
+    # (every rank of a run uses the same device type, hence the same directions)
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed((int(step) + int(seed) * 0x9E3779B9) % 2**32)
+    u = torch.randn(dim, num_directions, generator=generator, dtype=torch.float32, device=device)  # (D, K)
+    return u / u.norm(dim=0, keepdim=True)
+
+
+def knots_and_weights(num_knots: int = 17, t_max: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knots t_j on [0, t_max] (J,) and weights (J,): doubled trapezoid times exp(-t^2/2)."""
+    if num_knots < 2 or t_max <= 0:
+        raise ValueError(f"need num_knots >= 2 and t_max > 0, got {num_knots}, {t_max}.")
+    t = torch.linspace(0.0, t_max, num_knots, dtype=torch.float32)  # (J,)
+    dt = t_max / (num_knots - 1)
+    trapezoid = torch.full((num_knots,), 2 * dt, dtype=torch.float32)
+    trapezoid[0] = trapezoid[-1] = dt  # doubled trapezoid: the integrand is even in t
+    return t, trapezoid * torch.exp(-0.5 * t**2)
+
+
+def _world_size(group) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def sigreg(
+    z: torch.Tensor,
+    step: int,
+    num_directions: int = 1024,
+    num_knots: int = 17,
+    t_max: float = 3.0,
+    seed: int = 0,
+    group=None,
+) -> torch.Tensor:
+    """SIGReg of embeddings z (B, T, D) (per time step, then averaged) or (N, D); a scalar.
+
+    Args:
+        z: embeddings; the batch dim is the sample axis of the Gaussian test.
+        step: global training step: directions are fresh every step, identical on every rank.
+        num_directions: K random directions.
+        num_knots: trapezoid knots on [0, t_max].
+        t_max: integration bound (the statistic integrates over [-t_max, t_max]).
+        seed: run seed mixed into the direction generator.
+        group: torch.distributed process group (default: the world) to pool the batch over.
+    """
+    if z.ndim == 2:
+        z = z[:, None]  # (N, 1, D)
+    if z.ndim != 3:
+        raise ValueError(f"sigreg expects z of shape (B, T, D) or (N, D), got {tuple(z.shape)}.")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        B, T, D = z.shape
+        u = sample_directions(D, num_directions, step, seed, z.device)  # (D, K)
+        t, w = (x.to(z.device) for x in knots_and_weights(num_knots, t_max))  # (J,), (J,)
+        proj = torch.einsum("btd,dk->tbk", z, u)  # (T, B, K)
+        x = proj[..., None] * t  # (T, B, K, J)
+        cos_sum, sin_sum = x.cos().sum(1), x.sin().sum(1)  # (T, K, J) each
+        count = z.new_full((1,), float(B))  # a device fill, not a host-to-device copy
+        if _world_size(group) > 1:
+            from torch.distributed.nn.functional import all_reduce
+
+            packed = torch.cat([cos_sum.flatten(), sin_sum.flatten(), count])  # (2*T*K*J + 1,)
+            packed = all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            n = T * num_directions * num_knots
+            cos_sum, sin_sum = packed[:n].view_as(cos_sum), packed[n : 2 * n].view_as(sin_sum)
+            count = packed[2 * n :].detach()
+        n_global = count[0]
+        re, im = cos_sum / n_global, sin_sum / n_global  # (T, K, J) global ECF
+        err = (re - torch.exp(-0.5 * t**2)) ** 2 + im**2  # (T, K, J) |phi_hat - phi|^2
+        ep = n_global * (err * w).sum(-1)  # (T, K) Epps-Pulley statistic per direction
+        return ep.mean()  # mean over directions and time steps
+
+
+class SIGReg(nn.Module):
+    """Module form of `sigreg` holding its hyper-parameters (see that function)."""
+
+    def __init__(
+        self, num_directions: int = 1024, num_knots: int = 17, t_max: float = 3.0, seed: int = 0, group=None
+    ) -> None:
+        super().__init__()
+        self.num_directions, self.num_knots, self.t_max, self.seed, self.group = (
+            num_directions, num_knots, t_max, seed, group,
+        )
+
+    def forward(self, z: torch.Tensor, step: int) -> torch.Tensor:
+        return sigreg(z, step, self.num_directions, self.num_knots, self.t_max, self.seed, self.group)
+
+    def extra_repr(self) -> str:
+        return f"num_directions={self.num_directions}, num_knots={self.num_knots}, t_max={self.t_max}, seed={self.seed}"
+

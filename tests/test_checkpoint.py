@@ -1,0 +1,142 @@
+"""Tests of leworld.checkpoint: round trip, clear errors, atomic writes, no unpickling.
+
+Run: pytest tests/test_checkpoint.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+
+import leworld
+import leworld.checkpoint as checkpoint
+from leworld.checkpoint import export_model, load_model
+from leworld.model import LeWMConfig, LeWorldModel
+
+
+def tiny_model(encoder: str = "vit") -> LeWorldModel:
+    torch.manual_seed(0)
+    cfg = LeWMConfig(
+        encoder=encoder, image_size=32, patch_size=8, enc_width=32, enc_depth=1, enc_heads=2, enc_mlp=64,
+        cnn_channels=(8, 8, 16), embed_dim=16, proj_hidden=32, pred_depth=1, pred_heads=2,
+        pred_head_dim=8, pred_mlp=32, action_hidden=16,
+    )
+    model = LeWorldModel(cfg)
+    for block in model.predictor.blocks:  # non-trivial predictor (AdaLN-zero starts at identity)
+        torch.nn.init.normal_(block.adaLN[-1].weight, std=0.2)
+    model.set_action_stats(torch.tensor([0.3, -0.2]), torch.tensor([1.5, 0.7]))
+    model.train()
+    model.encode(torch.rand(4, 2, 3, 32, 32))  # move the BatchNorm running statistics
+    return model.eval()
+
+
+def outputs(model: LeWorldModel) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8, generator=g)
+    blocks = torch.randn(2, 4, 5, 10, generator=g)
+    with torch.no_grad():
+        emb = model.encode(pixels)
+        return emb, model.rollout(emb, blocks)
+
+
+@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+def test_round_trip_identical_outputs(tmp_path, encoder):
+    model = tiny_model(encoder)
+    directory = export_model(model, tmp_path / "run", extra={"env": "tworoom", "steps": 3})
+    loaded = load_model(directory)
+    assert not loaded.training and loaded.config == model.config
+    torch.testing.assert_close(loaded.action_mean, model.action_mean, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.action_std, model.action_std, rtol=0, atol=0)
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)  # bit-identical weights
+    for a, b in zip(outputs(model), outputs(loaded)):  # kernels may differ in the last bit
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    info = json.loads((directory / "config.json").read_text())
+    assert info["format_version"] == checkpoint.FORMAT_VERSION and "leworld_version" in info
+    assert info["extra"] == {"env": "tworoom", "steps": 3}
+    # the .safetensors file itself and the package-level lazy export load the same model
+    torch.testing.assert_close(outputs(leworld.load_model(directory / "model.safetensors"))[1], outputs(model)[1])
+
+
+def test_missing_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.py fit"):
+        load_model(tmp_path / "nothing_here")
+    export_model(tiny_model(), tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        load_model(tmp_path)
+
+
+def edit_config(directory, **changes) -> None:
+    path = directory / "config.json"
+    info = json.loads(path.read_text())
+    info["config"].update(changes)
+    path.write_text(json.dumps(info))
+
+
+def test_mismatched_config_names_the_mismatch(tmp_path):
+    export_model(tiny_model(), tmp_path)
+    edit_config(tmp_path, embed_dim=24)
+    with pytest.raises(ValueError, match=r"shape mismatches.*projector"):
+        load_model(tmp_path)
+    edit_config(tmp_path, embed_dim=16, pred_depth=2)
+    with pytest.raises(ValueError, match=r"missing keys.*predictor\.blocks\.1"):
+        load_model(tmp_path)
+    edit_config(tmp_path, pred_depth=1, embedding_size=16)
+    with pytest.raises(ValueError, match="unknown LeWMConfig keys.*embedding_size"):
+        load_model(tmp_path)
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path, monkeypatch):
+    model = tiny_model()
+    export_model(model, tmp_path)
+    export_model(model, tmp_path)  # overwriting is fine
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(tiny_model("cnn"), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    with pytest.raises(TypeError, match="JSON"):
+        export_model(model, tmp_path / "other", extra={"bad": object()})
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    model = tiny_model()
+    export_model(model, tmp_path)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header size, then a JSON header
+    assert json.loads(raw[8 : 8 + header_len])["__metadata__"]["format"] == "pt"
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("load_model must not unpickle")
+
+    for module, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(module, name, forbidden)
+    torch.testing.assert_close(outputs(load_model(tmp_path))[1], outputs(model)[1])
+
+
+@pytest.mark.parametrize("as_object", [False, True])
+def test_lightning_ckpt_with_config_in_hparams(tmp_path, as_object):
+    model = tiny_model()
+    config = model.config if as_object else model.config.to_dict()
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"config": config, "lambda_sigreg": 0.09},
+    }
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    torch.testing.assert_close(outputs(load_model(tmp_path / "last.ckpt"))[1], outputs(model)[1])
+    torch.save({"state_dict": ckpt["state_dict"], "hyper_parameters": {}}, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="no LeWMConfig"):
+        load_model(tmp_path / "bare.ckpt")

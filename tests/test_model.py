@@ -1,0 +1,200 @@
+"""Tests of leworld.model: shapes, parameter count, AdaLN-zero, causality, rollout, errors.
+
+Run: pytest tests/test_model.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from leworld.model import LeWMConfig, LeWorldModel
+
+B, S, D = 2, 3, 32
+
+
+def tiny(**overrides) -> LeWMConfig:
+    kw = dict(
+        image_size=32, patch_size=8, enc_width=64, enc_depth=2, enc_heads=2, enc_mlp=128,
+        cnn_channels=(8, 16, 32), embed_dim=D, proj_hidden=64, history=3, pred_depth=2,
+        pred_heads=4, pred_head_dim=8, pred_mlp=64, action_hidden=32,
+    )
+    kw.update(overrides)
+    return LeWMConfig(**kw)
+
+
+def perturb_adaln(model: LeWorldModel, std: float = 0.2) -> None:
+    """Give the AdaLN-zero layers non-zero weights so that blocks (and actions) do something."""
+    torch.manual_seed(1)
+    for block in model.predictor.blocks:
+        nn.init.normal_(block.adaLN[-1].weight, std=std)
+        nn.init.normal_(block.adaLN[-1].bias, std=std)
+
+
+def make(encoder: str = "vit", perturbed: bool = True, **overrides) -> LeWorldModel:
+    torch.manual_seed(0)
+    model = LeWorldModel(tiny(encoder=encoder, **overrides))
+    if perturbed:
+        perturb_adaln(model)
+    return model.eval()
+
+
+def blocks(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, 10)  # frameskip 5 x action_dim 2
+
+
+@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+def test_shapes(encoder):
+    model = make(encoder)
+    pixels = torch.randint(0, 256, (B, 3, 3, 32, 32), dtype=torch.uint8)
+    emb = model.encode(pixels)
+    assert emb.shape == (B, 3, D)
+    act = model.encode_actions(blocks(B, 3))
+    assert act.shape == (B, 3, D)
+    assert model.predict(emb, act).shape == (B, 3, D)
+    assert model.rollout(emb, blocks(B, S, 5)).shape == (B, S, 5, D)
+    assert model.rollout(emb[:, -1:], blocks(B, S, 2)).shape == (B, S, 2, D)  # one context frame
+
+
+def test_paper_config_parameter_count():
+    with torch.device("meta"):  # count without allocating or initialising
+        model = LeWorldModel(LeWMConfig())
+    counts = model.parameter_counts()
+    print("paper config parameters:", counts)
+    assert abs(counts["total"] - 18.0e6) / 18.0e6 < 0.01
+    assert abs(counts["encoder"] - 5.50e6) / 5.50e6 < 0.01
+    assert abs(counts["predictor"] - 10.8e6) / 10.8e6 < 0.01
+
+
+def test_adaln_zero_predictor_ignores_actions_at_init():
+    model = make(perturbed=False)
+    emb = torch.randn(B, 3, D)
+    out1 = model.predict(emb, model.encode_actions(blocks(B, 3)))
+    out2 = model.predict(emb, model.encode_actions(blocks(B, 3)))
+    assert torch.equal(out1, out2)
+
+
+def test_actions_matter_after_perturbing_adaln():
+    model = make()
+    emb = torch.randn(B, 3, D)
+    out1 = model.predict(emb, model.encode_actions(blocks(B, 3)))
+    out2 = model.predict(emb, model.encode_actions(blocks(B, 3)))
+    assert (out1 - out2).abs().max() > 1e-3
+
+
+def test_predictor_is_causal():
+    model = make()
+    emb, act = torch.randn(B, 3, D), model.encode_actions(blocks(B, 3))
+    out = model.predict(emb, act)
+    emb2, act2 = emb.clone(), act.clone()
+    emb2[:, 2] += 1.0
+    act2[:, 2] += 1.0
+    out2 = model.predict(emb2, act2)
+    torch.testing.assert_close(out2[:, :2], out[:, :2], rtol=0, atol=1e-6)
+    assert (out2[:, 2] - out[:, 2]).abs().max() > 1e-3
+    act3 = act.clone()
+    act3[:, 1] += 1.0  # an action changes its own position's prediction
+    assert (model.predict(emb, act3)[:, 1] - out[:, 1]).abs().max() > 1e-3
+
+
+def manual_rollout(model, context, future, context_actions):
+    """Step-by-step reference: one (row, sample) at a time, full `predict` on the window."""
+    W = model.config.history
+    Bn, Sn, T, _ = future.shape
+    out = torch.zeros(Bn, Sn, T, context.shape[-1])
+    for b in range(Bn):
+        for s in range(Sn):
+            frames = list(context[b])
+            acts = list(context_actions[b]) + list(future[b, s])
+            for t in range(T):
+                n = len(frames)
+                window = torch.stack(frames[-W:])[None]  # (1, <=W, D)
+                act_window = model.encode_actions(torch.stack(acts[max(0, n - W):n]))[None]
+                frames.append(model.predict(window, act_window)[0, -1])
+                out[b, s, t] = frames[-1]
+    return out
+
+
+@pytest.mark.parametrize("H", [1, 3, 4])
+def test_rollout_matches_step_by_step_predict(H):
+    model = make()
+    context, future, ctx_act = torch.randn(B, H, D), blocks(B, S, 5), blocks(B, H - 1)
+    with torch.no_grad():
+        got = model.rollout(context, future, ctx_act)
+        want = manual_rollout(model, context, future, ctx_act)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_default_context_actions_are_zeros():
+    model = make()
+    context, future = torch.randn(B, 3, D), blocks(B, S, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.rollout(context, future), model.rollout(context, future, torch.zeros(B, 2, 10)))
+
+
+def test_rollout_is_differentiable_in_actions():
+    model = make()
+    future = blocks(B, S, 4).requires_grad_()
+    model.rollout(torch.randn(B, 3, D), future).square().sum().backward()
+    assert future.grad is not None and future.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+def test_uint8_and_float_pixels_encode_the_same(encoder):
+    model = make(encoder)
+    pixels = torch.randint(0, 256, (B, 2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(pixels), model.encode(pixels.float() / 255))
+
+
+def test_wrong_shapes_give_clear_errors():
+    model = make()
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model.encode(torch.zeros(B, 3, 32, 32))
+    with pytest.raises(ValueError, match="permute"):
+        model.encode(torch.zeros(B, 1, 32, 32, 3))
+    with pytest.raises(ValueError, match="32x32"):
+        model.encode(torch.zeros(B, 1, 3, 64, 64))
+    with pytest.raises(TypeError, match="uint8"):
+        model.encode(torch.zeros(B, 1, 3, 32, 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match="frameskip"):
+        model.encode_actions(torch.zeros(B, 3, 7))
+    with pytest.raises(ValueError, match="history=3"):
+        model.predict(torch.zeros(B, 4, D), torch.zeros(B, 4, D))
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model.rollout(torch.zeros(B, 3, D), blocks(B, 5))
+    with pytest.raises(ValueError, match="context_actions"):
+        model.rollout(torch.zeros(B, 3, D), blocks(B, S, 5), blocks(B, 3))
+
+
+def test_config_validation_and_round_trip():
+    cfg = tiny(encoder="cnn")
+    assert LeWMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown LeWMConfig keys"):
+        LeWMConfig.from_dict({**cfg.to_dict(), "embed_size": 3})
+    with pytest.raises(ValueError, match="patch"):
+        LeWMConfig(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="embed_dim"):
+        LeWMConfig(embed_dim=0)
+    with pytest.raises(ValueError, match="encoder"):
+        LeWMConfig(encoder="resnet")
+
+
+def test_normalize_denormalize_actions_round_trip():
+    model = make()
+    model.set_action_stats(torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.1]))
+    step = torch.randn(4, 6, 2)
+    block = torch.randn(4, 6, 10)
+    torch.testing.assert_close(model.denormalize_actions(model.normalize_actions(step)), step)
+    torch.testing.assert_close(model.denormalize_actions(model.normalize_actions(block)), block)
+    # a block is frameskip steps of A: normalising it equals normalising each step
+    per_step = model.normalize_actions(block.view(4, 6, 5, 2)).view(4, 6, 10)
+    torch.testing.assert_close(model.normalize_actions(block), per_step)
+    torch.testing.assert_close(model.normalize_actions(step)[..., 0], (step[..., 0] - 0.5) / 2.0)
+    with pytest.raises(ValueError, match="action_dim"):
+        model.normalize_actions(torch.zeros(3))
+    with pytest.raises(ValueError, match="positive"):
+        model.set_action_stats(torch.zeros(2), torch.zeros(2))

@@ -1,0 +1,340 @@
+"""Push-T: gymnasium API, determinism, physics sanity, success test, rendering and data policies.
+
+Run: pytest tests/test_push_t.py -q
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from envs.policies import make_policy
+from envs.policies.push_t import segment_clearance
+from envs.push_t import LIGHT_SLATE_GRAY, ROYAL_BLUE, PushTBatch, block_distance, block_polygon, is_success
+from envs.push_t_physics import (ACTION_SCALE, AGENT_RADIUS, DT, KD, KP, MAX_OVERLAP, SUBSTEPS, WALL, WALL_SLOP,
+                                 WORLD_SIZE, PushTSim)
+
+LIGHT_GREEN = (144, 238, 144)
+
+
+def make(num_envs=1, resolution=64, **kw) -> PushTBatch:
+    return envs.make_batch("pusht", num_envs=num_envs, resolution=resolution, **kw)
+
+
+def state(agent, block, angle, vel=(0.0, 0.0)) -> np.ndarray:
+    return np.array([[*agent, *block, angle, *vel]], dtype=np.float64)
+
+
+def pixel(frame, world_xy, resolution):
+    """Colour of the pixel containing a world point (row = y)."""
+    s = resolution / WORLD_SIZE
+    return tuple(int(c) for c in frame[int(world_xy[1] * s), int(world_xy[0] * s)])
+
+
+def block_point(pose, local):
+    c, s = math.cos(pose[2]), math.sin(pose[2])
+    return pose[0] + c * local[0] - s * local[1], pose[1] + s * local[0] + c * local[1]
+
+
+# ------------------------------------------------------------------------------------- API
+def test_check_env_and_gym_make():
+    env = gym.make("leworld/PushT-v0", resolution=64)
+    check_env(env.unwrapped, skip_render_check=False)
+    obs, info = env.reset(seed=1)
+    assert obs["pixels"].shape == (64, 64, 3) and obs["pixels"].dtype == np.uint8
+    assert obs["proprio"].shape == (4,) and obs["proprio"].dtype == np.float32
+    assert info["state"].shape == (7,) and isinstance(info["success"], bool)
+    np.testing.assert_allclose(obs["proprio"], info["state"][[0, 1, 5, 6]], rtol=1e-6)
+    obs, reward, terminated, truncated, info = env.step(np.array([0.5, -0.5], np.float32))
+    assert reward == float(info["success"]) and not truncated
+
+
+def test_batch_interface_and_params():
+    env = make(3, resolution=32, seed=4)
+    assert (env.env_id, env.action_dim, env.proprio_dim, env.state_dim) == ("leworld/PushT-v0", 2, 4, 7)
+    params = json.loads(json.dumps(env.params()))
+    assert PushTBatch(**params).params() == params
+    obs = env.reset(seed=1)
+    assert obs["pixels"].shape == (3, 32, 32, 3) and obs["proprio"].shape == (3, 4)
+    assert env.render().shape == (3, 32, 32, 3) and env.goal_pixels().shape == (3, 32, 32, 3)
+    assert env.get_state().dtype == np.float64 and env.success().shape == (3,)
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="finite"):
+        env.step(np.full((3, 2), np.nan))
+    with pytest.raises(ValueError, match="part"):
+        env.set_colour((1, 2, 3), part="wall")
+    with pytest.raises(ValueError, match="0, 512"):
+        env.set_state(np.tile(state((600, 10), (200, 200), 0.0), (3, 1)))
+
+
+def test_same_seed_same_trajectory():
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(40, 4, 2))
+    runs = []
+    for seed in (7, 7, 8):
+        env = make(4, seed=seed)
+        env.reset()
+        frames = [env.step(a)["pixels"] for a in actions]
+        runs.append((env.get_state(), np.stack(frames)))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert not np.allclose(runs[0][0], runs[2][0])
+
+
+def test_reset_distribution():
+    env = make(64, seed=3)
+    env.reset()
+    s = env.get_state()
+    assert np.all((s[:, :2] >= 50) & (s[:, :2] <= 450)) and np.all((s[:, 2:4] >= 100) & (s[:, 2:4] <= 400))
+    assert np.all((s[:, 4] >= -np.pi) & (s[:, 4] < np.pi)) and np.all(s[:, 5:] == 0)
+    assert all(block_distance(a, p) > AGENT_RADIUS for a, p in zip(s[:, :2], s[:, 2:5]))  # agent not in the block
+    assert not np.allclose(env.goal, s)
+
+
+def test_set_state_round_trip_and_teleport_forgets_history():
+    rng = np.random.default_rng(2)
+    states = np.concatenate([rng.uniform(50, 450, (5, 2)), rng.uniform(100, 400, (5, 2)),
+                             rng.uniform(-9, 9, (5, 1)), rng.uniform(-50, 50, (5, 2))], axis=1)
+    env = make(5)
+    env.set_state(states)
+    got = env.get_state()
+    np.testing.assert_allclose(got[:, [0, 1, 2, 3, 5, 6]], states[:, [0, 1, 2, 3, 5, 6]], atol=1e-9)
+    np.testing.assert_allclose(np.cos(got[:, 4]), np.cos(states[:, 4]), atol=1e-9)  # wrapped, same angle
+    assert np.all((got[:, 4] >= -np.pi) & (got[:, 4] < np.pi))
+    # after a teleport what happens next depends on the state only, not on the history
+    other = make(5)
+    other.reset(seed=9)
+    for _ in range(10):
+        other.step(rng.uniform(-1, 1, (5, 2)))
+    other.set_state(got)
+    env.set_state(got)
+    a = rng.uniform(-1, 1, (5, 2))
+    np.testing.assert_array_equal(env.step(a)["pixels"], other.step(a)["pixels"])
+    np.testing.assert_array_equal(env.get_state(), other.get_state())
+
+
+# --------------------------------------------------------------------------------- physics
+def test_agent_follows_the_pd_law():
+    """Far from the block the agent obeys accel = 100 (target - pos) - 20 vel, 10 sub-steps of 0.01 s."""
+    sim = PushTSim(state((200, 150), (400, 400), 0.0, vel=(30.0, -10.0))[0])
+    pos, vel = np.array([200.0, 150.0]), np.array([30.0, -10.0])
+    for a in ([0.3, 0.8], [-1.0, 0.2]):
+        target = pos + ACTION_SCALE * np.array(a)
+        for _ in range(SUBSTEPS):
+            vel = vel + (KP * (target - pos) - KD * vel) * DT
+            pos = pos + vel * DT
+        sim.step(*a)
+        np.testing.assert_allclose(sim.state()[[0, 1]], pos, atol=1e-9)
+        np.testing.assert_allclose(sim.state()[[5, 6]], vel, atol=1e-9)
+
+
+def test_actions_are_clipped():
+    env1, env2 = make(1), make(1)
+    for env in (env1, env2):
+        env.set_state(state((100, 100), (400, 400), 0.0))
+    env1.step(np.array([[5.0, -3.0]]))
+    env2.step(np.array([[1.0, -1.0]]))
+    np.testing.assert_array_equal(env1.get_state(), env2.get_state())
+
+
+def test_push_moves_block_in_push_direction_and_agent_stays_behind():
+    env = make(1)
+    env.set_state(state((100, 256), (256, 256), -np.pi / 2))  # the bar's flat face looks at the agent
+    start = env.get_state()[0]
+    for _ in range(6):
+        env.step(np.array([[1.0, 0.0]]))
+        s = env.get_state()[0]
+        assert s[0] < block_polygon(s[2:5])[:, 0].min()  # agent centre behind the block's leftmost point
+        assert block_distance(s[:2], s[2:5]) >= AGENT_RADIUS - MAX_OVERLAP - 1e-6
+    moved = s[2:5] - start[2:5]
+    assert moved[0] > 100 and abs(moved[1]) < 5 and abs(moved[2]) < 0.05
+    # pushing up from below the stem moves the block up
+    env.set_state(state((256, 400), (256, 256), 0.0))
+    for _ in range(4):
+        env.step(np.array([[0.0, -1.0]]))
+    moved = env.get_state()[0, 2:5] - np.array([256, 256, 0.0])
+    assert moved[1] < -30 and abs(moved[0]) < 5 and abs(moved[2]) < 0.05
+
+
+def test_off_centre_push_rotates_block():
+    """Pushing the right end of the bar up (-y) turns the T anticlockwise on screen: the angle decreases."""
+    env = make(1)
+    env.set_state(state((306, 290), (256, 256), 0.0))  # below the bar, right of the stem
+    for _ in range(4):
+        env.step(np.array([[0.0, -0.6]]))
+    assert env.get_state()[0, 4] < -0.1
+
+
+@pytest.mark.parametrize("angle", [0.0, -np.pi / 2, np.pi / 2, 2.5])
+def test_agent_never_passes_through_a_jammed_block(angle):
+    """Drive straight at the block until it jams against the right wall, then keep driving.
+
+    A jammed T may turn away and let the agent slide past it, but the agent never enters it.
+    """
+    env = make(1)
+    env.set_state(state((100, 256), (300, 256), angle))
+    for _ in range(60):
+        env.step(np.array([[1.0, 0.0]]))
+        s = env.get_state()[0]
+        assert block_distance(s[:2], s[2:5]) >= AGENT_RADIUS - MAX_OVERLAP - 1e-6  # never in the T
+        poly = block_polygon(s[2:5])
+        assert poly.max() <= WORLD_SIZE - WALL + WALL_SLOP + 1e-6 and poly.min() >= WALL - WALL_SLOP - 1e-6
+
+
+def test_block_stays_in_arena_under_aggressive_actions():
+    env = make(16, seed=5)
+    env.reset()
+    rng = np.random.default_rng(0)
+    for t in range(150):
+        if t % 3 == 0:  # charge through the block, often pinning it against a wall
+            s = env.get_state()
+            actions = np.clip((s[:, 2:4] - s[:, :2] + rng.normal(0, 30, (16, 2))) / 10, -1, 1)
+        env.step(actions)
+        s = env.get_state()
+        polys = np.stack([block_polygon(p) for p in s[:, 2:5]])
+        assert polys.min() >= WALL - WALL_SLOP - 1e-6 and polys.max() <= WORLD_SIZE - WALL + WALL_SLOP + 1e-6
+        assert np.all((s[:, :2] >= WALL) & (s[:, :2] <= WORLD_SIZE - WALL))
+        assert all(block_distance(a, p) > 0 for a, p in zip(s[:, :2], s[:, 2:5]))
+
+
+def test_block_rests_when_contact_ends():
+    env = make(1)
+    env.set_state(state((150, 256), (256, 256), -np.pi / 2))
+    for _ in range(3):
+        env.step(np.array([[1.0, 0.0]]))
+    pushed = env.get_state()[0, 2:5]
+    assert pushed[0] > 280
+    env.step(np.array([[-1.0, 0.0]]))  # back off: the agent brakes (pushing a little more), contact ends
+    rest = env.get_state()[0]
+    assert np.abs(rest[2:5] - pushed).max() < 10.0 and block_distance(rest[:2], rest[2:5]) > AGENT_RADIUS
+    for _ in range(3):
+        env.step(np.array([[-0.5, 0.3]]))
+    np.testing.assert_allclose(env.get_state()[0, 2:5], rest[2:5], atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ success test
+def test_success_threshold_and_angle_wrap_around():
+    base = np.array([100.0, 120.0, 250.0, 260.0, np.pi - 0.01, 0.0, 0.0])
+    goal = base.copy()
+    goal[4] = -np.pi + 0.01  # 0.02 rad away across the wrap
+    assert is_success(base, goal)[0]
+    far_angle = goal.copy()
+    far_angle[4] = base[4] - np.pi / 9 - 0.01
+    assert not is_success(base, far_angle)[0]
+    for d, expect in ((19.0, True), (21.0, False)):  # L2 over (agent xy, block xy): split over the 4 numbers
+        g = goal.copy()
+        g[:4] += d / 2.0
+        assert is_success(base, g)[0] == expect
+    env = make(2)
+    env.set_state(np.stack([base, base]))
+    env.set_goal(np.stack([goal, far_angle]))
+    assert env.success().tolist() == [True, False]
+
+
+# --------------------------------------------------------------------------------- rendering
+@pytest.mark.parametrize("resolution", [64, 96, 224])
+def test_render_draws_objects_at_scaled_places(resolution):
+    pose = (300.0, 200.0, 0.8)
+    env = make(1, resolution=resolution, goal_overlay=True)
+    env.set_state(state((100, 380), pose[:2], pose[2]))
+    goal_pose = (150.0, 120.0, -1.0)
+    env.set_goal(np.array([[400, 400, *goal_pose, 0, 0]]))
+    frame = env.render()[0]
+    assert frame.shape == (resolution, resolution, 3) and frame.dtype == np.uint8
+    inside = (0.0, -12.0)  # where bar and stem meet: >= 15 px from every edge of the T
+    assert pixel(frame, (100, 380), resolution) == ROYAL_BLUE
+    assert pixel(frame, block_point(pose, inside), resolution) == LIGHT_SLATE_GRAY
+    assert pixel(frame, block_point(goal_pose, inside), resolution) == LIGHT_GREEN
+    assert pixel(frame, (480, 30), resolution) == (255, 255, 255)
+    goal = env.goal_pixels()[0]  # the goal image: agent and block at the goal state
+    assert pixel(goal, (400, 400), resolution) == ROYAL_BLUE
+    assert pixel(goal, block_point(goal_pose, inside), resolution) == LIGHT_SLATE_GRAY
+    assert pixel(goal, (100, 380), resolution) == (255, 255, 255)
+
+
+def test_colour_changes_show_in_pixels():
+    env = make(2, resolution=96)
+    s = np.concatenate([state((100, 380), (300, 200), 0.3)] * 2)
+    env.set_state(s)
+    where_block, where_agent = block_point(s[0, 2:5], (0.0, -12.0)), (100, 380)
+    env.set_colour((255, 0, 0), index=0)
+    frames = env.render()
+    assert pixel(frames[0], where_block, 96) == (255, 0, 0) and pixel(frames[1], where_block, 96) == LIGHT_SLATE_GRAY
+    env.step(np.zeros((2, 2)))
+    env.set_colour((0, 200, 0), part="agent")
+    frames = env.render()
+    assert pixel(frames[0], where_agent, 96) == (0, 200, 0) and pixel(frames[1], where_agent, 96) == (0, 200, 0)
+    assert pixel(frames[0], where_block, 96) == (255, 0, 0)
+    env.reset()
+    env.set_state(s)
+    assert pixel(env.render()[0], where_block, 96) == LIGHT_SLATE_GRAY  # reset restores the colours
+
+
+# ----------------------------------------------------------------------------------- policies
+def test_segment_clearance_matches_dense_sampling():
+    rng = np.random.default_rng(1)
+    pose = np.array([250.0, 260.0, 0.7])
+    a, b = rng.uniform(100, 400, (200, 2)), rng.uniform(100, 400, (200, 2))
+    t = np.linspace(0, 1, 2001)[None, :, None]
+    sampled = np.maximum(block_distance(a[:, None] + t * (b - a)[:, None], pose).min(1), 0.0)  # (200,)
+    np.testing.assert_allclose(segment_clearance(a, b, pose), sampled, atol=0.3)
+
+
+@pytest.mark.parametrize("name", ["contact", "pusher", "random", "mix"])
+def test_policies_return_bounded_actions_and_are_seeded(name):
+    outs = []
+    for _ in range(2):
+        env = make(6, seed=1)
+        env.reset()
+        policy = make_policy("pusht", name, env, seed=3)
+        policy.reset(env)
+        acts = []
+        for _ in range(15):
+            a = policy.act(env)
+            assert a.shape == (6, 2) and a.dtype == np.float32 and np.all(np.abs(a) <= 1)
+            env.step(a)
+            acts.append(a)
+        outs.append(np.stack(acts))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_policy_errors():
+    env = make(2)
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("pusht", "expert", env)
+    with pytest.raises(ValueError, match="unknown"):
+        make_policy("pusht", "mix", env, weights={"pusher": 1.0, "teleport": 1.0})
+
+
+def test_contact_policy_moves_the_block():
+    env = make(16, seed=2)
+    env.reset()
+    policy = make_policy("pusht", "contact", env, seed=0)
+    policy.reset(env)
+    start = env.get_state()[:, 2:4]
+    for _ in range(60):
+        env.step(policy.act(env))
+    assert np.mean(np.linalg.norm(env.get_state()[:, 2:4] - start, axis=1) > 10) >= 0.7
+
+
+def test_pusher_reduces_pose_error_to_the_env_goal():
+    env = make(24, seed=11)
+    env.reset()
+    policy = make_policy("pusht", "pusher", env, noise=0.1, seed=0, use_env_goal=True)
+    policy.reset(env)
+
+    def error():  # block position error + radius of gyration * angle error, in px
+        s, g = env.get_state(), env.goal
+        return np.linalg.norm(s[:, 2:4] - g[:, 2:4], axis=1) + 44.0 * np.abs(
+            (s[:, 4] - g[:, 4] + np.pi) % (2 * np.pi) - np.pi)
+
+    before = error()
+    for _ in range(120):
+        env.step(policy.act(env))
+    after = error()
+    assert np.mean(after < 0.5 * before) >= 0.7, (before.round(), after.round())
