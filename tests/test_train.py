@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +16,7 @@ from leworld import load_model
 from leworld.data.collect import collect
 from leworld.data.datamodule import CollectSpec, LeWMDataModule
 from leworld.model import LeWMConfig
-from leworld.module import LeWMModule
+from leworld.module import LeWMModule, effective_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(encoder="cnn", image_size=32, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=32, proj_hidden=64,
@@ -88,6 +89,28 @@ def test_resuming_from_a_checkpoint_continues_identically(data_path, tmp_path):
     assert t.global_step == straight.global_step > first.global_step > 0
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs after resuming")
+
+
+def test_effective_rank_against_direct_formula_and_extremes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=g, dtype=torch.float64)
+    s = torch.linalg.svdvals(x - x.mean(0))
+    p = s / s.sum()
+    assert effective_rank(x).item() == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-5)
+    assert effective_rank(x).item() > 14  # isotropic: nearly all 16 directions
+    line = torch.randn(500, 1, generator=g) * torch.randn(1, 16, generator=g)
+    assert effective_rank(line).item() < 1.01  # collapsed onto a line
+
+
+def test_collapse_warning_fires_below_the_threshold(data_path, tmp_path):
+    module, dm = make(data_path, tmp_path, collapse_rank_fraction=1.0)  # threshold = D: always "collapsed"
+    with pytest.warns(UserWarning, match="embedding collapse"):
+        trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, dm)
+    module, dm = make(data_path, tmp_path, collapse_rank_fraction=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, dm)
+    assert not [w for w in caught if "embedding collapse" in str(w.message)]
 
 
 def test_nan_loss_stops_with_a_clear_error(data_path, tmp_path):

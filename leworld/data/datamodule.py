@@ -88,6 +88,7 @@ class LeWMDataModule(L.LightningDataModule):
         env = spec.pop("env")
         print(f"{self.path} does not exist: generating it ({spec['episodes']} {env} episodes)")
         collect(env, out=self.path, **spec)
+        print(EpisodeStore(self.path).summary())
 
     def setup(self, stage: str | None = None) -> None:
         if self.action_mean is not None:
