@@ -193,3 +193,21 @@ def test_existing_and_unwritable_outputs_are_refused(tmp_path, capsys):
 def test_missing_dataset_error_says_how_to_make_it(tmp_path):
     with pytest.raises(DatasetError, match="python -m leworld.data.collect"):
         EpisodeStore(tmp_path / "nothing.h5")
+
+
+@pytest.mark.parametrize("policy", ["mix", "contact"])
+def test_pusht_collection_round_trips_with_parallel_workers(tmp_path, policy):
+    path = tmp_path / "pusht.h5"
+    collect("pusht", episodes=4, steps=12, resolution=RES, policy=policy, seed=1, out=path, chunk_size=2, workers=2,
+            progress=False)
+    store = EpisodeStore(path)
+    assert store.metadata["env_id"] == "leworld/PushT-v0" and store.metadata["policy"] == policy
+    assert store.num_episodes == 4 and store.action_dim == 2
+    for block in range(2):
+        expected = collect_mod.collect_block("pusht", 2, 12, RES, policy, None, 1, block)
+        for e in range(2):
+            ep = store.episode(2 * block + e)
+            for name in ("pixels", "action", "proprio", "state"):
+                np.testing.assert_array_equal(ep[name], expected[name][e])
+    clips = ClipDataset(store, num_frames=2, frameskip=5)
+    assert clips[0]["pixels"].shape == (2, RES, RES, 3) and clips[0]["action"].shape == (1, 10)

@@ -1,0 +1,79 @@
+"""Off-screen pygame renderer for Push-T: one frame of the T-block, the agent and (optionally) the goal T.
+
+Example:
+    >>> import envs, numpy as np
+    >>> from envs.push_t import T_OUTLINE
+    >>> from envs.push_t_render import PushTRenderer
+    >>> renderer = PushTRenderer(resolution=64, t_outline=T_OUTLINE)
+    >>> state = np.array([100.0, 100.0, 256.0, 256.0, 0.5, 0.0, 0.0])  # agent xy, block xy, angle, agent vel
+    >>> frame = renderer.draw(state, block_rgb=(119, 136, 153), agent_rgb=(65, 105, 225))
+    >>> frame.shape, frame.dtype
+    ((64, 64, 3), dtype('uint8'))
+
+The scene is drawn directly at `resolution` (world coordinates scaled by resolution / 512),
+anti-aliased, into one reused 24-bit surface whose bytes are laid out R, G, B, so reading the
+pixels is a plain contiguous copy with row = y. No display is opened (`envs` sets
+SDL_VIDEODRIVER=dummy before pygame is imported).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pygame
+import pygame.gfxdraw
+
+WORLD_SIZE = 512.0
+BACKGROUND = (255, 255, 255)  # white
+GOAL_RGB = (144, 238, 144)  # LightGreen
+
+
+class PushTRenderer:
+    """Draws Push-T states at a fixed `resolution`; one instance is reused for every env and step."""
+
+    def __init__(self, resolution: int, t_outline: np.ndarray, agent_radius: float = 15.0, goal_overlay: bool = False):
+        if int(resolution) < 8:
+            raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
+        self.resolution = int(resolution)
+        self.goal_overlay = bool(goal_overlay)
+        self.scale = self.resolution / WORLD_SIZE  # pixels per world unit
+        self._outline = [(float(x), float(y)) for x, y in np.asarray(t_outline, dtype=np.float64)]  # T in body coords
+        self._radius = max(1, int(round(agent_radius * self.scale)))
+        # 24-bit surface with masks chosen so that its memory reads R, G, B per pixel, row-major in y.
+        self.surface = pygame.Surface((self.resolution, self.resolution), 0, 24, (0xFF, 0xFF00, 0xFF0000, 0))
+        self._buffer = self.surface.get_buffer()  # keeps a view of the pixels; fill and gfxdraw still work
+        pitch = self.surface.get_pitch()
+        rows = np.frombuffer(self._buffer, dtype=np.uint8).reshape(self.resolution, pitch)
+        self._pixels = rows[:, : 3 * self.resolution].reshape(self.resolution, self.resolution, 3)  # (R, R, 3) view
+
+    def _to_pixel(self, x: float, y: float) -> tuple[int, int]:
+        # world point -> index of the pixel that contains it (pixel centres sit at integer coordinates)
+        return int(round(x * self.scale - 0.5)), int(round(y * self.scale - 0.5))
+
+    def _block_points(self, x: float, y: float, angle: float) -> list[tuple[int, int]]:
+        c, s = math.cos(angle), math.sin(angle)
+        return [self._to_pixel(x + c * u - s * v, y + s * u + c * v) for u, v in self._outline]
+
+    def _polygon(self, points, rgb) -> None:
+        pygame.gfxdraw.filled_polygon(self.surface, points, rgb)
+        pygame.gfxdraw.aapolygon(self.surface, points, rgb)
+
+    def draw(self, state, block_rgb, agent_rgb, goal=None, out: np.ndarray | None = None) -> np.ndarray:
+        """Render one state (7 numbers: agent xy, block xy, angle, agent vel) into `out` (R, R, 3) uint8.
+
+        `goal` (a goal state, 7 numbers) is drawn under the block in light green when the renderer was
+        built with `goal_overlay=True`.
+        """
+        surface = self.surface
+        surface.fill(BACKGROUND)
+        if self.goal_overlay and goal is not None:
+            self._polygon(self._block_points(goal[2], goal[3], goal[4]), GOAL_RGB)
+        self._polygon(self._block_points(state[2], state[3], state[4]), tuple(block_rgb))
+        cx, cy = self._to_pixel(state[0], state[1])
+        agent_rgb = tuple(agent_rgb)
+        pygame.gfxdraw.filled_circle(surface, cx, cy, self._radius, agent_rgb)
+        pygame.gfxdraw.aacircle(surface, cx, cy, self._radius, agent_rgb)
+        if out is None:
+            return self._pixels.copy()
+        np.copyto(out, self._pixels)
+        return out
