@@ -27,6 +27,7 @@ from envs.push_t_physics import (
     is_success, pose_error, wrap_angle,
 )
 from envs.push_t_render import PushTRenderer
+from envs.view import BatchView, single
 
 __all__ = [  # the Push-T vocabulary, re-exported from envs.push_t_physics
     "PushTBatch", "PushTEnv", "ACTION_SCALE", "AGENT_RADIUS", "T_BOXES", "T_OUTLINE", "WALL", "WORLD_SIZE",
@@ -204,7 +205,7 @@ class PushTBatch:
         self._frames = None
 
 
-class PushTEnv(gym.Env):
+class PushTEnv(BatchView):
     """Gymnasium view of Push-T (`PushTBatch` with num_envs=1), id `leworld/PushT-v0`.
 
     reward = float(success); `terminated` and `truncated` are always False (give a time limit with
@@ -213,12 +214,8 @@ class PushTEnv(gym.Env):
     `seed` (default 0) and later ones continue its generator. Other keyword arguments go to `PushTBatch`.
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
-
     def __init__(self, resolution: int = 224, render_mode: str | None = "rgb_array", seed: int = 0, **kwargs):
-        if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"render_mode {render_mode!r} is not supported: use 'rgb_array'")
-        self.render_mode = render_mode
+        self._set_render_mode(render_mode)
         self.batch = PushTBatch(num_envs=1, resolution=resolution, seed=seed, **kwargs)
         self._np_random, self._np_random_seed = self.batch.rng, seed  # one generator, shared
         r = self.batch.resolution
@@ -240,26 +237,7 @@ class PushTEnv(gym.Env):
             self.set_goal(options["goal"])
         if options.get("state") is not None or options.get("goal") is not None:
             obs = self.batch._obs()
-        return _single(obs), self._info()
-
-    def step(self, action):
-        obs = self.batch.step(np.asarray(action, np.float64).reshape(1, 2))
-        info = self._info()
-        return _single(obs), float(info["success"]), False, False, info
-
-    def render(self) -> np.ndarray:
-        return self.batch.render()[0]
-
-    def goal_pixels(self) -> np.ndarray:
-        """(R, R, 3) uint8 frame of the goal state: the goal image."""
-        return self.batch.goal_pixels()[0]
-
-    def get_state(self) -> np.ndarray:
-        return self.batch.get_state()[0]
-
-    def set_state(self, state) -> None:
-        """Teleport to a (7,) state: agent xy, block xy, block angle, agent velocity."""
-        self.batch.set_state(np.asarray(state, np.float64).reshape(1, -1))
+        return single(obs), self._info()
 
     def set_goal(self, state) -> None:
         """Set the goal to a (7,) state (or 5 numbers: agent xy, block pose)."""
@@ -272,7 +250,3 @@ class PushTEnv(gym.Env):
     def _info(self) -> dict:
         return {"state": self.batch.get_state()[0], "goal": self.batch.goal[0],
                 "success": bool(self.batch.success()[0])}
-
-
-def _single(obs: dict) -> dict:
-    return {"pixels": obs["pixels"][0], "proprio": obs["proprio"][0]}

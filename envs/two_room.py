@@ -28,6 +28,7 @@ import math
 import gymnasium as gym
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+from envs.view import BatchView, single
 
 WORLD = 224.0  # world size in px
 BORDER = (10.0, 14.0)  # the border ring spans [10, 14] and [210, 214] on each axis
@@ -271,7 +272,7 @@ def _check_colour(rgb) -> np.ndarray:
     return c
 
 
-class TwoRoomEnv(gym.Env):
+class TwoRoomEnv(BatchView):
     """Gymnasium view of Two-Room (`TwoRoomBatch` with num_envs=1), id `leworld/TwoRoom-v0`.
 
     reward = float(success); `terminated` is always False and `truncated` is False (give a time
@@ -281,12 +282,8 @@ class TwoRoomEnv(gym.Env):
     its generator. Other keyword arguments go to `TwoRoomBatch`.
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
-
     def __init__(self, resolution: int = 224, render_mode: str | None = "rgb_array", seed: int = 0, **kwargs):
-        if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"render_mode {render_mode!r} is not supported: use 'rgb_array'")
-        self.render_mode = render_mode
+        self._set_render_mode(render_mode)
         self.batch = TwoRoomBatch(num_envs=1, resolution=resolution, seed=seed, **kwargs)
         self._np_random, self._np_random_seed = self.batch.rng, seed  # one generator, shared
         r = self.batch.resolution
@@ -304,26 +301,7 @@ class TwoRoomEnv(gym.Env):
         if options.get("state") is not None:
             self.set_state(options["state"])
             obs = self.batch._obs()
-        return _single(obs), self._info()
-
-    def step(self, action):
-        obs = self.batch.step(np.asarray(action, np.float64).reshape(1, 2))
-        info = self._info()
-        return _single(obs), float(info["success"]), False, False, info
-
-    def render(self) -> np.ndarray:
-        return self.batch.render()[0]
-
-    def goal_pixels(self) -> np.ndarray:
-        """(R, R, 3) uint8 frame with the agent drawn at the target."""
-        return self.batch.goal_pixels()[0]
-
-    def set_state(self, state) -> None:
-        """Teleport to a (4,) state: agent x, agent y, target x, target y."""
-        self.batch.set_state(np.asarray(state, np.float64).reshape(1, 4))
-
-    def get_state(self) -> np.ndarray:
-        return self.batch.get_state()[0]
+        return single(obs), self._info()
 
     def set_colour(self, rgb) -> None:
         """Paint the agent `rgb` (0-255) from now on (until the next reset)."""
@@ -332,7 +310,3 @@ class TwoRoomEnv(gym.Env):
     def _info(self) -> dict:
         return {"agent_pos": self.batch.agent_pos[0], "target_pos": self.batch.target_pos[0],
                 "success": bool(self.batch.success()[0])}
-
-
-def _single(obs: dict) -> dict:
-    return {"pixels": obs["pixels"][0], "proprio": obs["proprio"][0]}
