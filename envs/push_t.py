@@ -99,6 +99,14 @@ class PushTBatch:
         self.set_goal(self._sample_states(self.num_envs))
         return self._obs()
 
+    def reset_to(self, starts, goals) -> dict:
+        """Start each env at `starts` (N, 7) with goal `goals` (N, 7), default colours (dataset replay)."""
+        self._block_rgb = [LIGHT_SLATE_GRAY] * self.num_envs
+        self._agent_rgb = [ROYAL_BLUE] * self.num_envs
+        self.set_state(starts)
+        self.set_goal(goals)
+        return self._obs()
+
     def _indices(self, index) -> np.ndarray:
         idx = np.arange(self.num_envs) if index is None else np.atleast_1d(np.asarray(index, dtype=np.int64))
         if idx.size and (idx.min() < -self.num_envs or idx.max() >= self.num_envs):

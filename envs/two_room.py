@@ -141,6 +141,19 @@ class TwoRoomBatch:
                              f"or inside the wall (107 < x < 117 outside a door); move it into a room")
         self._state[:] = s
 
+    def reset_to(self, starts, goals) -> dict:
+        """Start each env at `starts` (N, 4) with its target at the agent position of `goals` (N, 4).
+
+        This is how an evaluation replays a dataset pair: the goal state's agent is the target.
+        The colour is restored as by `reset`."""
+        starts, goals = np.asarray(starts, np.float64), np.asarray(goals, np.float64)
+        if starts.shape != (self.num_envs, 4) or goals.shape != (self.num_envs, 4):
+            raise ValueError(f"reset_to: starts and goals must have shape ({self.num_envs}, 4), "
+                             f"got {starts.shape} and {goals.shape}")
+        self.set_state(np.concatenate([starts[:, :2], goals[:, :2]], axis=1))
+        self._colour[:] = self.default_colour
+        return self._obs()
+
     def success(self) -> np.ndarray:
         """(N,) bool: agent closer than `success_radius` to its target."""
         s = self._state

@@ -165,6 +165,15 @@ class LeWMModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         extra = {"global_step": int(self.global_step), "epoch": int(self.current_epoch),
                  "hparams": {k: v for k, v in self.hparams.items() if k != "model"},
-                 "dataset": getattr(dm, "metadata", None)}
+                 "dataset": getattr(dm, "metadata", None), "data": _data_settings(dm)}
         export_model(self.model, directory, extra=extra)
         print(f"exported the model to {directory}")
+
+
+def _data_settings(dm) -> dict | None:
+    """Where the training data is and how it was split: evaluation draws from the same validation episodes."""
+    if dm is None or not hasattr(dm, "hparams"):
+        return None
+    hp = dm.hparams
+    keys = ("path", "val_fraction", "split_seed", "num_frames", "frameskip")
+    return {k: (str(hp[k]) if k == "path" else hp[k]) for k in keys if k in hp}

@@ -1,0 +1,129 @@
+"""Evaluation protocols as named, versioned presets; start/goal pairs sampled from a dataset.
+
+Example:
+    >>> from leworld.data.store import EpisodeStore
+    >>> from leworld.evaluation.protocols import get_protocol, sample_pairs
+    >>> protocol = get_protocol("paper-v3")
+    >>> pairs = sample_pairs(EpisodeStore("data/tworoom_64.h5"), protocol, seed=0)
+    >>> pairs.start_state.shape  # (num_episodes, S): env states to reset to
+    (50, 4)
+
+A protocol fixes everything that defines a reported success rate: how many episodes, which
+dataset split the starts come from, how far ahead the goal is, and the env-step budget.
+Every result file stores the protocol's name, version and all its values. Change a value and
+the numbers are no longer comparable: add a new preset (or bump the version) instead.
+
+Sampling (LEWM.md section 6): `num_episodes` dataset episodes are drawn from the split (without
+replacement while there are enough), a start step uniformly among those that leave room for
+the goal, and the goal is the state `goal_offset` steps later in the same episode. Seeded.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from leworld.data.clips import split_episodes
+from leworld.data.store import EpisodeStore
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """One evaluation protocol.
+
+    Args:
+        name: the preset's name, printed with every number.
+        version: bumped whenever any value of a preset changes.
+        num_episodes: start/goal pairs (episodes evaluated in parallel).
+        goal_offset: the goal is the dataset state this many env steps after the start.
+        budget: env steps allowed to reach the goal; success if the env's test holds at any step.
+        split: "val" (the model's validation episodes: never trained on) or "all" (a held-out dataset).
+        description: one line for tables and result files.
+    """
+
+    name: str
+    version: int
+    num_episodes: int = 50
+    goal_offset: int = 25
+    budget: int = 50
+    split: str = "val"
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "EvalProtocol":
+        """A modified copy; its name gets a `+` suffix so it is never mistaken for the preset."""
+        if not changes:
+            return self
+        suffix = ",".join(f"{k}={v}" for k, v in sorted(changes.items()))
+        return dataclasses.replace(self, name=f"{self.name}+{suffix}", **changes)
+
+
+PROTOCOLS = {
+    p.name: p
+    for p in (
+        EvalProtocol("paper-v3", 1, 50, 25, 50, "val",
+                     "LeWM paper v3: goal 25 steps ahead in a validation episode, 50-step budget"),
+        EvalProtocol("paper-v1-tworoom", 1, 50, 100, 150, "val",
+                     "LeWM paper v1 for Two-Room: goal 100 steps ahead, 150-step budget"),
+        EvalProtocol("far-v1", 1, 50, 100, 150, "all",
+                     "goal 100 steps ahead on a held-out low-noise dataset (--data), 150-step budget"),
+    )
+}
+
+
+def get_protocol(name: str) -> EvalProtocol:
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}: choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+@dataclass
+class Pairs:
+    """Start/goal pairs: dataset episode and step indices and the env states at both."""
+
+    episode: np.ndarray  # (N,) dataset episode index
+    start: np.ndarray  # (N,) step of the start within the episode
+    goal: np.ndarray  # (N,) step of the goal (start + goal_offset)
+    start_state: np.ndarray  # (N, S)
+    goal_state: np.ndarray  # (N, S)
+
+    def to_records(self) -> list[dict]:
+        return [{"episode": int(e), "start_step": int(s), "goal_step": int(g)}
+                for e, s, g in zip(self.episode, self.start, self.goal)]
+
+
+def split_of(store: EpisodeStore, protocol: EvalProtocol, val_fraction: float = 0.1,
+             split_seed: int = 0) -> np.ndarray:
+    """The episodes the protocol draws from: the training run's validation split, or all of them."""
+    if protocol.split == "all":
+        return np.arange(store.num_episodes)
+    if protocol.split != "val":
+        raise ValueError(f"protocol split must be 'val' or 'all', got {protocol.split!r}")
+    _, val = split_episodes(store.num_episodes, val_fraction, split_seed)
+    if len(val) == 0:
+        raise ValueError(f"{store.path} has no validation episodes with val_fraction={val_fraction}: "
+                         "evaluate on a dataset with more episodes or a protocol with split='all'")
+    return val
+
+
+def sample_pairs(store: EpisodeStore, protocol: EvalProtocol, seed: int = 0, episodes: np.ndarray | None = None,
+                 val_fraction: float = 0.1, split_seed: int = 0) -> Pairs:
+    """Draw the protocol's start/goal pairs from `episodes` (default: its split of `store`)."""
+    episodes = split_of(store, protocol, val_fraction, split_seed) if episodes is None else np.asarray(episodes)
+    steps = store.episode_length - 1  # (E,): an episode of L steps holds L + 1 rows
+    eligible = episodes[steps[episodes] >= protocol.goal_offset]
+    if len(eligible) == 0:
+        raise ValueError(f"no episode in {store.path} has {protocol.goal_offset} steps for the goal offset of "
+                         f"{protocol.name}; collect longer episodes (--steps)")
+    rng = np.random.default_rng(seed)
+    n = protocol.num_episodes
+    chosen = rng.choice(eligible, size=n, replace=n > len(eligible))  # (N,)
+    start = rng.integers(0, steps[chosen] - protocol.goal_offset + 1)  # (N,): goal <= last step
+    goal = start + protocol.goal_offset
+    offset = store.episode_offset[chosen]
+    start_state = store.read("state", offset + start)  # (N, S)
+    goal_state = store.read("state", offset + goal)
+    return Pairs(chosen, start, goal, start_state, goal_state)

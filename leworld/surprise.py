@@ -1,0 +1,222 @@
+"""Surprise (violation of expectation, LEWM.md section 9): how badly the model predicted each frame.
+
+Example:
+    >>> import torch
+    >>> from leworld.model import LeWMConfig, LeWorldModel
+    >>> from leworld.surprise import calibrate, trajectory_surprise
+    >>> model = LeWorldModel(LeWMConfig(encoder="cnn", image_size=32, history=2, pred_depth=1)).eval()
+    >>> pixels = torch.randint(0, 256, (4, 6, 3, 32, 32), dtype=torch.uint8)  # (B, L, C, Hp, Wp)
+    >>> actions = torch.randn(4, 5, 10)  # (B, L-1, frameskip*A) raw action blocks
+    >>> s = trajectory_surprise(model, pixels, actions)  # (B, L); column 0 is NaN
+    >>> flags = calibrate(s, false_alarm_rate=0.01).detect(s)  # (B, L) bool
+
+Surprise of frame t = || prediction of frame t - encode(frame t) ||^2 (squared L2 over D). The
+prediction of frame t + 1 sees frames max(0, t - H + 1) .. t and the action blocks executed
+after each of them (H = config.history); with `horizon` k, frame t + k is predicted by a k-step
+`rollout` from the same history and blocks t .. t + k - 1. Columns of frames that have no
+prediction (the first k) are NaN. `calibrate` turns surprise on nominal runs into per-step
+z-scores and a threshold with a target false-alarm rate; the statistics at the bottom
+(AUROC, paired t-test, detection rate, latency) are what `surprise.py` reports.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+# ---- surprise ----------------------------------------------------------------------------------
+@torch.no_grad()
+def embedding_surprise(model, emb: torch.Tensor, blocks: torch.Tensor, horizon: int = 1) -> torch.Tensor:
+    """emb (B, L, D), normalised blocks (B, L-1, frameskip*A) -> surprise (B, L), NaN for frames < horizon.
+
+    Windows with a full history are unfolded into the batch (one `rollout` call); the at most
+    H - 1 early frames with a shorter history are looped over.
+    """
+    if model.training:
+        raise ValueError("surprise needs the model in eval mode (dropout, BatchNorm): call model.eval().")
+    if emb.ndim != 3 or blocks.ndim != 3 or blocks.shape[:2] != (emb.shape[0], emb.shape[1] - 1):
+        raise ValueError(
+            f"expected emb (B, L, D) and blocks (B, L-1, frameskip*A), got {tuple(emb.shape)} and "
+            f"{tuple(blocks.shape)}: block t holds the actions executed after frame t."
+        )
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    B, L, D = emb.shape
+    H, k = model.config.history, horizon
+    out = emb.new_full((B, L), float("nan"))
+    for t in range(min(H - 1, L - k)):  # short history: frames 0 .. t
+        pred = model.rollout(emb[:, : t + 1], blocks[:, t : t + k, None].transpose(1, 2), blocks[:, :t])
+        out[:, t + k] = (pred[:, 0, -1] - emb[:, t + k]).pow(2).sum(-1)
+    n = L - H - k + 1  # windows with a full history: last context frame t = H-1 .. L-1-k
+    if n > 0:
+        ctx = emb.unfold(1, H, 1)[:, :n].permute(0, 1, 3, 2).reshape(B * n, H, D)  # (B*n, H, D)
+        acts = blocks.unfold(1, H + k - 1, 1)[:, :n]  # (B, n, frameskip*A, H+k-1)
+        acts = acts.permute(0, 1, 3, 2).reshape(B * n, H + k - 1, -1)  # (B*n, H+k-1, frameskip*A)
+        pred = model.rollout(ctx, acts[:, H - 1 :, None].transpose(1, 2), acts[:, : H - 1])  # (B*n, 1, k, D)
+        target = emb[:, H + k - 1 :]  # (B, n, D): frames t + k
+        out[:, H + k - 1 :] = (pred[:, 0, -1].view(B, n, D) - target).pow(2).sum(-1)
+    return out
+
+
+@torch.no_grad()
+def trajectory_surprise(model, pixels: torch.Tensor, actions: torch.Tensor, horizon: int = 1,
+                        chunk: int = 64) -> torch.Tensor:
+    """pixels (B, L, C, Hp, Wp), raw action blocks (B, L-1, frameskip*A) -> surprise (B, L).
+
+    Frames are encoded `chunk` trajectories at a time, on the device of `actions`.
+    """
+    emb = torch.cat([model.encode(pixels[i : i + chunk].to(actions.device)) for i in range(0, len(pixels), chunk)])
+    return embedding_surprise(model, emb, model.normalize_actions(actions), horizon)  # (B, L)
+
+
+# ---- calibration and detection --------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """Nominal surprise statistics: z = (surprise - mean) / std, a step is flagged when z > threshold.
+
+    Args:
+        mean: (L,) per-step mean of nominal surprise, or (1,) pooled over steps.
+        std: (L,) or (1,) standard deviation, floored at `min_std` given to `calibrate`.
+        threshold: z above which a step is flagged.
+        false_alarm_rate: the target fraction of nominal steps flagged that set `threshold`.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    threshold: float
+    false_alarm_rate: float
+
+    def zscore(self, surprise: torch.Tensor) -> torch.Tensor:
+        """surprise (B, L) -> z-scores (B, L)."""
+        if self.mean.numel() > 1 and surprise.shape[-1] != self.mean.numel():
+            raise ValueError(
+                f"calibrated per step on {self.mean.numel()} frames, got surprise of {surprise.shape[-1]}; "
+                "score trajectories as long as the calibration runs, or calibrate with per_step=False."
+            )
+        return (surprise.double() - self.mean.to(surprise.device)) / self.std.to(surprise.device)
+
+    def detect(self, surprise: torch.Tensor) -> torch.Tensor:
+        """surprise (B, L) -> flags (B, L) bool; NaN steps (no prediction) are never flagged."""
+        return self.zscore(surprise) > self.threshold
+
+
+def calibrate(nominal: torch.Tensor, false_alarm_rate: float = 0.01, per_step: bool = True,
+              min_std: float = 1e-12) -> Calibration:
+    """Fit a `Calibration` to nominal surprise (N, L) (NaN columns allowed).
+
+    The threshold is the (1 - false_alarm_rate) quantile of the nominal z-scores pooled over
+    runs and steps (the next value up, so at most that fraction of these steps is flagged).
+    """
+    if not 0.0 <= false_alarm_rate < 1.0:
+        raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate}")
+    x = nominal.double()
+    if x.ndim != 2 or not torch.isfinite(x).any():
+        raise ValueError(f"nominal surprise must be (N, L) with finite values, got shape {tuple(x.shape)}")
+    if not per_step:
+        x = x[torch.isfinite(x)].view(-1, 1)  # (N*L, 1)
+    finite = torch.isfinite(x)
+    count = finite.sum(0)  # (L,)
+    mean = torch.where(finite, x, 0.0).sum(0) / count  # (L,), NaN where no finite value
+    var = torch.where(finite, (x - mean) ** 2, 0.0).sum(0) / (count - 1).clamp_min(1)
+    cal = Calibration(mean, var.sqrt().clamp_min(min_std), 0.0, float(false_alarm_rate))
+    z = cal.zscore(nominal if per_step else nominal.reshape(-1, 1))
+    z = z[torch.isfinite(z)]
+    cal.threshold = float(torch.quantile(z, 1.0 - false_alarm_rate, interpolation="higher"))
+    return cal
+
+
+def first_detection(flags: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
+    """flags (B, L) -> (B,) long: steps from `start` to the first flag in [start, start + window), -1 if none."""
+    span = flags[:, start : None if window is None else start + window]  # (B, W)
+    hit = span.any(1)
+    return torch.where(hit, span.int().argmax(1), torch.full_like(hit, -1, dtype=torch.long))
+
+
+def detection_rate(flags: torch.Tensor, start: int, window: int | None = None) -> float:
+    """Fraction of runs with a flag in [start, start + window)."""
+    return float((first_detection(flags, start, window) >= 0).double().mean())
+
+
+def mean_latency(flags: torch.Tensor, start: int, window: int | None = None) -> float:
+    """Mean steps from `start` to the first flag over the detected runs (NaN when none is)."""
+    lat = first_detection(flags, start, window)
+    return float(lat[lat >= 0].double().mean()) if (lat >= 0).any() else float("nan")
+
+
+def false_alarm_rate(flags: torch.Tensor) -> float:
+    """Fraction of flagged steps (pass nominal runs, only the steps that have a prediction)."""
+    return float(flags.double().mean())
+
+
+# ---- statistics ---------------------------------------------------------------------------------------
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative), ties counted as half (Mann-Whitney U / n_p n_n)."""
+    pos, neg = positive.double().flatten(), negative.double().flatten()
+    if len(pos) == 0 or len(neg) == 0 or not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
+        raise ValueError("auroc needs non-empty, finite positive and negative scores")
+    scores = torch.cat([pos, neg])
+    order = scores.argsort()
+    _, group, counts = torch.unique_consecutive(scores[order], return_inverse=True, return_counts=True)
+    mid_rank = counts.cumsum(0) - (counts - 1) / 2.0  # 1-based average rank of each group of ties
+    ranks = torch.empty_like(scores)
+    ranks[order] = mid_rank[group].double()
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b) for a, b > 0 and x in [0, 1].
+
+    Evaluates the continued fraction of I_x(a, b) (modified Lentz) where it converges fast,
+    x < (a + 1) / (a + b + 2), and uses I_x(a, b) = 1 - I_{1-x}(b, a) elsewhere.
+    """
+    if a <= 0 or b <= 0 or not 0.0 <= x <= 1.0:
+        raise ValueError(f"betainc needs a, b > 0 and 0 <= x <= 1, got a={a}, b={b}, x={x}")
+    if x == 0.0 or x == 1.0:
+        return x
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - betainc(b, a, 1.0 - x)
+    log_front = a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0  # f -> 1 + d_1 / (1 + d_2 / (1 + ...)), one term per iteration
+    for i in range(1, 400):
+        m = i // 2
+        if i % 2:  # odd terms d_{2m+1}
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:  # even terms d_{2m}
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) / (a * f)  # I_x(a, b) = x^a (1-x)^b / (a B(a, b)) / f
+
+
+def student_t_sf2(t: float, df: float) -> float:
+    """Two-sided tail P(|T| >= |t|) of Student's t with `df` degrees of freedom."""
+    if math.isinf(t):
+        return 0.0
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def paired_t_test(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Paired t-test of mean(x - y) = 0: (t statistic, two-sided p-value), df = n - 1.
+
+    All differences equal to zero give (0, 1); equal non-zero differences give (+-inf, 0).
+    """
+    if x.shape != y.shape or x.numel() < 2:
+        raise ValueError(f"paired_t_test needs two samples of equal shape and size >= 2, "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    d = (x.double() - y.double()).flatten()
+    if not torch.isfinite(d).all():
+        raise ValueError("paired_t_test needs finite samples")
+    n, mean, sd = d.numel(), float(d.mean()), float(d.std(correction=1))
+    if sd == 0.0:
+        return (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+    t = mean / (sd / math.sqrt(n))
+    return t, student_t_sf2(t, n - 1)

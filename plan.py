@@ -1,0 +1,260 @@
+"""Goal-conditioned planning with a trained LeWM under a named evaluation protocol.
+
+Example:
+    python plan.py --model runs/tworoom_tiny/version_0/model --protocol paper-v3 --planner cem
+
+Draws the protocol's start/goal pairs from the validation episodes of the model's training
+data (or from --data), runs every episode in parallel in one batched env with latent MPC, and
+runs the baselines (random, straight line, scripted expert) on the very same pairs. Prints a
+table (success with a 95% Wilson interval, the rate without already-successful starts, ms per
+plan, env steps/s) and writes a results JSON with the protocol, planner settings, model hash,
+seed and package version. `--video` also writes one GIF per episode (start | goal | trajectory)
+named after its outcome. `--policy straight` (or random, expert) evaluates a baseline alone.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import envs
+from leworld.checkpoint import load_model
+from leworld.data.store import DatasetError, EpisodeStore
+from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
+from leworld.evaluation.protocols import PROTOCOLS
+from leworld.planning import PLANNERS, MPCPolicy, make_planner
+
+DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # LEWM.md section 5: the paper used 10 outside Push-T
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", type=Path, help="exported model directory (runs/<run>/version_N/model)")
+    p.add_argument("--env", choices=envs.ENV_NAMES, help="environment (default: the model's training env)")
+    p.add_argument("--data", type=Path, help="dataset the pairs come from (default: the model's training data)")
+    p.add_argument("--protocol", default="paper-v3", choices=sorted(PROTOCOLS), help="evaluation preset")
+    p.add_argument("--num-episodes", type=int, help="override the protocol's episode count (renames the protocol)")
+    p.add_argument("--policy", default="model", choices=("model", *BASELINES), help="what acts in the env")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run random/straight/expert on the same pairs (default: on)")
+    p.add_argument("--planner", default="cem", choices=sorted(PLANNERS))
+    p.add_argument("--num-samples", type=int, help="samples per iteration (default: the planner's, 300 for CEM)")
+    p.add_argument("--topk", type=int, help="elites (CEM, iCEM; default 30)")
+    p.add_argument("--iterations", type=int, help="planner iterations (default: 10 for tworoom, 30 for pusht)")
+    p.add_argument("--init-std", type=float, default=1.0, help="initial sampling std in z-scored action space")
+    p.add_argument("--horizon", type=int, default=5, help="action blocks per plan")
+    p.add_argument("--receding-horizon", type=int, help="blocks executed before replanning (default: horizon)")
+    p.add_argument("--cost", default="terminal", choices=("terminal", "sum"))
+    p.add_argument("--warm-start", action="store_true", help="start each plan from the rest of the previous one")
+    p.add_argument("--compile", action="store_true", help="torch.compile the rollout")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pairs and the planner")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--out", type=Path, help="results JSON (default runs/plan/<env>-<protocol>-<policy>-seed<seed>.json)")
+    p.add_argument("--video", action="store_true", help="write one GIF per episode next to the JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def model_info(path: Path) -> dict:
+    """The exported model's config.json `extra` and the sha256 of its weights."""
+    directory = path if path.is_dir() else path.parent
+    config, weights = directory / "config.json", directory / "model.safetensors"
+    info = json.loads(config.read_text()).get("extra", {}) if config.is_file() else {}
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"extra": info, "sha256": digest}
+
+
+def resolve(args, extra: dict) -> tuple[str, Path, dict]:
+    """Env name, dataset path and split settings, checked against the model's training data."""
+    trained = (extra.get("dataset") or {}).get("env")
+    env_name = args.env or trained
+    if env_name is None:
+        raise SystemExit("error: pass --env: the model does not record its training env")
+    if trained and args.env and args.env != trained:
+        raise SystemExit(f"error: env/model mismatch: the model was trained on {trained!r} data, --env is {args.env!r}")
+    data = extra.get("data") or {}
+    path = args.data or (Path(data["path"]) if "path" in data else None)
+    if path is None:
+        raise SystemExit("error: pass --data: the model does not record its training dataset")
+    split = {"val_fraction": float(data.get("val_fraction", 0.1)), "split_seed": int(data.get("split_seed", 0))}
+    return env_name, path, split
+
+
+def check_dataset(store: EpisodeStore, env_name: str, model) -> None:
+    data_env = store.metadata.get("env")
+    if data_env != env_name:
+        raise SystemExit(f"error: env/dataset mismatch: {store.path} holds {data_env!r} episodes, not {env_name!r}")
+    if model is None:
+        return
+    c = model.config
+    if store.resolution != c.image_size or store.action_dim != c.action_dim:
+        raise SystemExit(f"error: env/model mismatch: {store.path} has {store.resolution} px frames and "
+                         f"{store.action_dim}-d actions; the model expects {c.image_size} px and {c.action_dim}-d "
+                         "actions. Evaluate on data collected at the model's resolution.")
+
+
+def make_env(store: EpisodeStore, env_name: str, n: int):
+    params = {k: v for k, v in store.metadata.get("env_params", {}).items() if k not in ("num_envs", "resolution", "seed")}
+    return envs.make_batch(env_name, n, resolution=store.resolution, seed=0, **params)
+
+
+def planner_kwargs(args, env_name: str) -> dict:
+    kw = {"seed": args.seed, "iterations": args.iterations or DEFAULT_ITERATIONS[env_name], "init_std": args.init_std}
+    if args.num_samples is not None:
+        kw["num_samples"] = args.num_samples
+    if args.topk is not None:
+        if args.planner not in ("cem", "icem"):
+            raise SystemExit(f"error: --topk applies to cem and icem, not {args.planner}")
+        kw["topk"] = args.topk
+    return kw
+
+
+def atomic_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def package_version() -> str:
+    try:
+        return version("leworld")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run_policy(name: str, policy, env, pairs, budget: int, record: bool, progress: bool) -> dict:
+    result = run_episodes(env, policy, pairs, budget, record=record, progress=progress, desc=name)
+    row = {"policy": name, **summarize(result.success, result.already),
+           "seconds": result.seconds, "env_steps_per_s": result.env_steps / max(result.seconds, 1e-9),
+           "per_episode": [{"success": bool(s), "already": bool(a), "first_success_step": int(f)}
+                           for s, a, f in zip(result.success, result.already, result.first_success)]}
+    if isinstance(policy, MPCPolicy):
+        ms = np.asarray(policy.plan_seconds) * 1000.0
+        per_plan = ms / len(pairs.episode)  # one call plans every env of the batch
+        row["planning"] = {"calls": len(ms), "plans": policy.plans, "call_ms_mean": float(ms.mean()),
+                           "ms_per_plan_mean": float(per_plan.mean()), "ms_per_plan_median": float(np.median(per_plan)),
+                           "batch": len(pairs.episode)}
+    return row, result
+
+
+def print_table(protocol, rows: list[dict], seed: int, out: Path) -> None:
+    print(f"\nprotocol {protocol.name} v{protocol.version}: {protocol.description}")
+    print(f"  {protocol.num_episodes} episodes, goal +{protocol.goal_offset} steps, budget {protocol.budget}, "
+          f"split {protocol.split}, seed {seed}")
+    head = f"{'policy':<16}{'success':>9}  {'95% CI':<15}{'w/o solved starts':>19}  {'ms/plan':>9}{'median':>8}{'steps/s':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        lo, hi = r["ci95"]
+        ex = r["excluding_already"]
+        plan = r.get("planning")
+        ms = f"{plan['ms_per_plan_mean']:9.1f}{plan['ms_per_plan_median']:8.1f}" if plan else f"{'-':>9}{'-':>8}"
+        print(f"{r['policy']:<16}{100 * r['rate']:8.1f}%  [{100 * lo:4.1f}, {100 * hi:5.1f}]  "
+              f"{100 * ex['rate']:9.1f}% (n={ex['episodes']:>3}) {ms}{r['env_steps_per_s']:9.0f}")
+    print(f"already successful at the start: {rows[0]['already_successful']} of {rows[0]['episodes']}")
+    print(f"results: {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    if args.policy == "model" and args.model is None:
+        raise SystemExit("error: --model is required with --policy model (or pick a baseline with --policy)")
+    model, info = None, {"extra": {}, "sha256": None}
+    device = pick_device(args.device)
+    if args.model is not None:
+        if not args.model.exists():
+            raise SystemExit(f"error: no model at {args.model}: train one with `python train.py fit --config "
+                             "configs/tworoom_tiny.yaml`, then pass its runs/<name>/version_N/model directory")
+        model = load_model(args.model, map_location=device)
+        info = model_info(args.model)
+    env_name, data_path, split = resolve(args, info["extra"])
+    try:
+        store = EpisodeStore(data_path)
+    except FileNotFoundError:
+        raise SystemExit(f"error: dataset {data_path} does not exist: generate it (the training command does) or pass --data")
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    check_dataset(store, env_name, model if args.policy == "model" else None)
+
+    protocol = get_protocol(args.protocol)
+    if args.num_episodes is not None:
+        protocol = protocol.replace(num_episodes=args.num_episodes)
+    pairs = sample_pairs(store, protocol, seed=args.seed, **split)
+    torch.manual_seed(args.seed)
+
+    policies = [args.policy] + ([b for b in BASELINES if b != args.policy] if args.baselines else [])
+    rows, settings, videos = [], None, None
+    out = args.out or Path("runs/plan") / f"{env_name}-{protocol.name}-{args.policy}-seed{args.seed}.json"
+    for name in policies:
+        if name == "model":
+            planner = make_planner(args.planner, **planner_kwargs(args, env_name))
+            policy = MPCPolicy(model, planner, args.horizon, args.receding_horizon, args.cost,
+                               warm_start=args.warm_start, compile=args.compile, device=device, seed=args.seed)
+            settings, label = policy.settings(), f"model ({args.planner})"
+        else:
+            policy, label = make_baseline(name, env_name, seed=args.seed), name
+        record = args.video and name == args.policy
+        row, result = run_policy(label, policy, make_env(store, env_name, protocol.num_episodes), pairs,
+                                 protocol.budget, record, not args.no_progress)
+        rows.append(row)
+        if record:
+            from leworld.viz import write_episode_gif
+
+            videos = out.with_suffix("").with_name(out.stem + "_videos")
+            for i in range(protocol.num_episodes):
+                tag = "success" if result.success[i] else "failure"
+                write_episode_gif(videos / f"ep{i:03d}_{tag}.gif", result.frames[i], result.goal_frames[i])
+
+    results = {
+        "protocol": protocol.to_dict(),
+        "env": env_name,
+        "env_params": store.metadata.get("env_params"),
+        "data": {"path": str(data_path), **split, "dataset": {k: store.metadata.get(k) for k in
+                                                              ("env", "policy", "noise", "seed", "episodes", "steps")}},
+        "model": {"path": str(args.model) if args.model else None, "sha256": info["sha256"],
+                  "config": model.config.to_dict() if model is not None else None},
+        "policy": args.policy,
+        "planner": settings,
+        "seed": args.seed,
+        "pairs": pairs.to_records(),
+        "results": rows,
+        "videos": str(videos) if videos else None,
+        "leworld_version": package_version(),
+        "torch_version": torch.__version__,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    atomic_json(out, results)
+    print_table(protocol, rows, args.seed, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Tests of leworld.surprise and surprise.py: exact-model detection, windowing, statistics, CLI.
+
+Run: pytest tests/test_surprise.py -q
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from leworld.checkpoint import export_model
+from leworld.model import LeWMConfig, LeWorldModel
+from leworld.surprise import (
+    auroc, betainc, calibrate, detection_rate, embedding_surprise, false_alarm_rate, first_detection,
+    mean_latency, paired_t_test, student_t_sf2, trajectory_surprise,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(encoder="cnn", image_size=32, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=32, proj_hidden=64,
+            pred_depth=1, pred_heads=2, pred_head_dim=16, pred_mlp=64, action_hidden=32)
+TWOROOM_DATA = {"env": "tworoom", "env_params": {"speed": 5.0, "num_envs": 1, "resolution": 32, "seed": 0},
+                "policy": "expert", "noise": 2.0, "resolution": 32}
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("surprise_cli", ROOT / "surprise.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- a model that predicts exactly: embedding = true position, Two-Room dynamics in free space -------
+class ExactModel(nn.Module):
+    """The embedding is the agent position; each env step moves it by speed * action (no walls).
+
+    Actions are normalised as a / 2 and de-normalised inside `rollout`, so a block that is
+    normalised twice, or not at all, or shifted by one frame, gives a non-zero nominal surprise.
+    """
+
+    def __init__(self, history: int = 1, frameskip: int = 5, speed: float = 5.0) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(history=history, frameskip=frameskip, action_dim=2)
+        self.speed = speed
+
+    def encode(self, pixels):  # "pixels" (B, T, 2) are the positions themselves
+        return pixels.double()
+
+    def normalize_actions(self, a):
+        return a / 2.0
+
+    def rollout(self, context_emb, action_blocks, context_actions=None):
+        B, S, T, _ = action_blocks.shape
+        moves = 2.0 * action_blocks.view(B, S, T, self.config.frameskip, 2).sum(3) * self.speed  # (B, S, T, 2)
+        return context_emb[:, -1, None, None] + moves.cumsum(2)  # (B, S, T, D=2)
+
+
+def exact_trajectories(n: int, L: int, seed: int, teleport_at: int | None = None, frameskip: int = 5):
+    """Integer positions and actions in {-1, 0, 1}: float64 arithmetic is exact, nominal surprise is 0."""
+    g = torch.Generator().manual_seed(seed)
+    actions = torch.randint(-1, 2, (n, L - 1, frameskip * 2), generator=g).double()  # (N, L-1, frameskip*A)
+    moves = 5.0 * actions.view(n, L - 1, frameskip, 2).sum(2)  # (N, L-1, 2)
+    start = torch.randint(20, 200, (n, 1, 2), generator=g).double()
+    states = torch.cat([start, start + moves.cumsum(1)], 1)  # (N, L, 2)
+    if teleport_at is not None:
+        states[:, teleport_at:] += torch.tensor([60.0, -40.0])  # the agent jumps, then moves on from there
+    return states, actions
+
+
+@pytest.mark.parametrize("history", [1, 3])
+def test_exact_model_flags_exactly_the_teleport_step(history):
+    model, p = ExactModel(history).eval(), 6
+    cal = calibrate(trajectory_surprise(model, *exact_trajectories(50, 12, seed=1)))
+    nominal = trajectory_surprise(model, *exact_trajectories(20, 12, seed=2))
+    teleported = trajectory_surprise(model, *exact_trajectories(20, 12, seed=2, teleport_at=p))
+    assert torch.isnan(nominal[:, 0]).all() and (nominal[:, 1:] == 0).all()
+    assert not cal.detect(nominal).any()
+    flags = cal.detect(teleported)
+    assert flags[:, p].all() and flags.sum() == 20
+    assert torch.allclose(teleported[:, p], torch.tensor(60.0**2 + 40.0**2, dtype=torch.float64))
+    assert detection_rate(flags, p, window=3) == 1.0 and mean_latency(flags, p, window=3) == 0.0
+
+
+def test_exact_model_k_step_flags_the_k_frames_predicted_across_the_jump():
+    model, p, k = ExactModel(history=2).eval(), 6, 3
+    cal = calibrate(trajectory_surprise(model, *exact_trajectories(30, 12, seed=1), horizon=k))
+    s = trajectory_surprise(model, *exact_trajectories(10, 12, seed=2, teleport_at=p), horizon=k)
+    assert torch.isnan(s[:, :k]).all()
+    flags = cal.detect(s)
+    assert flags[:, p : p + k].all() and flags.sum() == 10 * k  # predictions made before p land on p .. p+k-1
+
+
+# ---- windowing with history H > 1 against a direct per-step loop over `predict` -------------------------
+def direct_surprise(model, emb, blocks, k):
+    """Frame t + k from frames max(0, t-H+1) .. t, autoregressively with `predict`, one t at a time."""
+    B, L, D = emb.shape
+    H, out = model.config.history, torch.full((B, L), float("nan"))
+    for t in range(L - k):
+        frames = list(emb[:, max(0, t - H + 1) : t + 1].unbind(1))
+        first = max(0, t - H + 1)  # index of frames[0]
+        for j in range(k):
+            lo = max(0, len(frames) - H)
+            window = torch.stack(frames[lo:], 1)  # (B, <=H, D)
+            acts = blocks[:, first + lo : first + len(frames)]  # the block after each window frame
+            frames.append(model.predict(window, model.encode_actions(acts))[:, -1])
+        out[:, t + k] = (frames[-1] - emb[:, t + k]).pow(2).sum(-1)
+    return out
+
+
+@pytest.mark.parametrize("history,k,L", [(3, 1, 9), (3, 2, 9), (2, 3, 8), (4, 1, 3), (1, 2, 6)])
+def test_history_windows_match_a_direct_loop(history, k, L):
+    torch.manual_seed(0)
+    model = LeWorldModel(LeWMConfig(**TINY, history=history))
+    for block in model.predictor.blocks:  # AdaLN-zero starts as identity: give actions and positions a say
+        nn.init.normal_(block.adaLN[-1].weight, std=0.3)
+        nn.init.normal_(block.adaLN[-1].bias, std=0.3)
+    nn.init.normal_(model.predictor.pos_embed, std=1.0)
+    nn.init.normal_(model.action_encoder[-1].weight, std=1.0)
+    model.eval()
+    emb, blocks = torch.randn(3, L, 32), torch.randn(3, L - 1, 10)
+    with torch.no_grad():
+        expected = direct_surprise(model, emb, blocks, k)
+    got = embedding_surprise(model, emb, blocks, horizon=k)
+    assert torch.isnan(got[:, :k]).all()
+    torch.testing.assert_close(got[:, k:], expected[:, k:], rtol=1e-4, atol=1e-5)
+    shifted = embedding_surprise(model, emb, blocks.roll(1, dims=1), horizon=k)
+    assert (shifted[:, k:] - expected[:, k:]).abs().max() > 0.1  # the blocks matter: misalignment shows
+
+
+def test_surprise_refuses_a_model_in_training_mode():
+    with pytest.raises(ValueError, match="eval"):
+        trajectory_surprise(ExactModel(), *exact_trajectories(2, 4, seed=0))
+
+
+# ---- calibration and detection -------------------------------------------------------------------------
+@pytest.mark.parametrize("rate", [0.01, 0.05])
+def test_calibrated_threshold_gives_the_target_false_alarm_rate_on_fresh_samples(rate):
+    g = torch.Generator().manual_seed(0)
+    scale = torch.linspace(1.0, 5.0, 20, dtype=torch.float64)  # per-step scale: exponential(scale) per step
+    draw = lambda n: -torch.log(torch.rand(n, 20, generator=g, dtype=torch.float64)) * scale  # (N, L)
+    cal = calibrate(draw(5000), false_alarm_rate=rate)
+    torch.testing.assert_close(cal.mean, scale, rtol=0.06, atol=0)  # exponential: mean = scale
+    torch.testing.assert_close(cal.std, scale, rtol=0.08, atol=0)  # and std = scale
+    assert abs(false_alarm_rate(cal.detect(draw(20000))) - rate) < 0.25 * rate
+    assert cal.threshold == pytest.approx(-math.log(rate) - 1.0, rel=0.05)  # z of the exponential quantile
+
+
+def test_threshold_flags_at_most_the_target_rate_of_the_calibration_runs():
+    x = torch.randperm(100).double().view(50, 2)  # distinct values
+    for rate in (0.0, 0.015, 0.05, 0.33):
+        assert false_alarm_rate(calibrate(x, rate, per_step=False).detect(x)) <= rate
+
+
+def test_pooled_calibration_and_length_check():
+    x = torch.randn(100, 8, dtype=torch.float64) * 2 + 3
+    cal = calibrate(x, per_step=False)
+    assert cal.mean.shape == (1,) and cal.mean.item() == pytest.approx(x.mean().item())
+    assert cal.detect(torch.randn(4, 30)).shape == (4, 30)  # pooled: any length
+    with pytest.raises(ValueError, match="per_step=False"):
+        calibrate(x).detect(torch.randn(4, 30))
+
+
+def test_first_detection_rate_latency_and_false_alarms():
+    flags = torch.zeros(4, 10, dtype=torch.bool)
+    flags[0, 5] = flags[1, 6] = flags[1, 7] = flags[2, 9] = flags[3, 2] = True
+    assert first_detection(flags, 5, window=3).tolist() == [0, 1, -1, -1]
+    assert first_detection(flags, 5).tolist() == [0, 1, 4, -1]
+    assert detection_rate(flags, 5, 3) == 0.5 and mean_latency(flags, 5, 3) == 0.5
+    assert math.isnan(mean_latency(flags, 0, 1))
+    assert false_alarm_rate(flags) == 5 / 40
+
+
+# ---- statistics against independent computations -------------------------------------------------------
+def test_auroc_equals_brute_force_pair_counting_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        pos, neg = torch.randint(0, 6, (37,), generator=g).float(), torch.randint(0, 5, (23,), generator=g).float()
+        wins = sum(float(a > b) + 0.5 * float(a == b) for a in pos.tolist() for b in neg.tolist())
+        assert auroc(pos, neg) == pytest.approx(wins / (37 * 23), abs=1e-12)
+    assert auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert auroc(torch.tensor([1.0]), torch.tensor([2.0, 3.0])) == 0.0
+    assert auroc(torch.ones(3), torch.ones(5)) == 0.5
+
+
+def test_betainc_closed_forms():
+    for x in (0.01, 0.3, 0.5, 0.77, 0.999):
+        assert betainc(2.5, 1.0, x) == pytest.approx(x**2.5, rel=1e-12)
+        assert betainc(1.0, 3.5, x) == pytest.approx(1 - (1 - x) ** 3.5, rel=1e-12)
+        assert betainc(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), rel=1e-12)
+        assert betainc(3.0, 7.0, x) == pytest.approx(1 - betainc(7.0, 3.0, 1 - x), abs=1e-14)
+    assert betainc(2, 3, 0.4) == pytest.approx(0.5248, abs=1e-14)  # binomial sum: P(Bin(4, 0.4) >= 2)
+
+
+@pytest.mark.parametrize("t,df,p", [  # two-sided critical values of Student's t (printed tables)
+    (12.706205, 1, 0.05), (4.302653, 2, 0.05), (2.570582, 5, 0.05), (2.228139, 10, 0.05),
+    (3.169273, 10, 0.01), (2.085963, 20, 0.05), (2.749996, 30, 0.01), (1.959966, 10**7, 0.05),
+])
+def test_student_t_tail_matches_tables(t, df, p):
+    assert student_t_sf2(t, df) == pytest.approx(p, rel=1e-5)
+    assert student_t_sf2(-t, df) == pytest.approx(p, rel=1e-5)
+
+
+def test_student_t_tail_closed_forms():
+    for t in (0.0, 0.3, 1.0, 4.0, 50.0):
+        assert student_t_sf2(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), rel=1e-10, abs=1e-15)  # Cauchy
+        assert student_t_sf2(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10, abs=1e-15)
+
+
+def test_paired_t_statistic_matches_the_direct_formula():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(1.0, 1.0, 15), rng.normal(0.4, 1.0, 15)
+    d = x - y
+    t_direct = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    t, p = paired_t_test(torch.from_numpy(x), torch.from_numpy(y))
+    assert t == pytest.approx(t_direct, rel=1e-12)
+    assert p == pytest.approx(student_t_sf2(t_direct, 14), rel=1e-12)
+    assert paired_t_test(torch.ones(4), torch.ones(4)) == (0.0, 1.0)
+    assert paired_t_test(torch.ones(4) * 2, torch.ones(4)) == (math.inf, 0.0)
+    with pytest.raises(ValueError):
+        paired_t_test(torch.ones(4), torch.ones(3))
+
+
+# ---- the demo script --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env", ["tworoom", "pusht"])
+def test_conditions_share_the_trajectory_until_the_perturbation(env):
+    cli, p = load_cli(), 3
+    setup = {"env": env, "env_params": {}, "policy": cli.DEFAULT_POLICY[env][0], "noise": cli.DEFAULT_POLICY[env][1]}
+    run = dict(n=6, num_frames=5, frameskip=2, resolution=32, seed=7, perturb_step=p)
+    px = {c: cli.generate(setup, c, **run) for c in cli.CONDITIONS}
+    for c in cli.CONDITIONS[1:]:
+        assert np.array_equal(px[c][0][:, :p], px["nominal"][0][:, :p])
+        assert np.array_equal(px[c][1][:, :p], px["nominal"][1][:, :p])  # blocks 0 .. p-1 precede the jump
+        changed = (px[c][0][:, p] != px["nominal"][0][:, p]).any(axis=(1, 2, 3))
+        assert changed.all(), c
+    assert px["nominal"][1].shape == (6, 4, 4)  # (N, L-1, frameskip*A)
+
+
+def tiny_model(path: Path, dataset: dict | None, **overrides) -> Path:
+    torch.manual_seed(0)
+    model = LeWorldModel(LeWMConfig(**{**TINY, "history": 2, **overrides}))
+    return export_model(model, path, extra={"dataset": dataset} if dataset else {})
+
+
+def test_cli_smoke_writes_figure_and_complete_json(tmp_path):
+    model_dir = tiny_model(tmp_path / "model", TWOROOM_DATA)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "surprise.py"), "--model", str(model_dir), "--num-trajectories", "4",
+           "--num-frames", "6", "--perturb-step", "3", "--seed", "1", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "teleport" in proc.stdout and "AUROC" in proc.stdout
+    assert (out / "surprise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads((out / "surprise.json").read_text())
+    for key in ("protocol", "leworld_version", "model", "model_sha256", "seed", "settings", "env", "env_params",
+                "policy", "noise", "frameskip", "history", "calibration", "statistics", "median_surprise",
+                "wall_seconds"):
+        assert key in result, key
+    assert result["env"] == "tworoom" and result["policy"] == "expert" and len(result["model_sha256"]) == 64
+    assert result["settings"]["num_trajectories"] == 4 and result["settings"]["perturb_step"] == 3
+    for c in ("colour", "teleport"):
+        assert set(result["statistics"][c]) >= {"t_statistic", "p_value", "auroc", "detection_rate", "mean_latency"}
+        assert 0.0 <= result["statistics"][c]["p_value"] <= 1.0
+    assert set(result["statistics"]["nominal"]) >= {"false_alarm_rate_per_step", "false_alarm_rate_in_window"}
+    assert len(result["median_surprise"]["nominal"]) == 6
+
+
+def test_cli_pusht_in_process_with_horizon(tmp_path):
+    data = {"env": "pusht", "env_params": {"damping": 0.0}, "policy": "random", "noise": None}
+    model_dir = tiny_model(tmp_path / "model", data)
+    result = load_cli().main(["--model", str(model_dir), "--num-trajectories", "3", "--num-frames", "5",
+                              "--perturb-step", "3", "--horizon", "2", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result["env"] == "pusht" and result["policy"] == "random"
+    assert result["median_surprise"]["nominal"][:2] == [None, None]  # no 2-step prediction for frames 0, 1
+
+
+@pytest.mark.parametrize("dataset,overrides,args,message", [
+    (TWOROOM_DATA, {}, ["--env", "pusht"], "trained on 'tworoom'"),
+    (TWOROOM_DATA, {"action_dim": 3}, [], "action_dim"),
+    ({**TWOROOM_DATA, "resolution": 64}, {}, [], "64 px"),
+    (None, {}, [], "pass --env"),
+])
+def test_cli_clear_errors_on_mismatch(tmp_path, capsys, dataset, overrides, args, message):
+    model_dir = tiny_model(tmp_path / "model", dataset, **overrides)
+    with pytest.raises(SystemExit, match=message):
+        load_cli().main(["--model", str(model_dir), "--num-trajectories", "2", "--num-frames", "4",
+                         "--perturb-step", "2", "--out", str(tmp_path / "out"), *args])
+
+
+def test_cli_bad_model_path(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "surprise.py"), "--model", str(tmp_path / "nope")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no model at" in proc.stderr
