@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import envs
-from leworld.checkpoint import load_model
+from leworld.checkpoint import find_model, load_model
 from leworld.data.store import DatasetError, EpisodeStore
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
 from leworld.evaluation.protocols import PROTOCOLS
@@ -39,7 +39,8 @@ DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # LEWM.md section 5: the pape
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", type=Path, help="exported model directory (runs/<run>/version_N/model)")
+    p.add_argument("--model", type=Path, help="exported model directory (runs/<run>/version_N/model), or a run "
+                   "directory (runs/<run>: its newest version)")
     p.add_argument("--env", choices=envs.ENV_NAMES, help="environment (default: the model's training env)")
     p.add_argument("--data", type=Path, help="dataset the pairs come from (default: the model's training data)")
     p.add_argument("--protocol", default="paper-v3", choices=sorted(PROTOCOLS), help="evaluation preset")
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     model, info = None, {"extra": {}, "sha256": None}
     device = pick_device(args.device)
     if args.model is not None:
+        args.model = find_model(args.model)
         if not args.model.exists():
             raise SystemExit(f"error: no model at {args.model}: train one with `python train.py fit --config "
                              "configs/tworoom_tiny.yaml`, then pass its runs/<name>/version_N/model directory")

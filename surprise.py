@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import envs
 from envs.policies import make_policy
-from leworld import load_model
+from leworld.checkpoint import find_model, load_model
 from leworld.surprise import (
     auroc, calibrate, detection_rate, false_alarm_rate, mean_latency, paired_t_test, trajectory_surprise,
 )
@@ -248,7 +248,7 @@ def _version() -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    model_dir = Path(args.model)
+    model_dir = find_model(args.model)  # a run directory (runs/<name>) means its newest model
     if model_dir.exists() and not model_dir.is_dir():
         raise SystemExit(f"error: --model must be the exported model directory, got the file {model_dir}")
     try:

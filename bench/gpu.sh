@@ -15,3 +15,8 @@ for config in configs/tworoom.yaml configs/tworoom_tiny.yaml; do
   "$py" bench/train_throughput.py --config "$config" --steps "$steps" --warmup 5 --json "$out/train.jsonl"
   "$py" bench/train_throughput.py --config "$config" --steps "$steps" --warmup 10 --compile --json "$out/train.jsonl"
 done
+# Planning latency at paper config (CEM 300 x 30, horizon 5, history 3): one env, and 50 batched.
+reps="${REPEATS:-10}"
+"$py" bench/plan_latency.py --config configs/pusht.yaml --batch 1 50 --repeats "$reps" --json "$out/plan.jsonl"
+"$py" bench/plan_latency.py --config configs/pusht.yaml --batch 1 50 --repeats "$reps" --amp --json "$out/plan.jsonl"
+"$py" bench/plan_latency.py --config configs/pusht.yaml --batch 1 50 --repeats "$reps" --amp --compile --json "$out/plan.jsonl"

@@ -176,3 +176,18 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             raise FileNotFoundError(f"{needed} is missing: {_HOW_TO_MAKE}.")
     config = _read_config(config_path)
     return _build(config, load_file(str(weights), device="cpu"), weights, map_location)
+
+
+def find_model(path: str | os.PathLike) -> Path:
+    """Resolve a model location: an exported directory, a weights or .ckpt file, or a run directory.
+
+    For a run directory (e.g. `runs/tworoom_tiny`, holding `version_N/model`) the newest version's
+    exported model is returned, so `plan.py --model runs/tworoom_tiny` follows the last training run.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / WEIGHTS_NAME).exists():
+        versions = [p for p in path.glob("version_*/model") if (p / WEIGHTS_NAME).is_file()]
+        versions.sort(key=lambda p: int(p.parent.name.split("_")[-1]) if p.parent.name.split("_")[-1].isdigit() else -1)
+        if versions:
+            return versions[-1]
+    return path

@@ -140,3 +140,18 @@ def test_lightning_ckpt_with_config_in_hparams(tmp_path, as_object):
     torch.save({"state_dict": ckpt["state_dict"], "hyper_parameters": {}}, tmp_path / "bare.ckpt")
     with pytest.raises(ValueError, match="no LeWMConfig"):
         load_model(tmp_path / "bare.ckpt")
+
+
+def test_find_model_follows_the_newest_version_of_a_run(tmp_path):
+    from leworld.checkpoint import find_model
+
+    cfg = LeWMConfig(encoder="cnn", image_size=32, cnn_channels=(8, 8, 8), enc_width=16, embed_dim=8,
+                     proj_hidden=16, history=1, pred_depth=1, pred_heads=2, pred_head_dim=4, pred_mlp=16,
+                     action_hidden=8, action_dim=2, frameskip=2)
+    for v in (0, 2, 10):
+        export_model(LeWorldModel(cfg), tmp_path / "run" / f"version_{v}" / "model")
+    (tmp_path / "run" / "version_11").mkdir()  # a run still training: no exported model yet
+    assert find_model(tmp_path / "run") == tmp_path / "run" / "version_10" / "model"  # numeric, not lexical
+    exported = tmp_path / "run" / "version_2" / "model"
+    assert find_model(exported) == exported
+    assert find_model(tmp_path / "missing") == tmp_path / "missing"

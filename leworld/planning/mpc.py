@@ -41,20 +41,21 @@ class MPCPolicy:
         action_low, action_high: the env's raw action bounds.
         warm_start: start each plan from the unexecuted rest of the previous plan (zeros otherwise).
         compile: plan with a torch.compile'd rollout.
+        amp: plan under bfloat16 autocast on CUDA (costs are still summed in float32).
         device: where planning runs (default: the model's device).
         seed: seed of the planner's random stream, restarted by `reset`.
     """
 
     def __init__(self, model, planner, horizon: int = 5, receding_horizon: int | None = None,
                  cost: str = "terminal", action_low: float = -1.0, action_high: float = 1.0,
-                 warm_start: bool = False, compile: bool = False, device=None, seed: int = 0):
+                 warm_start: bool = False, compile: bool = False, amp: bool = False, device=None, seed: int = 0):
         receding_horizon = horizon if receding_horizon is None else int(receding_horizon)
         if not 1 <= receding_horizon <= horizon:
             raise ValueError(f"need 1 <= receding_horizon <= horizon, got {receding_horizon} and {horizon}")
         self.model, self.planner = model.eval().requires_grad_(False), planner
         self.horizon, self.receding_horizon, self.cost = int(horizon), receding_horizon, cost
         self.action_low, self.action_high = action_low, action_high
-        self.warm_start, self.compile, self.seed = bool(warm_start), bool(compile), int(seed)
+        self.warm_start, self.compile, self.amp, self.seed = bool(warm_start), bool(compile), bool(amp), int(seed)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
         self._rollout = torch.compile(model.rollout, dynamic=False) if compile else model.rollout
@@ -63,7 +64,7 @@ class MPCPolicy:
 
     def settings(self) -> dict:
         return {"horizon": self.horizon, "receding_horizon": self.receding_horizon, "cost": self.cost,
-                "warm_start": self.warm_start, "compile": self.compile, "seed": self.seed,
+                "warm_start": self.warm_start, "compile": self.compile, "amp": self.amp, "seed": self.seed,
                 **self.planner.settings()}
 
     def _encode(self, pixels) -> torch.Tensor:
@@ -97,7 +98,8 @@ class MPCPolicy:
         if sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        blocks = self.planner.plan(problem, init, self.g)  # (N, T, fs*A)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda"):
+            blocks = self.planner.plan(problem, init, self.g)  # (N, T, fs*A)
         if sync:
             torch.cuda.synchronize(self.device)
         self.plan_seconds.append(time.perf_counter() - t0)

@@ -35,7 +35,8 @@ class PlanningProblem(Protocol):
 
 def latent_cost(pred: torch.Tensor, goal: torch.Tensor, kind: str = "terminal") -> torch.Tensor:
     """pred (B, S, T, D), goal (B, D) -> (B, S): squared L2 to the goal at the end or summed over T."""
-    sq = (pred - goal[:, None, None]).square().sum(-1)  # (B, S, T)
+    dtype = torch.promote_types(pred.dtype, torch.float32)  # at least float32, also under autocast
+    sq = (pred.to(dtype) - goal.to(dtype)[:, None, None]).square().sum(-1)  # (B, S, T)
     if kind == "terminal":
         return sq[..., -1]
     if kind == "sum":

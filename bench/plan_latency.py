@@ -1,0 +1,98 @@
+"""Planning latency: ms per CEM plan and plans/s, one env and many envs batched, for any config.
+
+Example:
+    python bench/plan_latency.py --config configs/tworoom_tiny.yaml --batch 1 50 --iterations 10
+    python bench/plan_latency.py --config configs/pusht.yaml --batch 1 50 --amp --compile   # on a GPU
+
+A plan is one call of the planner on a `LatentProblem`: the paper setting is CEM with 300
+samples, 30 elites, 30 iterations, horizon 5 blocks, from a context of `history` frames
+(history 3 at paper config). The model is randomly initialised at the config's architecture
+(latency does not depend on the weights); context and goal are random embeddings. Each batch
+size is timed over --repeats plans after --warmup, with the device synchronised around every
+plan, exactly as `MPCPolicy` times them. Prints one line per batch size; --json appends JSON lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import yaml
+
+from leworld.model import LeWMConfig, LeWorldModel
+from leworld.planning import LatentProblem, make_planner
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(config: str, batch: int, planner: str, num_samples: int, topk: int, iterations: int, horizon: int,
+        repeats: int, warmup: int, device: str, compile: bool, amp: bool) -> dict:
+    arch = yaml.safe_load(open(config))["model"]["model"]
+    dev = torch.device(device)
+    model = LeWorldModel(LeWMConfig(**arch)).to(dev).eval().requires_grad_(False)
+    c = model.config
+    g = torch.Generator(device="cpu").manual_seed(0)
+    context = torch.randn(batch, c.history, c.embed_dim, generator=g).to(dev)  # (B, H, D)
+    context_actions = torch.randn(batch, c.history - 1, c.action_block_dim, generator=g).to(dev)  # (B, H-1, fs*A)
+    goal = torch.randn(batch, c.embed_dim, generator=g).to(dev)  # (B, D)
+    rollout = torch.compile(model.rollout, dynamic=False) if compile else model.rollout
+    problem = LatentProblem(model, context, goal, horizon, context_actions, rollout=rollout)
+    kw = {"iterations": iterations, "num_samples": num_samples}
+    if planner in ("cem", "icem"):
+        kw["topk"] = topk
+    plan = make_planner(planner, **kw)
+    gen = torch.Generator(dev).manual_seed(0)
+    times = []
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda")
+    with torch.no_grad(), autocast:
+        for i in range(warmup + repeats):
+            sync(dev)
+            t0 = time.perf_counter()
+            plan.plan(problem, None, gen)
+            sync(dev)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1000
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return {"config": config, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "planner": planner,
+            "num_samples": num_samples, "topk": topk, "iterations": iterations, "horizon": horizon,
+            "history": c.history, "batch": batch, "compile": compile, "amp": amp, "call_ms_median": ms,
+            "call_ms_mean": statistics.mean(times) * 1000, "ms_per_plan": ms / batch, "plans_per_s": batch / (ms / 1000),
+            "peak_gib": peak, "repeats": repeats}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/tworoom.yaml", help="training config YAML (its model section)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 50], help="envs planned together")
+    p.add_argument("--planner", default="cem")
+    p.add_argument("--num-samples", type=int, default=300)
+    p.add_argument("--topk", type=int, default=30)
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--horizon", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the rollout")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--json", help="append results as JSON lines to this file")
+    args = p.parse_args()
+    for b in args.batch:
+        r = run(args.config, b, args.planner, args.num_samples, args.topk, args.iterations, args.horizon,
+                args.repeats, args.warmup, args.device, args.compile, args.amp)
+        print(f"{r['device']}: batch {b:>3}  {r['call_ms_median']:9.1f} ms per call  {r['ms_per_plan']:8.1f} ms/plan  "
+              f"{r['plans_per_s']:7.1f} plans/s  (history {r['history']}, {args.planner} {args.num_samples}x"
+              f"{args.iterations}, horizon {args.horizon}, compile {args.compile}, amp {args.amp})")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Evaluation: protocol sampling, the MPC loop with an exact analytic Two-Room model, baselines,
+success summaries, and plan.py end to end (results JSON, videos, clear errors)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import envs
+from envs.two_room import WALL, TwoRoomBatch
+from leworld.checkpoint import export_model
+from leworld.data.clips import split_episodes
+from leworld.data.collect import collect
+from leworld.data.store import EpisodeStore
+from leworld.evaluation import (EvalProtocol, get_protocol, make_baseline, run_episodes, sample_pairs, summarize,
+                                wilson_interval)
+from leworld.model import LeWMConfig, LeWorldModel
+from leworld.planning import CEM, MPCPolicy
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 64
+
+
+@pytest.fixture(scope="module")
+def tworoom_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tworoom.h5"
+    collect("tworoom", episodes=60, steps=100, resolution=RES, policy="expert", noise=2.0, seed=0, out=path,
+            workers=1, progress=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ protocols
+def test_pairs_are_deterministic_and_from_validation_episodes(tworoom_data):
+    store = EpisodeStore(tworoom_data)
+    protocol = get_protocol("paper-v3")
+    a = sample_pairs(store, protocol, seed=0, val_fraction=0.2, split_seed=1)
+    b = sample_pairs(store, protocol, seed=0, val_fraction=0.2, split_seed=1)
+    c = sample_pairs(store, protocol, seed=1, val_fraction=0.2, split_seed=1)
+    for field in ("episode", "start", "goal", "start_state", "goal_state"):
+        assert np.array_equal(getattr(a, field), getattr(b, field))
+    assert not np.array_equal(a.start, c.start)
+    train, val = split_episodes(store.num_episodes, 0.2, 1)
+    assert set(a.episode) <= set(val) and not set(a.episode) & set(train)
+    assert len(a.episode) == protocol.num_episodes == 50
+    assert np.array_equal(a.goal - a.start, np.full(50, protocol.goal_offset))
+    steps = store.episode_length[a.episode] - 1
+    assert (a.start >= 0).all() and (a.goal <= steps).all()
+    # the states are the dataset's rows for those steps
+    rows = store.episode_offset[a.episode] + a.goal
+    assert np.array_equal(a.goal_state, store.read("state", rows))
+    # 12 validation episodes for 50 pairs: repeats allowed, but every validation episode is used
+    assert set(a.episode) == set(val)
+
+
+def test_protocol_presets_and_overrides():
+    v3 = get_protocol("paper-v3")
+    assert (v3.num_episodes, v3.goal_offset, v3.budget, v3.split) == (50, 25, 50, "val")
+    v1 = get_protocol("paper-v1-tworoom")
+    assert (v1.goal_offset, v1.budget) == (100, 150)
+    small = v3.replace(num_episodes=4)
+    assert small.name == "paper-v3+num_episodes=4" and small.num_episodes == 4 and small.version == v3.version
+    with pytest.raises(ValueError, match="unknown protocol"):
+        get_protocol("paper-v2")
+
+
+def test_goal_offset_longer_than_every_episode_is_a_clear_error(tworoom_data):
+    with pytest.raises(ValueError, match="goal offset"):
+        sample_pairs(EpisodeStore(tworoom_data), EvalProtocol("long", 1, 5, 500, 600), seed=0)
+
+
+# ------------------------------------------------------------------------------------------ summaries
+def test_wilson_interval_against_closed_form():
+    for k, n in ((0, 50), (49, 50), (25, 50), (7, 9)):
+        lo, hi = wilson_interval(k, n)
+        p, z = k / n, 1.959963984540054
+        # the interval's ends are the roots of (p - q)^2 = z^2 q (1 - q) / n
+        for q in (lo, hi):
+            if 0 < q < 1:
+                assert math.isclose((p - q) ** 2, z * z * q * (1 - q) / n, rel_tol=1e-3, abs_tol=1e-9)
+        assert lo <= p <= hi
+
+
+def test_summary_counts_already_successful_starts_separately():
+    success = np.array([1, 1, 0, 1, 0], bool)
+    already = np.array([1, 0, 0, 0, 0], bool)
+    s = summarize(success, already)
+    assert (s["successes"], s["episodes"], s["already_successful"]) == (3, 5, 1)
+    assert s["rate"] == 0.6 and s["excluding_already"]["rate"] == 0.5 and s["excluding_already"]["episodes"] == 4
+
+
+# ------------------------------------------------------------------------------------------ exact model
+class AnalyticTwoRoom(torch.nn.Module):
+    """An exact Two-Room world model: embedding = agent position / 224, dynamics = the env's own.
+
+    `encode` finds the red dot's centroid in the frame; `rollout` steps the env's collision code
+    for every sampled action sequence. Planning with it tests the planner and the MPC loop alone.
+    """
+
+    def __init__(self, env: TwoRoomBatch, frameskip: int = 5):
+        super().__init__()
+        self.env = env
+        self.config = SimpleNamespace(action_dim=2, frameskip=frameskip, history=1)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, T, C, H, W) uint8 -> (B, T, 2)
+        x = pixels.double()
+        red = (x[:, :, 0] - x[:, :, 1]).clamp_min(0)  # (B, T, H, W): the dot is red, walls and floor grey
+        R = pixels.shape[-1]
+        u = (torch.arange(R, dtype=torch.float64) + 0.5) / R  # pixel centres in [0, 1]
+        mass = red.sum((-1, -2))
+        return torch.stack([(red.sum(-2) * u).sum(-1) / mass, (red.sum(-1) * u).sum(-1) / mass], -1).float()
+
+    def normalize_actions(self, a):
+        return a
+
+    def denormalize_actions(self, a):
+        return a
+
+    def rollout(self, context, blocks, context_actions=None):  # (B, 1, 2), (B, S, T, fs*2) -> (B, S, T, 2)
+        B, S, T, _ = blocks.shape
+        pos = (context[:, -1:, :].expand(B, S, 2).reshape(B * S, 2).double() * 224).numpy()
+        acts = blocks.reshape(B * S, T, self.config.frameskip, 2).clamp(-1, 1).double().numpy()
+        out = np.empty((B * S, T, 2))
+        for t in range(T):
+            for k in range(self.config.frameskip):
+                d = acts[:, t, k] * (self.env.speed / self.env._substeps)
+                for _ in range(self.env._substeps):
+                    pos = self.env._move(pos, d)
+            out[:, t] = pos
+        return torch.from_numpy(out / 224).float().view(B, S, T, 2)
+
+
+def test_analytic_encoder_finds_the_agent():
+    env = envs.make_batch("tworoom", 16, resolution=RES, seed=3)
+    obs = env.reset()
+    model = AnalyticTwoRoom(env)
+    emb = model.encode(torch.as_tensor(obs["pixels"]).permute(0, 3, 1, 2)[:, None])[:, 0] * 224
+    err = np.linalg.norm(emb.numpy() - env.agent_pos, axis=1)
+    assert err.max() < 4.0, err  # world px; the success radius is 16
+
+
+def test_mpc_with_an_exact_model_crosses_the_door(tworoom_data):
+    """Pairs whose goal is in the other room: planning alone (no learning) must reach >= 90%."""
+    store = EpisodeStore(tworoom_data)
+    protocol = EvalProtocol("cross-door", 1, 400, 25, 50, "all")
+    pairs = sample_pairs(store, protocol, seed=0)
+    left = lambda s: s[:, 0] < WALL[0]  # noqa: E731
+    cross = np.flatnonzero(left(pairs.start_state) != left(pairs.goal_state))[:20]
+    assert len(cross) >= 10, "too few door crossings among the sampled pairs"
+    for field in ("episode", "start", "goal", "start_state", "goal_state"):
+        setattr(pairs, field, getattr(pairs, field)[cross])
+    env = envs.make_batch("tworoom", len(cross), resolution=RES, seed=0)
+    model = AnalyticTwoRoom(env)
+    policy = MPCPolicy(model, CEM(num_samples=100, topk=10, iterations=5), horizon=5)  # execute all 5 blocks
+    result = run_episodes(env, policy, pairs, budget=50, progress=False)
+    fresh = ~result.already
+    assert fresh.sum() == len(cross)  # none starts solved: start and goal are in different rooms
+    assert result.success.mean() >= 0.9, f"exact-model MPC crossed the door in {result.success.mean():.0%}"
+    # and the straight line, which ignores the wall, does worse on the same pairs
+    straight = run_episodes(env, make_baseline("straight", "tworoom"), pairs, 50, progress=False)
+    assert straight.success.mean() < result.success.mean()
+
+
+def test_baselines_on_identical_pairs(tworoom_data):
+    store = EpisodeStore(tworoom_data)
+    pairs = sample_pairs(store, get_protocol("paper-v1-tworoom").replace(num_episodes=24), seed=0,
+                         val_fraction=0.5)
+    env = envs.make_batch("tworoom", 24, resolution=RES, seed=0)
+    rates = {b: run_episodes(env, make_baseline(b, "tworoom", seed=0), pairs, 150, progress=False).success.mean()
+             for b in ("random", "straight", "expert")}
+    assert rates["expert"] == 1.0  # the noiseless expert reaches every dataset goal within 150 steps
+    assert rates["random"] < rates["expert"]
+    again = run_episodes(env, make_baseline("random", "tworoom", seed=0), pairs, 150, progress=False)
+    assert again.success.mean() == rates["random"]  # seeded
+
+
+# ------------------------------------------------------------------------------------------ plan.py
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tworoom_data) -> Path:
+    torch.manual_seed(0)
+    cfg = LeWMConfig(encoder="cnn", image_size=RES, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=16,
+                     proj_hidden=32, history=2, pred_depth=1, pred_heads=2, pred_head_dim=8, pred_mlp=32,
+                     action_hidden=16, action_dim=2, frameskip=5)
+    model = LeWorldModel(cfg)
+    d = tmp_path_factory.mktemp("model")
+    export_model(model, d, extra={"dataset": {"env": "tworoom"},
+                                  "data": {"path": str(tworoom_data), "val_fraction": 0.1, "split_seed": 0}})
+    return d
+
+
+def run_plan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "plan.py"), *args, "--no-progress"], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_plan_cli_writes_complete_results(tmp_path, tiny_model_dir):
+    out = tmp_path / "res.json"
+    proc = run_plan("--model", str(tiny_model_dir), "--num-episodes", "3", "--iterations", "2", "--num-samples",
+                    "16", "--topk", "4", "--video", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "paper-v3+num_episodes=3" in proc.stdout and "straight" in proc.stdout
+    res = json.loads(out.read_text())
+    for key in ("protocol", "env", "env_params", "data", "model", "planner", "seed", "pairs", "results",
+                "leworld_version", "torch_version", "device", "command", "wall_seconds"):
+        assert key in res, key
+    assert res["protocol"]["goal_offset"] == 25 and res["protocol"]["version"] == 1
+    assert res["planner"]["planner"] == "cem" and res["planner"]["iterations"] == 2 and res["planner"]["horizon"] == 5
+    assert len(res["model"]["sha256"]) == 64 and res["model"]["config"]["history"] == 2
+    assert [r["policy"] for r in res["results"]] == ["model (cem)", "random", "straight", "expert"]
+    model_row = res["results"][0]
+    assert model_row["planning"]["calls"] == 2 and model_row["planning"]["plans"] == 6  # 50 steps: 2 x 25
+    assert len(model_row["per_episode"]) == 3 and len(res["pairs"]) == 3
+    gifs = sorted(Path(res["videos"]).glob("ep*.gif"))
+    assert len(gifs) == 3
+    outcome = {f"ep{i:03d}": ("success" if e["success"] else "failure") for i, e in enumerate(model_row["per_episode"])}
+    assert all(g.stem.split("_")[1] == outcome[g.stem.split("_")[0]] for g in gifs)
+    # same seed, same numbers
+    out2 = tmp_path / "res2.json"
+    assert run_plan("--model", str(tiny_model_dir), "--num-episodes", "3", "--iterations", "2", "--num-samples", "16",
+                    "--topk", "4", "--no-baselines", "--out", str(out2), cwd=tmp_path).returncode == 0
+    res2 = json.loads(out2.read_text())
+    assert res2["results"][0]["per_episode"] == model_row["per_episode"] and res2["pairs"] == res["pairs"]
+
+
+def test_plan_cli_baseline_without_a_model(tmp_path, tworoom_data):
+    out = tmp_path / "b.json"
+    proc = run_plan("--policy", "expert", "--env", "tworoom", "--data", str(tworoom_data), "--num-episodes", "4",
+                    "--no-baselines", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["results"][0]["policy"] == "expert" and res["results"][0]["rate"] == 1.0
+
+
+def test_plan_cli_clear_errors(tmp_path, tiny_model_dir, tworoom_data):
+    proc = run_plan("--model", str(tmp_path / "nope"), cwd=tmp_path)
+    assert proc.returncode != 0 and "no model at" in proc.stderr
+    proc = run_plan("--model", str(tiny_model_dir), "--env", "pusht", cwd=tmp_path)
+    assert proc.returncode != 0 and "env/model mismatch" in proc.stderr
+    other = tmp_path / "d32.h5"
+    collect("tworoom", episodes=4, steps=30, resolution=32, policy="expert", seed=0, out=other, workers=1,
+            progress=False)
+    proc = run_plan("--model", str(tiny_model_dir), "--data", str(other), cwd=tmp_path)
+    assert proc.returncode != 0 and "32 px" in proc.stderr and "64 px" in proc.stderr
+    proc = run_plan("--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.h5"), cwd=tmp_path)
+    assert proc.returncode != 0 and "no dataset at" in proc.stderr
