@@ -31,7 +31,7 @@ import envs
 from leworld.checkpoint import find_model, load_model
 from leworld.data.store import DatasetError, EpisodeStore
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
-from leworld.evaluation.protocols import PROTOCOLS
+from leworld.evaluation.protocols import PROTOCOLS, heldout_path
 from leworld.planning import PLANNERS, MPCPolicy, make_planner
 
 DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # LEWM.md section 5: the paper used 10 outside Push-T
@@ -99,6 +99,21 @@ def resolve(args, extra: dict) -> tuple[str, Path, dict]:
         raise SystemExit("error: pass --data: the model does not record its training dataset")
     split = {"val_fraction": float(data.get("val_fraction", 0.1)), "split_seed": int(data.get("split_seed", 0))}
     return env_name, path, split
+
+
+def heldout(protocol, env_name: str, resolution: int | None) -> Path:
+    spec = dict(protocol.dataset)
+    if spec.pop("env") != env_name:
+        raise SystemExit(f"error: protocol {protocol.name} is for {protocol.dataset['env']}, not {env_name}")
+    if resolution is None:
+        raise SystemExit(f"error: pass --data (or --model) to choose the resolution of {protocol.name}'s dataset")
+    path = Path(heldout_path(protocol, resolution))
+    if not path.exists():
+        from leworld.data.collect import collect
+
+        print(f"{path} does not exist: collecting the held-out set of {protocol.name} ({spec})")
+        collect(env_name, resolution=resolution, out=path, **spec)
+    return path
 
 
 def check_dataset(store: EpisodeStore, env_name: str, model) -> None:
@@ -193,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                              "configs/tworoom_tiny.yaml`, then pass its runs/<name>/version_N/model directory")
         model = load_model(args.model, map_location=device)
         info = model_info(args.model)
+    protocol = get_protocol(args.protocol)
+    if args.num_episodes is not None:
+        protocol = protocol.replace(num_episodes=args.num_episodes)
     env_name, data_path, split = resolve(args, info["extra"])
+    if protocol.dataset is not None and args.data is None:  # a held-out set: generate it once
+        data_path = heldout(protocol, env_name, model.config.image_size if model is not None else None)
     try:
         store = EpisodeStore(data_path)
     except FileNotFoundError:
@@ -202,9 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}")
     check_dataset(store, env_name, model if args.policy == "model" else None)
 
-    protocol = get_protocol(args.protocol)
-    if args.num_episodes is not None:
-        protocol = protocol.replace(num_episodes=args.num_episodes)
     pairs = sample_pairs(store, protocol, seed=args.seed, **split)
     torch.manual_seed(args.seed)
 

@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from leworld.checkpoint import load_model
+from leworld.data.clips import split_episodes
+from leworld.data.store import DatasetError, EpisodeStore
 
 PROTOCOL = "probe-v1"
 RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # tried on standardised features
@@ -159,6 +164,17 @@ class MLPProbe:
         return self.net(xs).double().numpy() * self.fy.std + self.fy.mean  # (N, K)
 
 
+@contextmanager
+def _one_thread():
+    """Tiny matrices gain little from a second thread, and threads stall each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int = 256, epochs: int = 200, lr: float = 1e-3,
             batch_size: int = 256, patience: int = 20, groups: np.ndarray | None = None,
             holdout_fraction: float = 0.2, seed: int = 0) -> MLPProbe:
@@ -166,21 +182,21 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int = 256, epochs: int = 200, 
 
     Trains on all but the held-out groups; keeps the weights of the epoch with the least
     held-out MSE and stops after `patience` epochs without improvement. Seeded: same inputs,
-    same probe (the global torch RNG is left as it was).
+    same probe (the global torch RNG and thread count are left as they were). Runs on one thread.
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     fit, held = holdout_split(len(x), groups, holdout_fraction, seed)
     fx, fy = Standardiser.fit(x[fit]), Standardiser.fit(y[fit])
     xf, yf = (torch.from_numpy(a).float() for a in (fx(x[fit]), fy(y[fit])))  # (n, D), (n, K)
     xh, yh = (torch.from_numpy(a).float() for a in (fx(x[held]), fy(y[held])))
-    with torch.random.fork_rng(devices=[]):
+    with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Linear(hidden, y.shape[1]))
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         best, best_state, best_epoch, epoch = math.inf, None, 0, 0
         for epoch in range(1, epochs + 1):
             for idx in torch.randperm(len(xf)).split(batch_size):
-                loss = (net(xf[idx]) - yf[idx]).pow(2).mean()
+                loss = (net(xf[idx]) - yf[idx]).pow(2).mean()  # MSE of standardised targets
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -188,7 +204,7 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int = 256, epochs: int = 200, 
                 held_mse = float((net(xh) - yh).pow(2).mean())
             if held_mse < best:
                 best, best_epoch = held_mse, epoch
-                best_state = {k: v.clone() for k, v in net.state_dict().items()}
+                best_state = {name: v.clone() for name, v in net.state_dict().items()}
             elif epoch - best_epoch >= patience:
                 break
     net.load_state_dict(best_state)
@@ -258,8 +274,6 @@ def probe(model, store, env: str | None = None, val_fraction: float = 0.1, split
     Returns a dict: env, units, frame counts, and per quantity its outputs, linear and MLP scores
     (mse, r: means over outputs; per-output lists) and the paper's r.
     """
-    from leworld.data.clips import split_episodes
-
     env = env or store.metadata.get("env")
     if env not in QUANTITIES:
         raise ValueError(f"no probe quantities for env {env!r}: choose one of {', '.join(QUANTITIES)}")
@@ -368,8 +382,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mlp-patience", type=int, default=20, help="epochs without held-out improvement before stopping")
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="training episodes held out for model selection")
     p.add_argument("--batch-size", type=int, default=256, help="frames per encoder call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the frame draws, held-out episodes and MLP")
+    p.add_argument("--device", default="cpu", help="torch device that encodes the frames")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     if args.frames_per_episode < 1 or args.batch_size < 1 or args.mlp_epochs < 1 or args.mlp_hidden < 1:
@@ -380,9 +394,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from leworld.checkpoint import load_model
-    from leworld.data.store import DatasetError, EpisodeStore
-
     args = parse_args(argv)
     start = time.perf_counter()
     model_dir = Path(args.model)
@@ -401,7 +412,8 @@ def main(argv=None) -> dict:
     try:
         store = EpisodeStore(data_path)
     except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
+        hint = "" if args.data else f" (the path is extra.data.path in {model_dir}/config.json; --data overrides it)"
+        raise SystemExit(f"error: {e}{hint}") from None
     model_env, data_env = extra.get("dataset", {}).get("env"), store.metadata.get("env")
     if model_env is not None and data_env != model_env:
         raise SystemExit(f"error: the model was trained on {model_env} but {data_path} holds {data_env} "
@@ -409,10 +421,12 @@ def main(argv=None) -> dict:
     val_fraction = data.get("val_fraction", 0.1) if args.val_fraction is None else args.val_fraction
     split_seed = data.get("split_seed", 0) if args.split_seed is None else args.split_seed
     try:
-        result = probe(model, store, data_env, val_fraction, split_seed, args.frames_per_episode,
-                       args.max_train_frames, args.max_val_frames, args.seed, args.ridge, args.mlp_hidden,
-                       args.mlp_epochs, args.mlp_patience, args.holdout_fraction, args.batch_size,
-                       not args.no_progress)
+        result = probe(model, store, env=data_env, val_fraction=val_fraction, split_seed=split_seed,
+                       frames_per_episode=args.frames_per_episode, max_train_frames=args.max_train_frames,
+                       max_val_frames=args.max_val_frames, seed=args.seed, ridge=args.ridge,
+                       mlp_hidden=args.mlp_hidden, mlp_epochs=args.mlp_epochs, mlp_patience=args.mlp_patience,
+                       holdout_fraction=args.holdout_fraction, batch_size=args.batch_size,
+                       progress=not args.no_progress)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     result = {

@@ -250,3 +250,26 @@ def test_plan_cli_clear_errors(tmp_path, tiny_model_dir, tworoom_data):
     assert proc.returncode != 0 and "32 px" in proc.stderr and "64 px" in proc.stderr
     proc = run_plan("--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.h5"), cwd=tmp_path)
     assert proc.returncode != 0 and "no dataset at" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["tworoom", "pusht"])
+def test_reset_to_replays_a_start_goal_pair(name):
+    env = envs.make_batch(name, 3, resolution=32, seed=0)
+    env.reset(seed=1)
+    starts = env.get_state()
+    env.reset(seed=2)
+    goals = env.get_state()
+    env.set_colour((0, 255, 0), index=0)
+    obs = env.reset_to(starts, goals)
+    state = env.get_state()
+    if name == "tworoom":
+        assert np.array_equal(state[:, :2], starts[:, :2]) and np.array_equal(state[:, 2:], goals[:, :2])
+    else:
+        assert np.allclose(state[:, :5], starts[:, :5]) and np.allclose(env.goal, goals)
+    fresh = envs.make_batch(name, 3, resolution=32, seed=0)
+    fresh.reset_to(starts, goals)
+    assert np.array_equal(obs["pixels"], fresh.render())  # colours restored as by reset
+    env.reset_to(goals, goals)
+    assert env.success().all()  # the goal state itself passes the success test
+    with pytest.raises(ValueError):
+        env.reset_to(starts[:2], goals[:2])

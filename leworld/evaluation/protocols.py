@@ -40,6 +40,9 @@ class EvalProtocol:
         budget: env steps allowed to reach the goal; success if the env's test holds at any step.
         split: "val" (the model's validation episodes: never trained on) or "all" (a held-out dataset).
         description: one line for tables and result files.
+        dataset: for a held-out protocol, how its dataset is collected (`leworld.data.collect.collect`
+            arguments without resolution and output path: the evaluation generates it at the model's
+            resolution when missing); None draws from the model's own training data.
     """
 
     name: str
@@ -49,6 +52,7 @@ class EvalProtocol:
     budget: int = 50
     split: str = "val"
     description: str = ""
+    dataset: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,10 +72,17 @@ PROTOCOLS = {
                      "LeWM paper v3: goal 25 steps ahead in a validation episode, 50-step budget"),
         EvalProtocol("paper-v1-tworoom", 1, 50, 100, 150, "val",
                      "LeWM paper v1 for Two-Room: goal 100 steps ahead, 150-step budget"),
-        EvalProtocol("far-v1", 1, 50, 100, 150, "all",
-                     "goal 100 steps ahead on a held-out low-noise dataset (--data), 150-step budget"),
+        EvalProtocol("far-tworoom-v1", 1, 50, 100, 150, "all",
+                     "held-out low-noise (0.5) expert episodes, goal 100 steps ahead, 150-step budget",
+                     dataset={"env": "tworoom", "episodes": 200, "steps": 200, "policy": "expert", "noise": 0.5,
+                              "seed": 1_000_003}),
     )
 }
+
+
+def heldout_path(protocol: EvalProtocol, resolution: int) -> str:
+    """Where a held-out protocol's dataset lives for a given frame resolution."""
+    return f"data/eval/{protocol.name}-{resolution}px.h5"
 
 
 def get_protocol(name: str) -> EvalProtocol:

@@ -1,0 +1,223 @@
+"""Tests of leworld.probe: Pearson r, the linear and MLP probes, the episode split, the CLI.
+
+Run: pytest tests/test_probe.py -q
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from leworld import probe as probe_mod
+from leworld.checkpoint import export_model
+from leworld.data.clips import split_episodes
+from leworld.data.collect import collect
+from leworld.data.store import EpisodeStore
+from leworld.model import LeWMConfig, LeWorldModel
+from leworld.probe import RIDGES, fit_linear, fit_mlp, holdout_split, pearson, select_frames
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(encoder="cnn", image_size=32, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=32, proj_hidden=64,
+            pred_depth=1, pred_heads=2, pred_head_dim=16, pred_mlp=64, action_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tworoom.h5"
+    return collect("tworoom", episodes=6, steps=20, resolution=32, seed=1, out=path, progress=False)
+
+
+def export_tiny(directory: Path, data: Path, env: str = "tworoom", **overrides) -> Path:
+    torch.manual_seed(0)
+    model = LeWorldModel(LeWMConfig(**{**TINY, **overrides}))
+    extra = {"data": {"path": str(data), "val_fraction": 0.2, "split_seed": 0}, "dataset": {"env": env}}
+    return export_model(model, directory, extra=extra)
+
+
+# ---- Pearson r --------------------------------------------------------------------------------------
+def direct_r(a, b) -> float:
+    """Pearson r of two sequences by its definition, summed with math.fsum."""
+    n = len(a)
+    ma, mb = math.fsum(a) / n, math.fsum(b) / n
+    cov = math.fsum((x - ma) * (y - mb) for x, y in zip(a, b))
+    return cov / math.sqrt(math.fsum((x - ma) ** 2 for x in a) * math.fsum((y - mb) ** 2 for y in b))
+
+
+def test_pearson_matches_the_direct_formula_and_corrcoef():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 3)) * [1.0, 1e3, 1e-3] + [0.0, 5e4, -7.0]  # (N, K), scales and offsets differ
+    b = a * [2.0, -1.0, 0.5] + rng.normal(size=(300, 3)) * [1.0, 1e3, 1e-3]
+    r = pearson(a, b)  # (K,)
+    for k in range(3):
+        assert r[k] == pytest.approx(direct_r(a[:, k].tolist(), b[:, k].tolist()), abs=1e-12)
+        assert r[k] == pytest.approx(np.corrcoef(a[:, k], b[:, k])[0, 1], abs=1e-12)
+    assert isinstance(pearson(a[:, 0], b[:, 0]), float)
+    assert pearson(a[:, 0], 3 * a[:, 0] + 1) == pytest.approx(1.0, abs=1e-12)
+    assert pearson(a[:, 0], -a[:, 0]) == pytest.approx(-1.0, abs=1e-12)
+    assert math.isnan(pearson(a[:, 0], np.ones(300)))  # a constant column has no r
+    with pytest.raises(ValueError, match="equal shape"):
+        pearson(a, b[:, :2])
+
+
+# ---- linear probe --------------------------------------------------------------------------------------
+def linear_data(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 12)) * rng.uniform(0.1, 100.0, 12) + rng.uniform(-50, 50, 12)  # (N, D)
+    weight, bias = rng.normal(size=(12, 2)), np.array([224.0, -3.0])  # (D, K), (K,)
+    return x, x @ weight + bias, weight, bias
+
+
+def test_linear_probe_recovers_an_exact_linear_map():
+    x, y, weight, bias = linear_data(400, 0)
+    groups = np.repeat(np.arange(50), 8)
+    chosen = fit_linear(x, y, groups=groups)
+    assert chosen.ridge == RIDGES[0]  # noise-free targets: the weakest ridge predicts the held-out rows best
+    x_new = np.random.default_rng(9).normal(size=(200, 12)) * 30.0  # fresh inputs (N, D)
+    r = pearson(chosen.predict(x_new), x_new @ weight + bias)
+    assert np.all(r > 1 - 1e-6)
+    exact = fit_linear(x, y, ridge=0.0)
+    solution = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0]  # (D+1, K): weights, then bias
+    np.testing.assert_allclose(exact.weight, solution[:-1], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(exact.bias, solution[-1], rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(exact.weight, weight, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(chosen.weight, weight, rtol=1e-4, atol=1e-6)
+
+
+def test_ridge_equals_the_augmented_least_squares_solution():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100, 5)) * [1, 2, 3, 4, 5] + 10  # (N, D)
+    y = np.c_[x[:, 0] ** 2, x[:, 1]] + rng.normal(size=(100, 2))  # (N, K)
+    lam = 0.3
+    xs, ys = (x - x.mean(0)) / x.std(0), (y - y.mean(0)) / y.std(0)
+    # |xs W - ys|^2 / n + lam |W|^2  ==  |[xs; sqrt(n lam) I] W - [ys; 0]|^2 / n
+    ws = np.linalg.lstsq(np.r_[xs, math.sqrt(len(x) * lam) * np.eye(5)], np.r_[ys, np.zeros((5, 2))], rcond=None)[0]
+    expected = (xs @ ws) * y.std(0) + y.mean(0)
+    np.testing.assert_allclose(fit_linear(x, y, ridge=lam).predict(x), expected, rtol=1e-10, atol=1e-9)
+
+
+# ---- MLP probe -------------------------------------------------------------------------------------------
+def test_mlp_fits_a_nonlinear_function_much_better_than_the_linear_probe():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-3, 3, size=(3000, 4))  # (N, D)
+    y = np.c_[np.cos(x[:, 0]), np.sin(x[:, 1]) * x[:, 2]]  # (N, 2): both uncorrelated with x
+    train, val = slice(0, 2400), slice(2400, None)
+    groups = np.arange(2400) // 10
+    linear = fit_linear(x[train], y[train], groups=groups)
+    mlp = fit_mlp(x[train], y[train], epochs=150, groups=groups)
+    lin_mse = ((linear.predict(x[val]) - y[val]) ** 2).mean()
+    mlp_mse = ((mlp.predict(x[val]) - y[val]) ** 2).mean()
+    assert np.all(pearson(mlp.predict(x[val]), y[val]) > 0.95)
+    assert np.all(pearson(linear.predict(x[val]), y[val]) < 0.3)
+    assert mlp_mse < 0.1 * lin_mse
+    assert 1 <= mlp.best_epoch <= mlp.epochs_run <= 150
+
+
+def test_mlp_is_seeded_and_leaves_the_global_torch_state_alone():
+    rng = np.random.default_rng(0)
+    x, groups = rng.normal(size=(200, 6)), np.arange(200) // 5
+    y = np.tanh(x[:, :2])
+    torch.manual_seed(123)
+    threads, state = torch.get_num_threads(), torch.get_rng_state()
+    first = fit_mlp(x, y, hidden=16, epochs=5, groups=groups, seed=3).predict(x)
+    assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads
+    np.testing.assert_array_equal(first, fit_mlp(x, y, hidden=16, epochs=5, groups=groups, seed=3).predict(x))
+    assert not np.array_equal(first, fit_mlp(x, y, hidden=16, epochs=5, groups=groups, seed=4).predict(x))
+
+
+# ---- frames and the episode split ----------------------------------------------------------------------
+def test_holdout_split_holds_out_whole_groups():
+    groups = np.repeat(np.arange(10), 3)
+    fit, held = holdout_split(30, groups, 0.2, seed=0)
+    assert sorted(np.r_[fit, held].tolist()) == list(range(30))
+    assert len(np.unique(groups[held])) == 2 and not set(groups[fit]) & set(groups[held])
+
+
+def test_select_frames_draws_distinct_rows_inside_each_episode_under_the_cap(dataset):
+    store = EpisodeStore(dataset)
+    rows, owner = select_frames(store, np.arange(6), 4, None, np.random.default_rng(0))
+    assert len(rows) == 24 and len(np.unique(rows)) == 24 and np.all(np.diff(rows) > 0)
+    start, length = store.episode_offset[owner], store.episode_length[owner]
+    assert np.all((rows >= start) & (rows < start + length))
+    capped, capped_owner = select_frames(store, np.arange(6), 4, 10, np.random.default_rng(0))
+    assert len(capped) == 8 and len(np.unique(capped_owner)) == 2  # 10 // 4 whole episodes
+
+
+def test_probe_fits_on_training_episodes_and_scores_on_validation_episodes(dataset, monkeypatch):
+    store = EpisodeStore(dataset)
+    model = LeWorldModel(LeWMConfig(**TINY)).eval()
+    embedded, fitted = [], []
+
+    def fake_embed(model, store, rows, batch_size=256, progress=True):  # column 0 carries the row
+        embedded.append(rows.copy())
+        return np.c_[rows, np.random.default_rng(len(rows)).normal(size=(len(rows), 7))]
+
+    def recording(fit):
+        def wrapped(x, *args, **kwargs):
+            fitted.append(x[:, 0].astype(np.int64))
+            return fit(x, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(probe_mod, "embed_frames", fake_embed)
+    monkeypatch.setattr(probe_mod, "fit_linear", recording(fit_linear))
+    monkeypatch.setattr(probe_mod, "fit_mlp", recording(fit_mlp))
+    result = probe_mod.probe(model, store, val_fraction=0.34, split_seed=5, frames_per_episode=5, mlp_epochs=2,
+                             progress=False)
+    train_eps, val_eps = split_episodes(store.num_episodes, 0.34, 5)
+    episode_of_row = np.repeat(np.arange(store.num_episodes), store.episode_length)
+    train_rows, val_rows = embedded
+    assert set(episode_of_row[train_rows]) == set(train_eps.tolist())
+    assert set(episode_of_row[val_rows]) == set(val_eps.tolist())
+    assert not set(episode_of_row[train_rows]) & set(episode_of_row[val_rows])
+    assert len(fitted) == 2 and all(np.array_equal(rows, train_rows) for rows in fitted)
+    assert result["frames"] == {"train": 5 * len(train_eps), "val": 5 * len(val_eps),
+                                "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
+
+
+# ---- command line -------------------------------------------------------------------------------------
+def test_cli_smoke_writes_a_complete_json(tmp_path, dataset):
+    model_dir = export_tiny(tmp_path / "model", dataset)
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "-m", "leworld.probe", "--model", str(model_dir), "--out", str(out),
+           "--mlp-epochs", "3", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "agent (x, y)" in proc.stdout and "0.996" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "probe-v1" and result["env"] == "tworoom" and result["seed"] == 0
+    assert result["model"] == str(model_dir) and result["data"] == str(dataset)
+    assert result["model_sha256"] == hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert result["leworld_version"] and result["wall_seconds"] > 0
+    assert result["settings"]["frames_per_episode"] == 8 and result["settings"]["val_fraction"] == 0.2
+    assert result["frames"] == {"train": 40, "val": 8, "train_episodes": 5, "val_episodes": 1}
+    agent = result["quantities"]["agent"]
+    assert agent["outputs"] == ["x", "y"] and agent["paper_linear_r"] == 0.996
+    for kind in ("linear", "mlp"):
+        assert len(agent[kind]["r_per_output"]) == 2 and agent[kind]["mse"] >= 0
+        assert agent[kind]["r"] == pytest.approx(np.mean(agent[kind]["r_per_output"]))
+    assert not list(tmp_path.glob(".probe.json.*"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no model", "no exported model"),
+    ("no dataset", "no dataset at"),
+    ("other env", "trained on pusht"),
+    ("other resolution", "encodes 48 px frames"),
+])
+def test_cli_clear_errors(tmp_path, dataset, case, message):
+    args = ["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out.json"), "--no-progress"]
+    if case == "no dataset":
+        export_tiny(tmp_path / "model", tmp_path / "missing.h5")
+    elif case == "other env":
+        export_tiny(tmp_path / "model", dataset, env="pusht")
+    elif case == "other resolution":
+        export_tiny(tmp_path / "model", dataset, image_size=48)
+    with pytest.raises(SystemExit, match=message):
+        probe_mod.main(args)
+    assert not (tmp_path / "out.json").exists()
