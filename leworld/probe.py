@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from leworld.checkpoint import load_model
+from leworld.checkpoint import find_model, load_model
 from leworld.data.clips import split_episodes
 from leworld.data.store import DatasetError, EpisodeStore
 
@@ -396,7 +396,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    model_dir = Path(args.model)
+    model_dir = find_model(args.model)  # a run directory (runs/<name>) means its newest model
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise SystemExit(f"error: no exported model at {model_dir} (expected a directory with model.safetensors "
                          "and config.json, e.g. runs/tworoom_tiny/version_0/model)")

@@ -200,3 +200,16 @@ def test_planning_loop_does_not_sync_with_the_host(monkeypatch):
                         ICEM(num_samples=8, topk=2, iterations=3), GradientPlanner(num_samples=2, iterations=3)):
             planner.plan(problem)
     assert hits == []
+
+
+@pytest.mark.slow  # torch.compile needs a C++ compiler and takes ~10 s on CPU
+def test_compiled_rollout_plans_the_same():
+    model = tiny_model(history=2)
+    g = torch.Generator().manual_seed(0)
+    ctx, goal, acts = torch.randn(4, 2, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(4, 1, 6, generator=g)
+    with torch.no_grad():
+        eager = CEM(num_samples=16, topk=4, iterations=3).plan(LatentProblem(model, ctx, goal, 3, acts))
+        compiled_rollout = torch.compile(model.rollout, dynamic=False)
+        compiled = CEM(num_samples=16, topk=4, iterations=3).plan(
+            LatentProblem(model, ctx, goal, 3, acts, rollout=compiled_rollout))
+    assert torch.allclose(eager, compiled, atol=1e-4)

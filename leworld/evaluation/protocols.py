@@ -72,10 +72,11 @@ PROTOCOLS = {
                      "LeWM paper v3: goal 25 steps ahead in a validation episode, 50-step budget"),
         EvalProtocol("paper-v1-tworoom", 1, 50, 100, 150, "val",
                      "LeWM paper v1 for Two-Room: goal 100 steps ahead, 150-step budget"),
-        EvalProtocol("far-tworoom-v1", 1, 50, 100, 150, "all",
-                     "held-out low-noise (0.5) expert episodes, goal 100 steps ahead, 150-step budget",
-                     dataset={"env": "tworoom", "episodes": 200, "steps": 200, "policy": "expert", "noise": 0.5,
-                              "seed": 1_000_003}),
+        EvalProtocol("far-tworoom-v1", 1, 50, 25, 50, "all",
+                     "held-out low-noise (0.5) expert episodes toward the other room: goal 25 steps ahead "
+                     "(~80 px, over half across the wall), 50-step budget",
+                     dataset={"env": "tworoom", "episodes": 200, "steps": 50, "policy": "expert", "noise": 0.5,
+                              "seed": 1_000_003, "env_kwargs": {"target_mode": "other_room"}}),
     )
 }
 
