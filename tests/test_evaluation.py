@@ -273,3 +273,21 @@ def test_reset_to_replays_a_start_goal_pair(name):
     assert env.success().all()  # the goal state itself passes the success test
     with pytest.raises(ValueError):
         env.reset_to(starts[:2], goals[:2])
+
+
+def test_heldout_protocol_collects_its_dataset_once(tmp_path, tiny_model_dir):
+    out = tmp_path / "far.json"
+    args = ("--model", str(tiny_model_dir), "--protocol", "far-tworoom-v1", "--num-episodes", "2", "--iterations", "1",
+            "--num-samples", "8", "--topk", "2", "--no-baselines", "--out", str(out))
+    proc = run_plan(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = tmp_path / "data" / "eval" / f"far-tworoom-v1-{RES}px.h5"
+    store = EpisodeStore(data)
+    spec = get_protocol("far-tworoom-v1").dataset
+    assert store.num_episodes == spec["episodes"] and store.metadata["noise"] == spec["noise"]
+    assert store.metadata["env_params"]["target_mode"] == "other_room"
+    res = json.loads(out.read_text())
+    assert res["protocol"]["split"] == "all" and res["data"]["path"].endswith(data.name)
+    mtime = data.stat().st_mtime_ns
+    assert run_plan(*args, cwd=tmp_path).returncode == 0
+    assert data.stat().st_mtime_ns == mtime  # reused, not collected again

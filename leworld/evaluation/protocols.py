@@ -83,7 +83,8 @@ PROTOCOLS = {
 
 def heldout_path(protocol: EvalProtocol, resolution: int) -> str:
     """Where a held-out protocol's dataset lives for a given frame resolution."""
-    return f"data/eval/{protocol.name}-{resolution}px.h5"
+    base = protocol.name.split("+")[0]  # a modified copy (e.g. fewer episodes) shares its preset's data
+    return f"data/eval/{base}-{resolution}px.h5"
 
 
 def get_protocol(name: str) -> EvalProtocol:
