@@ -14,14 +14,11 @@ named after its outcome. `--policy straight` (or random, expert) evaluates a bas
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +30,7 @@ from leworld.data.store import DatasetError, EpisodeStore
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
 from leworld.evaluation.protocols import PROTOCOLS, heldout_path
 from leworld.planning import PLANNERS, MPCPolicy, make_planner
+from leworld.results import package_version, sha256_file, write_json
 
 DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # LEWM.md section 5: the paper used 10 outside Push-T
 
@@ -81,7 +79,7 @@ def model_info(path: Path) -> dict:
     directory = path if path.is_dir() else path.parent
     config, weights = directory / "config.json", directory / "model.safetensors"
     info = json.loads(config.read_text()).get("extra", {}) if config.is_file() else {}
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    digest = sha256_file(weights) if weights.is_file() else None
     return {"extra": info, "sha256": digest}
 
 
@@ -143,22 +141,6 @@ def planner_kwargs(args, env_name: str) -> dict:
             raise SystemExit(f"error: --topk applies to cem and icem, not {args.planner}")
         kw["topk"] = args.topk
     return kw
-
-
-def atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def package_version() -> str:
-    try:
-        return version("leworld")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def run_policy(name: str, policy, env, pairs, budget: int, record: bool, progress: bool) -> dict:
@@ -270,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "wall_seconds": time.perf_counter() - t_start,
     }
-    atomic_json(out, results)
+    write_json(out, results)
     print_table(protocol, rows, args.seed, out)
     return 0
 

@@ -18,12 +18,8 @@ Written to `--out` (default runs/surprise/<env>): surprise.png and surprise.json
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +30,7 @@ from tqdm import tqdm
 import envs
 from envs.policies import make_policy
 from leworld.checkpoint import find_model, load_model
+from leworld.results import atomic_write, finite, package_version, sha256_file, write_json
 from leworld.surprise import (
     auroc, calibrate, detection_rate, false_alarm_rate, mean_latency, paired_t_test, trajectory_surprise,
 )
@@ -211,38 +208,8 @@ def figure(path: Path, z: dict, pixels: dict, cal, p: int, title: str) -> None:
         thumb.set_title(f"{c}, frame {k}" + (" (after)" if k == p else " (before)"), fontsize=8)
         thumb.axis("off")
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _finite(x):
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("leworld")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def main(argv=None) -> dict:
@@ -278,8 +245,8 @@ def main(argv=None) -> dict:
 
     weights = model_dir / "model.safetensors"
     result = {
-        "protocol": PROTOCOL, "leworld_version": _version(), "model": str(args.model),
-        "model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "seed": args.seed,
+        "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
+        "model_sha256": sha256_file(weights), "seed": args.seed,
         "settings": dict(vars(args)), **setup,
         "frameskip": cfg.frameskip, "history": cfg.history, "colour": COLOUR[setup["env"]],
         "calibration": {"threshold_z": cal.threshold, "false_alarm_target": cal.false_alarm_rate, "runs": n_cal},
@@ -287,9 +254,8 @@ def main(argv=None) -> dict:
         "median_surprise": {c: surprise[c].nanmedian(0).values.tolist() for c in CONDITIONS},
         "wall_seconds": time.perf_counter() - start,
     }
-    result = _finite(result)
-    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    _atomic(out / "surprise.json", lambda tmp: Path(tmp).write_text(text))
+    result = finite(result)
+    write_json(out / "surprise.json", result)
     print(f"{setup['env']}: {n} trajectories per condition, perturbation at kept frame {p}, "
           f"threshold z > {cal.threshold:.2f}, detection window {args.window} frames")
     print(table(stats))

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from leworld.model import LeWMConfig, LeWorldModel
+from leworld.results import package_version
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -38,15 +39,6 @@ _HOW_TO_MAKE = (
     "leworld.checkpoint.export_model (training exports one: `python train.py fit ...`), "
     "or a Lightning .ckpt file"
 )
-
-
-def _package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("leworld")
-    except Exception:  # not installed (running from a source tree)
-        return "unknown"
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -71,7 +63,7 @@ def export_model(model: LeWorldModel, directory: str | os.PathLike, extra: dict 
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "leworld_version": _package_version(),
+        "leworld_version": package_version(),
         "config": model.config.to_dict(),
         "extra": extra or {},
     }

@@ -25,12 +25,9 @@ quantity's MSE and r are the means over its outputs (x and y, or cos and sin).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from leworld.checkpoint import find_model, load_model
+from leworld.results import package_version, sha256_file, write_json
 from leworld.data.clips import split_episodes
 from leworld.data.store import DatasetError, EpisodeStore
 
@@ -325,46 +323,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)
-        Path(tmp).write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _finite(x):
-    """JSON has no NaN: write it as null."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("leworld")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m leworld.probe", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -430,13 +388,13 @@ def main(argv=None) -> dict:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     result = {
-        "protocol": PROTOCOL, "leworld_version": _version(), "model": str(args.model),
-        "model_sha256": _sha256(model_dir / "model.safetensors"), "data": str(data_path), "seed": args.seed,
+        "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
+        "model_sha256": sha256_file(model_dir / "model.safetensors"), "data": str(data_path), "seed": args.seed,
         "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
         **result, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
     }
     out = Path(args.out or Path("runs") / "probe" / f"{result['env']}.json")
-    _write_json(out, _finite(result))
+    write_json(out, result)
     f = result["frames"]
     print(f"{result['env']}: {f['train']} training frames ({f['train_episodes']} episodes), {f['val']} validation "
           f"frames ({f['val_episodes']} episodes); MSE in {result['units']}; r: mean over outputs")

@@ -7,11 +7,12 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from leworld.results import atomic_write
 
 
 def episode_panels(frames: np.ndarray, goal: np.ndarray, gap: int = 2) -> np.ndarray:
@@ -26,18 +27,9 @@ def episode_panels(frames: np.ndarray, goal: np.ndarray, gap: int = 2) -> np.nda
 
 def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: int = 10, scale: int = 1) -> Path:
     """Write frames (T, H, W, 3) uint8 as a looping GIF, atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                                                        duration=int(1000 / fps), loop=0))
 
 
 def write_episode_gif(path: str | os.PathLike, frames: np.ndarray, goal: np.ndarray, fps: int = 10) -> Path:

@@ -28,18 +28,10 @@ from tqdm import tqdm
 import envs
 from envs.policies import POLICIES, make_policy
 from leworld.data.store import EpisodeStore, EpisodeWriter
+from leworld.results import package_version
 
 DEFAULT_POLICY = {"tworoom": "expert", "pusht": "contact"}
 DEFAULT_WORKERS = {"tworoom": 1, "pusht": os.cpu_count() or 1}
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("leworld")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def collect_block(env_name: str, num_episodes: int, steps: int, resolution: int, policy: str,
@@ -108,7 +100,7 @@ def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, po
     metadata = {
         "env": env, "env_id": probe.env_id, "env_params": probe.params(), "policy": policy, "noise": noise,
         "seed": seed, "chunk_size": chunk_size, "resolution": resolution, "episodes": episodes, "steps": steps,
-        "leworld_version": _package_version(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "leworld_version": package_version(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     sizes = [min(chunk_size, episodes - start) for start in range(0, episodes, chunk_size)]
     jobs = [(env, n, steps, resolution, policy, noise, seed, b, env_kwargs) for b, n in enumerate(sizes)]

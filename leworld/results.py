@@ -1,0 +1,68 @@
+"""Result files shared by the commands (`plan.py`, `surprise.py`, `python -m leworld.probe`).
+
+Example:
+    >>> from leworld.results import write_json, sha256_file, package_version
+    >>> write_json("runs/x/result.json", {"rate": float("nan"), "version": package_version()})  # NaN -> null
+
+Every result is written atomically (a temporary file next to the target, then a rename), so an
+interrupted command never leaves a truncated file under the result's name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def package_version() -> str:
+    """The installed leworld version, or "unknown" when running from an uninstalled tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("leworld")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp)` on a temporary file next to `path`, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def finite(x):
+    """JSON has no NaN or inf: replace them by None (null), recursively."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    """Write `data` as indented JSON, atomically; NaN/inf become null."""
+    text = json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
