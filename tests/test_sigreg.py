@@ -5,6 +5,7 @@ Run: pytest tests/test_sigreg.py -q
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 
@@ -144,20 +145,29 @@ def _setup(n_in: int = 6, d: int = 8):
     return x, layer
 
 
+def _ddp_step(rank: int, out_dir: str) -> None:
+    x, layer = _setup()
+    model = nn.parallel.DistributedDataParallel(layer)
+    lo = sum(SPLIT[:rank])
+    x_local = x[lo : lo + SPLIT[rank]].clone().requires_grad_()
+    loss = sigreg(model(x_local), step=STEP, num_directions=K)
+    loss.backward()
+    torch.save(
+        {"loss": loss.detach(), "x_grad": x_local.grad, "w_grad": layer.weight.grad, "b_grad": layer.bias.grad},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        x, layer = _setup()
-        model = nn.parallel.DistributedDataParallel(layer)
-        lo = sum(SPLIT[:rank])
-        x_local = x[lo : lo + SPLIT[rank]].clone().requires_grad_()
-        loss = sigreg(model(x_local), step=STEP, num_directions=K)
-        loss.backward()
-        torch.save(
-            {"loss": loss.detach(), "x_grad": x_local.grad, "w_grad": layer.weight.grad, "b_grad": layer.bias.grad},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        _ddp_step(rank, out_dir)
     finally:
+        # The DDP wrapper and the autograd graph keep the process group alive; if they
+        # outlive destroy_process_group, gloo's threads are torn down at interpreter exit
+        # and the process aborts ("terminate called without an active exception").
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
