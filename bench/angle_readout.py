@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-frames", type=int, default=20000, help="training frames at most")
+    p.add_argument("--max-frames", type=int, default=20000, help="frames at most in each split (training, held-out)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
