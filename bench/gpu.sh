@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# GPU benchmarks, run as one script on a lent GPU machine (writes JSON lines to $OUT or bench/out).
+# GPU benchmarks at paper config, run as one script on a GPU machine (results in $OUT or bench/out).
 #   bash bench/gpu.sh
-# Needs torch, lightning, einops and PyYAML only (synthetic data: no environments needed).
+#   QUICK=1 bash bench/gpu.sh        # the same steps at tiny size, to check the script on a CPU
+# Needs torch, lightning, einops, h5py and PyYAML only: synthetic inputs, no environments.
+# Every step has its own time limit, so one slow compile cannot take the whole run with it;
+# the steps come in order of importance.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
+limit() { local s=$1; shift; timeout "$s" "$@" || echo "step stopped (exit $?, limit ${s}s): $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-steps="${STEPS:-30}"
-for config in configs/tworoom.yaml configs/tworoom_tiny.yaml; do
-  "$py" bench/train_throughput.py --config "$config" --steps "$steps" --warmup 5 --json "$out/train.jsonl"
-  "$py" bench/train_throughput.py --config "$config" --steps "$steps" --warmup 10 --compile --json "$out/train.jsonl"
-done
-# Planning latency at paper config (CEM 300 x 30, horizon 5, history 3): one env, and 50 batched.
-reps="${REPEATS:-10}"
-"$py" bench/plan_latency.py --config configs/pusht.yaml --batch 1 50 --repeats "$reps" --json "$out/plan.jsonl"
-"$py" bench/plan_latency.py --config configs/pusht.yaml --batch 1 50 --repeats "$reps" --amp --json "$out/plan.jsonl"
-"$py" bench/plan_latency.py --config configs/pusht.yaml --batch 1 50 --repeats "$reps" --amp --compile --json "$out/plan.jsonl"
+if [ -n "${QUICK:-}" ]; then
+  train=configs/tworoom_tiny.yaml plan=configs/tworoom_tiny.yaml steps=2 warm=1 reps=1 iters=2 batches="1 2"
+else
+  train=configs/tworoom.yaml plan=configs/pusht.yaml steps=30 warm=10 reps=10 iters=30 batches="1 50"
+fi
+# 1. planning latency at paper config (CEM 300 x 30, horizon 5, history 3), bf16, CUDA graphs
+limit 140 "$py" bench/plan_latency.py --config $plan --batch $batches --iterations $iters --repeats $reps \
+  --amp --compile-mode reduce-overhead --json "$out/plan.jsonl"
+# 2. training step, compiled, with a per-kernel profile
+limit 110 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile \
+  --profile "$out/train_profile.txt" --json "$out/train.jsonl"
+# 3. the same with inductor's launch-config tuning
+limit 130 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile \
+  --coordinate-descent --json "$out/train.jsonl"
+# 4. planning without compilation (bf16) for comparison
+limit 50 "$py" bench/plan_latency.py --config $plan --batch $batches --iterations $iters --repeats $((reps > 3 ? 3 : reps)) \
+  --warmup 1 --amp --json "$out/plan.jsonl"
+# 5. training with autotuned (Triton) matmuls, which can fuse the bias and GELU into the GEMM
+limit 130 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm \
+  --compile-mode max-autotune-no-cudagraphs --json "$out/train.jsonl"

@@ -2,7 +2,7 @@
 
 Example:
     python bench/plan_latency.py --config configs/tworoom_tiny.yaml --batch 1 50 --iterations 10
-    python bench/plan_latency.py --config configs/pusht.yaml --batch 1 50 --amp --compile   # on a GPU
+    python bench/plan_latency.py --config configs/pusht.yaml --batch 1 50 --amp --compile-mode reduce-overhead  # GPU
 
 A plan is one call of the planner on a `LatentProblem`: the paper setting is CEM with 300
 samples, 30 elites, 30 iterations, horizon 5 blocks, from a context of `history` frames
@@ -31,7 +31,7 @@ def sync(device: torch.device) -> None:
 
 
 def run(config: str, batch: int, planner: str, num_samples: int, topk: int, iterations: int, horizon: int,
-        repeats: int, warmup: int, device: str, compile: bool, amp: bool) -> dict:
+        repeats: int, warmup: int, device: str, compile: bool, amp: bool, compile_mode: str | None = None) -> dict:
     arch = yaml.safe_load(open(config))["model"]["model"]
     dev = torch.device(device)
     model = LeWorldModel(LeWMConfig(**arch)).to(dev).eval().requires_grad_(False)
@@ -40,7 +40,7 @@ def run(config: str, batch: int, planner: str, num_samples: int, topk: int, iter
     context = torch.randn(batch, c.history, c.embed_dim, generator=g).to(dev)  # (B, H, D)
     context_actions = torch.randn(batch, c.history - 1, c.action_block_dim, generator=g).to(dev)  # (B, H-1, fs*A)
     goal = torch.randn(batch, c.embed_dim, generator=g).to(dev)  # (B, D)
-    rollout = torch.compile(model.rollout, dynamic=False) if compile else model.rollout
+    rollout = torch.compile(model.rollout, dynamic=False, mode=compile_mode) if compile else model.rollout
     problem = LatentProblem(model, context, goal, horizon, context_actions, rollout=rollout)
     kw = {"iterations": iterations, "num_samples": num_samples}
     if planner in ("cem", "icem"):
@@ -62,7 +62,7 @@ def run(config: str, batch: int, planner: str, num_samples: int, topk: int, iter
     return {"config": config, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "planner": planner,
             "num_samples": num_samples, "topk": topk, "iterations": iterations, "horizon": horizon,
-            "history": c.history, "batch": batch, "compile": compile, "amp": amp, "call_ms_median": ms,
+            "history": c.history, "batch": batch, "compile": compile, "compile_mode": compile_mode, "amp": amp, "call_ms_median": ms,
             "call_ms_mean": statistics.mean(times) * 1000, "ms_per_plan": ms / batch, "plans_per_s": batch / (ms / 1000),
             "peak_gib": peak, "repeats": repeats}
 
@@ -80,15 +80,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the rollout")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs); implies --compile")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--json", help="append results as JSON lines to this file")
     args = p.parse_args()
     for b in args.batch:
         r = run(args.config, b, args.planner, args.num_samples, args.topk, args.iterations, args.horizon,
-                args.repeats, args.warmup, args.device, args.compile, args.amp)
+                args.repeats, args.warmup, args.device, args.compile or bool(args.compile_mode), args.amp,
+                args.compile_mode)
         print(f"{r['device']}: batch {b:>3}  {r['call_ms_median']:9.1f} ms per call  {r['ms_per_plan']:8.1f} ms/plan  "
               f"{r['plans_per_s']:7.1f} plans/s  (history {r['history']}, {args.planner} {args.num_samples}x"
-              f"{args.iterations}, horizon {args.horizon}, compile {args.compile}, amp {args.amp})")
+              f"{args.iterations}, horizon {args.horizon}, compile {r['compile']}{' ' + args.compile_mode if args.compile_mode else ''}, amp {args.amp})")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -32,7 +32,7 @@ def load_settings(path: str) -> tuple[dict, dict, dict]:
 
 
 def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: bool, device: str,
-        compile_mode: str | None = None) -> dict:
+        compile_mode: str | None = None, profile: str | None = None) -> dict:
     arch, module_args, data = load_settings(config)
     batch_size = batch_size or data["batch_size"]
     T = data["num_frames"]
@@ -73,6 +73,17 @@ def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: b
         loss = step()
     sync()
     seconds = (time.perf_counter() - start) / steps
+    if profile:  # a few more steps under the profiler: where the time goes, kernel by kernel
+        from torch.profiler import ProfilerActivity, profile as profiler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with profiler(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+        with open(profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
         name = torch.cuda.get_device_name()
@@ -94,17 +105,25 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--coordinate-descent", action="store_true",
+                   help="let inductor tune its generated kernels' launch configs (longer compile)")
+    p.add_argument("--profile", default=None, help="write a per-kernel time table of 3 extra steps to this file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="append the result as a JSON line to this file")
     args = p.parse_args()
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     r = run(args.config, args.steps, args.warmup, args.batch_size, args.compile or bool(args.compile_mode),
-            args.device, args.compile_mode)
+            args.device, args.compile_mode, args.profile)
+    r["coordinate_descent"] = args.coordinate_descent
     mem = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
     print(f"{r['config']}: {r['params_M']}M params, batch {r['batch_size']}x{r['frames']} on {r['device']}"
-          f"{' (compiled' + (', ' + r['compile_mode'] if r['compile_mode'] else '') + ')' if r['compile'] else ''}: {r['step_s'] * 1000:.1f} ms/step, "
+          f"{' (compiled' + (', ' + r['compile_mode'] if r['compile_mode'] else '') + (', coordinate descent' if args.coordinate_descent else '') + ')' if r['compile'] else ''}: {r['step_s'] * 1000:.1f} ms/step, "
           f"{r['clips_per_s']:,.1f} clips/s, {mem} {r['peak_memory_GiB']:.2f} GiB")
     if args.json:
         with open(args.json, "a") as f:

@@ -287,11 +287,12 @@ class LeWorldModel(nn.Module):
         ctx = context_emb[:, H - h :, None].expand(B, h, S, D)  # (B, h, S, D)
         ctx = ctx.transpose(1, 2).reshape(B * S, h, D)  # (B*S, h, D)
         frames = list(ctx.unbind(1))  # h x (B*S, D)
+        mods = self.predictor.modulations(acts)  # per block (B*S, h-1+T, 6D): once, not once per step
         for t in range(T):
             n = len(frames)  # frames so far: h + t
             lo = max(0, n - W)
             window = torch.stack(frames[lo:], dim=1)  # (B*S, <=W, D)
-            out = self.predictor(window, acts[:, lo:n])  # (B*S, <=W, D)
+            out = self.predictor(window, modulations=[m[:, lo:n] for m in mods])  # (B*S, <=W, D)
             frames.append(self.pred_proj(out[:, -1]))  # (B*S, D): frame n
         return torch.stack(frames[h:], dim=1).view(B, S, T, D)  # (B, S, T, D)
 

@@ -59,9 +59,14 @@ class AdaLNBlock(nn.Module):
         )
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D) tokens, c (B, T, D) per-token condition -> (B, T, D)."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN(c).chunk(6, dim=-1)  # 6 x (B, T, D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, mod: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) tokens, c (B, T, D) per-token condition -> (B, T, D).
+
+        `mod` (B, T, 6D) = `self.adaLN(c)` computed beforehand replaces `c` (a rollout computes
+        it once for every action block instead of once per step).
+        """
+        mod = self.adaLN(c) if mod is None else mod  # (B, T, 6D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # 6 x (B, T, D)
         x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
@@ -103,8 +108,22 @@ class Predictor(nn.Module):
             nn.init.zeros_(block.adaLN[-1].weight)
             nn.init.zeros_(block.adaLN[-1].bias)
 
-    def forward(self, emb: torch.Tensor, act_emb: torch.Tensor) -> torch.Tensor:
-        """emb (B, T, D) frame embeddings, act_emb (B, T, D) conditions -> (B, T, D)."""
+    def modulations(self, act_emb: torch.Tensor) -> list[torch.Tensor]:
+        """act_emb (B, L, D) -> per block the AdaLN shift/scale/gate (B, L, 6D) of every token.
+
+        They depend on the conditions only, so a rollout computes them once for all its action
+        blocks and passes windows of them to `forward`.
+        """
+        return [block.adaLN(act_emb) for block in self.blocks]
+
+    def forward(self, emb: torch.Tensor, act_emb: torch.Tensor | None = None,
+                modulations: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """emb (B, T, D) frame embeddings, act_emb (B, T, D) conditions -> (B, T, D).
+
+        Instead of `act_emb`, `modulations` (per block (B, T, 6D), from `modulations`) may be given.
+        """
+        if (act_emb is None) == (modulations is None):
+            raise ValueError("Predictor.forward takes exactly one of act_emb and modulations.")
         T = emb.shape[1]
         if T > self.history:
             raise ValueError(
@@ -112,6 +131,7 @@ class Predictor(nn.Module):
                 f"pass at most the last {self.history} embeddings."
             )
         x = emb + self.pos_embed[:, :T]  # (B, T, D)
-        for block in self.blocks:
-            x = block(x, act_emb)
+        mods = self.modulations(act_emb) if modulations is None else modulations
+        for block, mod in zip(self.blocks, mods, strict=True):
+            x = block(x, mod=mod)
         return self.norm(x)  # (B, T, D)
