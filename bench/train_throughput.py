@@ -107,6 +107,8 @@ def main() -> None:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--coordinate-descent", action="store_true",
                    help="let inductor tune its generated kernels' launch configs (longer compile)")
+    p.add_argument("--no-cudnn-sdp", action="store_true",
+                   help="keep cuDNN's attention out, so scaled_dot_product_attention uses FlashAttention")
     p.add_argument("--profile", default=None, help="write a per-kernel time table of 3 extra steps to this file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="append the result as a JSON line to this file")
@@ -114,16 +116,18 @@ def main() -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.coordinate_descent:
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
     r = run(args.config, args.steps, args.warmup, args.batch_size, args.compile or bool(args.compile_mode),
             args.device, args.compile_mode, args.profile)
-    r["coordinate_descent"] = args.coordinate_descent
+    r["coordinate_descent"], r["cudnn_sdp"] = args.coordinate_descent, not args.no_cudnn_sdp
     mem = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
     print(f"{r['config']}: {r['params_M']}M params, batch {r['batch_size']}x{r['frames']} on {r['device']}"
-          f"{' (compiled' + (', ' + r['compile_mode'] if r['compile_mode'] else '') + (', coordinate descent' if args.coordinate_descent else '') + ')' if r['compile'] else ''}: {r['step_s'] * 1000:.1f} ms/step, "
+          f"{' (compiled' + (', ' + r['compile_mode'] if r['compile_mode'] else '') + (', coordinate descent' if args.coordinate_descent else '') + (', no cuDNN attention' if args.no_cudnn_sdp else '') + ')' if r['compile'] else ''}: {r['step_s'] * 1000:.1f} ms/step, "
           f"{r['clips_per_s']:,.1f} clips/s, {mem} {r['peak_memory_GiB']:.2f} GiB")
     if args.json:
         with open(args.json, "a") as f:

@@ -198,3 +198,41 @@ def test_normalize_denormalize_actions_round_trip():
         model.normalize_actions(torch.zeros(3))
     with pytest.raises(ValueError, match="positive"):
         model.set_action_stats(torch.zeros(2), torch.zeros(2))
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 8])
+def test_short_causal_attention_equals_sdpa(T):
+    from leworld.model.predictor import short_causal_attention
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(5, 4, T, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(short_causal_attention(q, k, v), want, rtol=1e-12, atol=1e-12)
+
+
+def test_predictor_short_path_matches_fused_attention():
+    """The predictor's output does not depend on which attention path runs (eval mode)."""
+    from leworld.model import predictor as P
+
+    pred = P.Predictor(dim=32, history=3, depth=2, heads=4, head_dim=8, mlp=64).double().eval()
+    for block in pred.blocks:  # non-zero AdaLN so that attention matters
+        torch.nn.init.normal_(block.adaLN[-1].weight, std=0.5)
+    g = torch.Generator().manual_seed(0)
+    emb, act = torch.randn(6, 3, 32, generator=g, dtype=torch.float64), torch.randn(6, 3, 32, generator=g, dtype=torch.float64)
+    short = pred(emb, act)
+    old = P.SHORT
+    try:
+        P.SHORT = 0  # every length goes to scaled_dot_product_attention
+        fused = pred(emb, act)
+    finally:
+        P.SHORT = old
+    torch.testing.assert_close(short, fused, rtol=1e-10, atol=1e-10)
+
+
+def test_patchify_equals_the_convolution():
+    from leworld.model.vit import patchify
+
+    conv = torch.nn.Conv2d(3, 24, kernel_size=7, stride=7).double()
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    want = conv(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(patchify(x, conv), want, rtol=1e-12, atol=1e-12)

@@ -26,6 +26,27 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+SHORT = 8  # up to this many tokens, attention is written out instead of calling a fused kernel
+
+
+def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
+                           training: bool = False) -> torch.Tensor:
+    """Causal softmax attention for short sequences, q, k, v (B, nh, T, hs) -> (B, nh, T, hs).
+
+    The same function as `scaled_dot_product_attention(..., is_causal=True)`. Fused attention
+    kernels give every (row, head) pair its own tile of 64+ tokens; a planner's rollout has
+    B*S*heads (tens of thousands to millions) of pairs with T <= history tokens, where that
+    wastes nearly all the work. Written as broadcast products and sums, the few T x T scores
+    become elementwise work that torch.compile fuses into a handful of kernels.
+    """
+    T = q.shape[-2]
+    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5  # (B, nh, T, T): query i, key j
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # (T, T): key after query
+    weights = scores.masked_fill(future, float("-inf")).softmax(-1)  # (B, nh, T, T)
+    weights = F.dropout(weights, dropout, training)
+    return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)  # (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     """Causal multi-head attention with inner width heads * head_dim, then an output projection."""
 
@@ -41,7 +62,10 @@ class CausalSelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        if T <= SHORT:
+            y = short_causal_attention(q, k, v, p, self.training)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)  # (B, T, nh*hs)
         return self.proj_drop(self.proj(y))  # (B, T, D)
 
