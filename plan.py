@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost", default="terminal", choices=("terminal", "sum"))
     p.add_argument("--warm-start", action="store_true", help="start each plan from the rest of the previous one")
     p.add_argument("--compile", action="store_true", help="torch.compile the rollout")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode of the rollout (implies --compile); reduce-overhead = CUDA graphs")
+    p.add_argument("--amp", action="store_true", help="plan under bfloat16 autocast (CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs and the planner")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--out", type=Path, help="results JSON (default runs/plan/<env>-<protocol>-<policy>-seed<seed>.json)")
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "model":
             planner = make_planner(args.planner, **planner_kwargs(args, env_name))
             policy = MPCPolicy(model, planner, args.horizon, args.receding_horizon, args.cost,
-                               warm_start=args.warm_start, compile=args.compile, device=device, seed=args.seed)
+                               warm_start=args.warm_start, compile=args.compile, amp=args.amp, device=device,
+                               seed=args.seed, compile_mode=args.compile_mode)
             settings, label = policy.settings(), f"model ({args.planner})"
         else:
             policy, label = make_baseline(name, env_name, seed=args.seed), name

@@ -2,9 +2,10 @@
 # GPU benchmarks at paper config, run as one script on a GPU machine (results in $OUT or bench/out).
 #   bash bench/gpu.sh
 #   QUICK=1 bash bench/gpu.sh        # the same steps at tiny size, to check the script on a CPU
+#   TUNE=1 bash bench/gpu.sh         # also the long-compiling tuning variants (> 130 s each)
 # Needs torch, lightning, einops, h5py and PyYAML only: synthetic inputs, no environments.
 # Every step has its own time limit, so one slow compile cannot take the whole run with it;
-# the steps come in order of importance.
+# the steps come in order of importance. Results: docs/benchmarks.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"
@@ -25,12 +26,16 @@ limit 140 "$py" bench/plan_latency.py --config $plan --batch $batches --iteratio
 # 2. training step, compiled, with a per-kernel profile
 limit 110 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile \
   --profile "$out/train_profile.txt" --json "$out/train.jsonl"
-# 3. the same with inductor's launch-config tuning
-limit 130 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile \
-  --coordinate-descent --json "$out/train.jsonl"
-# 4. planning without compilation (bf16) for comparison
+# 3. planning without compilation (bf16) for comparison
 limit 50 "$py" bench/plan_latency.py --config $plan --batch $batches --iterations $iters --repeats $((reps > 3 ? 3 : reps)) \
   --warmup 1 --amp --json "$out/plan.jsonl"
-# 5. training with autotuned (Triton) matmuls, which can fuse the bias and GELU into the GEMM
-limit 130 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm \
-  --compile-mode max-autotune-no-cudagraphs --json "$out/train.jsonl"
+# 4. training with FlashAttention instead of cuDNN's attention
+limit 80 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile --no-cudnn-sdp \
+  --json "$out/train.jsonl"
+if [ -n "${TUNE:-}" ]; then
+  # 5. inductor's launch-config tuning, and autotuned Triton matmuls that can fuse bias and GELU
+  limit 400 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile \
+    --coordinate-descent --json "$out/train.jsonl"
+  limit 400 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm \
+    --compile-mode max-autotune-no-cudagraphs --json "$out/train.jsonl"
+fi

@@ -228,11 +228,3 @@ def test_predictor_short_path_matches_fused_attention():
         P.SHORT = old
     torch.testing.assert_close(short, fused, rtol=1e-10, atol=1e-10)
 
-
-def test_patchify_equals_the_convolution():
-    from leworld.model.vit import patchify
-
-    conv = torch.nn.Conv2d(3, 24, kernel_size=7, stride=7).double()
-    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
-    want = conv(x).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(patchify(x, conv), want, rtol=1e-12, atol=1e-12)

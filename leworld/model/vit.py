@@ -94,27 +94,13 @@ class ViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, Hp, Wp), already normalised -> CLS token (B, width)."""
-        x = patchify(images, self.patch_embed)  # (B, N, W)
+        x = self.patch_embed(images)  # (B, W, Hp/p, Wp/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, W)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, W)
         for block in self.blocks:
             x = block(x)
         return self.norm(x[:, 0])  # (B, W)
-
-
-def patchify(images: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """The patch embedding `conv` (kernel = stride = p) as one matmul: (B, C, H, W) -> (B, N, W).
-
-    Equal to `conv(images).flatten(2).transpose(1, 2)`: patches are cut out with a reshape and
-    multiplied by the flattened kernel. A stride-p convolution over 3 channels is an awkward
-    shape for convolution kernels (5% of a paper-config training step on an H100); as a matmul
-    it is a few tenths of a millisecond, and the reshape fuses with the pixel normalisation.
-    """
-    B, C, H, W = images.shape
-    p = conv.kernel_size[0]
-    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p)
-    x = x.reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C*p*p), the conv weight's layout
-    return F.linear(x, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (B, N, W)
 
 
 def _init_weights(module: nn.Module) -> None:

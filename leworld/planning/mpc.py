@@ -41,6 +41,8 @@ class MPCPolicy:
         action_low, action_high: the env's raw action bounds.
         warm_start: start each plan from the unexecuted rest of the previous plan (zeros otherwise).
         compile: plan with a torch.compile'd rollout.
+        compile_mode: torch.compile mode of that rollout, e.g. "reduce-overhead" (CUDA graphs: the
+            fastest on a GPU, see docs/benchmarks.md); implies `compile`.
         amp: plan under bfloat16 autocast on CUDA (costs are still summed in float32).
         device: where planning runs (default: the model's device).
         seed: seed of the planner's random stream, restarted by `reset`.
@@ -48,23 +50,27 @@ class MPCPolicy:
 
     def __init__(self, model, planner, horizon: int = 5, receding_horizon: int | None = None,
                  cost: str = "terminal", action_low: float = -1.0, action_high: float = 1.0,
-                 warm_start: bool = False, compile: bool = False, amp: bool = False, device=None, seed: int = 0):
+                 warm_start: bool = False, compile: bool = False, amp: bool = False, device=None, seed: int = 0,
+                 compile_mode: str | None = None):
         receding_horizon = horizon if receding_horizon is None else int(receding_horizon)
         if not 1 <= receding_horizon <= horizon:
             raise ValueError(f"need 1 <= receding_horizon <= horizon, got {receding_horizon} and {horizon}")
         self.model, self.planner = model.eval().requires_grad_(False), planner
         self.horizon, self.receding_horizon, self.cost = int(horizon), receding_horizon, cost
         self.action_low, self.action_high = action_low, action_high
-        self.warm_start, self.compile, self.amp, self.seed = bool(warm_start), bool(compile), bool(amp), int(seed)
+        self.warm_start, self.amp, self.seed = bool(warm_start), bool(amp), int(seed)
+        self.compile, self.compile_mode = bool(compile) or compile_mode is not None, compile_mode
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
-        self._rollout = torch.compile(model.rollout, dynamic=False) if compile else model.rollout
+        self._rollout = (torch.compile(model.rollout, dynamic=False, mode=compile_mode) if self.compile
+                         else model.rollout)
         self.plan_seconds: list[float] = []  # wall time of every planning call (all envs together)
         self.plans = 0  # plans made (envs x calls)
 
     def settings(self) -> dict:
         return {"horizon": self.horizon, "receding_horizon": self.receding_horizon, "cost": self.cost,
-                "warm_start": self.warm_start, "compile": self.compile, "amp": self.amp, "seed": self.seed,
+                "warm_start": self.warm_start, "compile": self.compile,
+                "compile_mode": self.compile_mode, "amp": self.amp, "seed": self.seed,
                 **self.planner.settings()}
 
     def _encode(self, pixels) -> torch.Tensor:
