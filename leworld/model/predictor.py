@@ -83,13 +83,12 @@ class AdaLNBlock(nn.Module):
         )
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, mod: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D) tokens, c (B, T, D) per-token condition -> (B, T, D).
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) tokens, mod (B, T, 6D) = `self.adaLN(c)` of the per-token condition c -> (B, T, D).
 
-        `mod` (B, T, 6D) = `self.adaLN(c)` computed beforehand replaces `c` (a rollout computes
-        it once for every action block instead of once per step).
+        The modulation is passed in, not c, so that a rollout computes it once for every action
+        block instead of once per step (`Predictor.modulations`).
         """
-        mod = self.adaLN(c) if mod is None else mod  # (B, T, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # 6 x (B, T, D)
         x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
@@ -157,5 +156,5 @@ class Predictor(nn.Module):
         x = emb + self.pos_embed[:, :T]  # (B, T, D)
         mods = self.modulations(act_emb) if modulations is None else modulations
         for block, mod in zip(self.blocks, mods, strict=True):
-            x = block(x, mod=mod)
+            x = block(x, mod)
         return self.norm(x)  # (B, T, D)
