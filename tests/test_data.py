@@ -211,3 +211,24 @@ def test_pusht_collection_round_trips_with_parallel_workers(tmp_path, policy):
                 np.testing.assert_array_equal(ep[name], expected[name][e])
     clips = ClipDataset(store, num_frames=2, frameskip=5)
     assert clips[0]["pixels"].shape == (2, RES, RES, 3) and clips[0]["action"].shape == (1, 10)
+
+
+def test_validation_batches_span_episodes_and_repeat_exactly(tmp_path):
+    """A validation pass cut short by limit_val_batches must still see many episodes (its SIGReg
+    and effective rank are batch statistics), and every pass must see the same clips."""
+    from leworld.data.datamodule import LeWMDataModule
+
+    path = tmp_path / "tr.h5"
+    collect("tworoom", episodes=40, steps=30, resolution=16, noise=1.0, seed=0, out=path, progress=False)
+    dm = LeWMDataModule(str(path), num_frames=2, frameskip=5, batch_size=16, num_workers=0, val_fraction=0.5)
+    dm.setup("fit")
+    val = dm.val_set
+    loader = dm.val_dataloader()
+    first = [list(loader.sampler)[:16] for _ in range(2)]
+    assert first[0] == first[1]  # the same clips on every pass
+    assert sorted(loader.sampler) == list(range(len(val)))  # every clip exactly once per full pass
+    owner = np.searchsorted(val.store.episode_offset, val.starts[first[0]], side="right") - 1
+    # 20 episodes of 26 clips each: sequential order would put all 16 in the first episode
+    assert len(set(owner.tolist())) >= 8
+    batch = next(iter(loader))
+    np.testing.assert_array_equal(batch["pixels"].numpy(), val.__getitems__(first[0])["pixels"].numpy())

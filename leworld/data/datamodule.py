@@ -56,6 +56,16 @@ class EpochSampler(Sampler[int]):
         return iter(torch.randperm(self.size, generator=g).tolist())
 
 
+class FixedShuffleSampler(EpochSampler):
+    """The same seeded permutation on every pass. Validation uses it so that a pass cut short by
+    `limit_val_batches` still draws its clips from across all validation episodes (consecutive clips
+    of a few episodes would make the SIGReg and effective-rank monitors meaningless), and every
+    validation sees the same clips."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
 class LeWMDataModule(L.LightningDataModule):
     def __init__(self, path: str = "data/tworoom.h5", num_frames: int = 4, frameskip: int = 5,
                  batch_size: int = 128, num_workers: int = 2, val_fraction: float = 0.1, split_seed: int = 0,
@@ -116,4 +126,6 @@ class LeWMDataModule(L.LightningDataModule):
         return self._loader(self.train_set, sampler, drop_last=len(self.train_set) > self.hparams.batch_size)
 
     def val_dataloader(self):
-        return self._loader(self.val_set) if self.val_set is not None else []
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, FixedShuffleSampler(len(self.val_set), self.hparams.split_seed + 1))
