@@ -228,3 +228,22 @@ def test_predictor_short_path_matches_fused_attention():
         P.SHORT = old
     torch.testing.assert_close(short, fused, rtol=1e-10, atol=1e-10)
 
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 12])
+def test_predictor_last_only_equals_last_row_of_full_output(T):
+    """`last_only` (what rollouts use) computes one query row in the final block: it must equal
+    the last row of the full forward, for short (written-out) and long (fused) windows."""
+    from leworld.model.predictor import Predictor
+
+    pred = Predictor(dim=32, history=12, depth=3, heads=4, head_dim=8, mlp=64).double().eval()
+    g = torch.Generator().manual_seed(T)
+    for block in pred.blocks:  # non-zero AdaLN so that every branch matters
+        with torch.no_grad():
+            block.adaLN[-1].weight.copy_(torch.randn(block.adaLN[-1].weight.shape, generator=g, dtype=torch.float64) * 0.5)
+    emb, act = (torch.randn(6, T, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    full = pred(emb, act)
+    last = pred(emb, act, last_only=True)
+    assert last.shape == (6, 1, 32)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-12, atol=1e-12)
+    assert (full[:, -1] - full[:, 0]).abs().max() > 1e-3 or T == 1  # the rows differ: the test can fail

@@ -292,8 +292,8 @@ class LeWorldModel(nn.Module):
             n = len(frames)  # frames so far: h + t
             lo = max(0, n - W)
             window = torch.stack(frames[lo:], dim=1)  # (B*S, <=W, D)
-            out = self.predictor(window, modulations=[m[:, lo:n] for m in mods])  # (B*S, <=W, D)
-            frames.append(self.pred_proj(out[:, -1]))  # (B*S, D): frame n
+            out = self.predictor(window, modulations=[m[:, lo:n] for m in mods], last_only=True)  # (B*S, 1, D)
+            frames.append(self.pred_proj(out[:, 0]))  # (B*S, D): frame n
         return torch.stack(frames[h:], dim=1).view(B, S, T, D)  # (B, S, T, D)
 
     def parameter_counts(self) -> dict[str, int]:

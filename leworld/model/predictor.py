@@ -57,8 +57,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(heads * head_dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D), or with `last_only` the last token's output (B, 1, D).
+
+        `last_only` computes the query (and everything after attention) for the last token
+        alone; it attends to every token, so it equals the last row of the full output.
+        """
         B, T, _ = x.shape
+        if last_only:
+            return self._forward_last(x)
         qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
@@ -68,6 +75,18 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)  # (B, T, nh*hs)
         return self.proj_drop(self.proj(y))  # (B, T, D)
+
+    def _forward_last(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        inner = self.heads * self.head_dim
+        w, b = self.qkv.weight, self.qkv.bias  # rows: q, then k, then v
+        q = F.linear(x[:, -1], w[:inner], b[:inner]).view(B, self.heads, self.head_dim)  # (B, nh, hs)
+        kv = F.linear(x, w[inner:], b[inner:]).view(B, T, 2, self.heads, self.head_dim)  # (B, T, 2, nh, hs)
+        k, v = kv.unbind(2)  # each (B, T, nh, hs)
+        scores = (q.unsqueeze(1) * k).sum(-1) * self.head_dim ** -0.5  # (B, T, nh): the last query sees all
+        weights = F.dropout(scores.softmax(1), self.dropout, self.training)  # (B, T, nh)
+        y = (weights.unsqueeze(-1) * v).sum(1).reshape(B, 1, inner)  # (B, 1, nh*hs)
+        return self.proj_drop(self.proj(y))  # (B, 1, D)
 
 
 class AdaLNBlock(nn.Module):
@@ -83,14 +102,18 @@ class AdaLNBlock(nn.Module):
         )
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """x (B, T, D) tokens, mod (B, T, 6D) = `self.adaLN(c)` of the per-token condition c -> (B, T, D).
 
         The modulation is passed in, not c, so that a rollout computes it once for every action
-        block instead of once per step (`Predictor.modulations`).
+        block instead of once per step (`Predictor.modulations`). With `last_only` only the last
+        token's output (B, 1, D) is computed: the other tokens serve as keys and values only.
         """
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # 6 x (B, T, D)
-        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        attn = self.attn(modulate(self.norm1(x), shift_a, scale_a), last_only)  # (B, T or 1, D)
+        if last_only:
+            x, gate_a, shift_m, scale_m, gate_m = (t[:, -1:] for t in (x, gate_a, shift_m, scale_m, gate_m))
+        x = x + gate_a * attn
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
@@ -140,10 +163,12 @@ class Predictor(nn.Module):
         return [block.adaLN(act_emb) for block in self.blocks]
 
     def forward(self, emb: torch.Tensor, act_emb: torch.Tensor | None = None,
-                modulations: list[torch.Tensor] | None = None) -> torch.Tensor:
+                modulations: list[torch.Tensor] | None = None, last_only: bool = False) -> torch.Tensor:
         """emb (B, T, D) frame embeddings, act_emb (B, T, D) conditions -> (B, T, D).
 
         Instead of `act_emb`, `modulations` (per block (B, T, 6D), from `modulations`) may be given.
+        `last_only` returns the prediction of the last position only, (B, 1, D): what a rollout
+        needs. Its final block then runs one query and one MLP row instead of T.
         """
         if (act_emb is None) == (modulations is None):
             raise ValueError("Predictor.forward takes exactly one of act_emb and modulations.")
@@ -155,6 +180,7 @@ class Predictor(nn.Module):
             )
         x = emb + self.pos_embed[:, :T]  # (B, T, D)
         mods = self.modulations(act_emb) if modulations is None else modulations
-        for block, mod in zip(self.blocks, mods, strict=True):
-            x = block(x, mod)
-        return self.norm(x)  # (B, T, D)
+        last = len(self.blocks) - 1
+        for i, (block, mod) in enumerate(zip(self.blocks, mods, strict=True)):
+            x = block(x, mod, last_only and i == last)
+        return self.norm(x)  # (B, T, D), or (B, 1, D) with last_only
