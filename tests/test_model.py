@@ -230,20 +230,42 @@ def test_predictor_short_path_matches_fused_attention():
 
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 12])
-def test_predictor_last_only_equals_last_row_of_full_output(T):
-    """`last_only` (what rollouts use) computes one query row in the final block: it must equal
-    the last row of the full forward, for short (written-out) and long (fused) windows."""
+@pytest.mark.parametrize("P, T", [(0, 1), (0, 3), (1, 1), (2, 1), (1, 2), (0, 12), (4, 8)])
+def test_predictor_step_equals_last_row_of_forward(P, T):
+    """`step` (what rollouts use) computes P shared tokens once per group of rows and only one
+    query row in the final block: it must equal the last row of `forward` on the whole window,
+    for short (written-out) and long (fused) windows."""
     from leworld.model.predictor import Predictor
 
     pred = Predictor(dim=32, history=12, depth=3, heads=4, head_dim=8, mlp=64).double().eval()
-    g = torch.Generator().manual_seed(T)
+    g = torch.Generator().manual_seed(10 * P + T)
     for block in pred.blocks:  # non-zero AdaLN so that every branch matters
         with torch.no_grad():
             block.adaLN[-1].weight.copy_(torch.randn(block.adaLN[-1].weight.shape, generator=g, dtype=torch.float64) * 0.5)
-    emb, act = (torch.randn(6, T, 32, generator=g, dtype=torch.float64) for _ in range(2))
-    full = pred(emb, act)
-    last = pred(emb, act, last_only=True)
-    assert last.shape == (6, 1, 32)
-    torch.testing.assert_close(last, full[:, -1:], rtol=1e-12, atol=1e-12)
-    assert (full[:, -1] - full[:, 0]).abs().max() > 1e-3 or T == 1  # the rows differ: the test can fail
+    groups, per = 3, 4  # 3 groups of 4 rows; each group shares its first P tokens
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    prefix, prefix_act = rand(groups, P, 32), rand(groups, P, 32)
+    emb, act = rand(groups * per, T, 32), rand(groups * per, T, 32)
+    whole = torch.cat([prefix.repeat_interleave(per, 0), emb], 1)
+    whole_act = torch.cat([prefix_act.repeat_interleave(per, 0), act], 1)
+    want = pred(whole, whole_act)[:, -1]
+    got = pred.step(emb, pred.modulations(act), prefix if P else None, pred.modulations(prefix_act) if P else None)
+    assert got.shape == (groups * per, 32)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the test can fail: rows of a group differ, and a prefix of another group changes the answer
+    assert (want[0] - want[1]).abs().max() > 1e-3
+    if P:
+        other = pred.step(emb, pred.modulations(act), prefix.roll(1, 0), pred.modulations(prefix_act.roll(1, 0)))
+        assert (other - got).abs().max() > 1e-3
+
+
+def test_predictor_step_rejects_bad_windows():
+    from leworld.model.predictor import Predictor
+
+    pred = Predictor(dim=16, history=3, depth=1, heads=2, head_dim=8, mlp=32)
+    with pytest.raises(ValueError, match="history 3"):
+        pred.step(torch.randn(4, 3, 16), pred.modulations(torch.randn(4, 3, 16)), torch.randn(2, 1, 16),
+                  pred.modulations(torch.randn(2, 1, 16)))
+    with pytest.raises(ValueError, match="divide"):
+        pred.step(torch.randn(5, 1, 16), pred.modulations(torch.randn(5, 1, 16)), torch.randn(2, 1, 16),
+                  pred.modulations(torch.randn(2, 1, 16)))

@@ -280,20 +280,20 @@ class LeWorldModel(nn.Module):
                 f"got {tuple(context_actions.shape)}."
             )
         h = min(H, W)  # context frames the window can see
-        ctx_act = self.encode_actions(context_actions[:, H - h :])  # (B, h-1, D)
-        fut_act = self.encode_actions(action_blocks).reshape(B * S, T, D)  # (B*S, T, D)
-        ctx_act = ctx_act[:, None].expand(B, S, h - 1, D).reshape(B * S, h - 1, D)  # (B*S, h-1, D)
-        acts = torch.cat([ctx_act, fut_act], dim=1)  # (B*S, h-1+T, D): block i follows frame i
-        ctx = context_emb[:, H - h :, None].expand(B, h, S, D)  # (B, h, S, D)
-        ctx = ctx.transpose(1, 2).reshape(B * S, h, D)  # (B*S, h, D)
-        frames = list(ctx.unbind(1))  # h x (B*S, D)
-        mods = self.predictor.modulations(acts)  # per block (B*S, h-1+T, 6D): once, not once per step
+        ctx = context_emb[:, H - h :]  # (B, h, D)
+        ctx_mods = self.predictor.modulations(self.encode_actions(context_actions[:, H - h :]))  # per block (B, h-1, 6D)
+        fut_mods = self.predictor.modulations(self.encode_actions(action_blocks).reshape(B * S, T, D))  # (B*S, T, 6D)
+        # modulations once per rollout, not once per step. Token j of the sequence is frame j with
+        # block j; tokens j < h - 1 (context frame and context block) are the same for all S samples.
+        frames = list(ctx[:, None].expand(B, S, h, D).reshape(B * S, h, D).unbind(1))  # h x (B*S, D)
         for t in range(T):
-            n = len(frames)  # frames so far: h + t
-            lo = max(0, n - W)
-            window = torch.stack(frames[lo:], dim=1)  # (B*S, <=W, D)
-            out = self.predictor(window, modulations=[m[:, lo:n] for m in mods], last_only=True)  # (B*S, 1, D)
-            frames.append(self.pred_proj(out[:, 0]))  # (B*S, D): frame n
+            n = h + t  # frames so far
+            lo = max(0, n - W)  # the window is tokens lo .. n-1
+            mid = max(lo, h - 1)  # tokens lo .. mid-1 are shared by the samples of a row
+            prefix = (ctx[:, lo:mid], [m[:, lo:mid] for m in ctx_mods]) if mid > lo else (None, None)
+            window = torch.stack(frames[mid:n], dim=1)  # (B*S, n-mid, D)
+            frames.append(self.pred_proj(self.predictor.step(
+                window, [m[:, mid - (h - 1) : n - (h - 1)] for m in fut_mods], *prefix)))  # (B*S, D): frame n
         return torch.stack(frames[h:], dim=1).view(B, S, T, D)  # (B, S, T, D)
 
     def parameter_counts(self) -> dict[str, int]:

@@ -31,20 +31,25 @@ SHORT = 8  # up to this many tokens, attention is written out instead of calling
 
 def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
                            training: bool = False) -> torch.Tensor:
-    """Causal softmax attention for short sequences, q, k, v (B, nh, T, hs) -> (B, nh, T, hs).
+    """Causal softmax attention for short sequences, q (B, nh, Tq, hs), k, v (B, nh, Tk, hs) ->
+    (B, nh, Tq, hs), with Tq <= Tk: the queries are the last Tq of the Tk positions.
 
-    The same function as `scaled_dot_product_attention(..., is_causal=True)`. Fused attention
-    kernels give every (row, head) pair its own tile of 64+ tokens; a planner's rollout has
-    B*S*heads (tens of thousands to millions) of pairs with T <= history tokens, where that
-    wastes nearly all the work. Written as broadcast products and sums, the few T x T scores
+    With Tq = Tk the same function as `scaled_dot_product_attention(..., is_causal=True)`. Fused
+    attention kernels give every (row, head) pair its own tile of 64+ tokens; a planner's rollout
+    has B*S*heads (tens of thousands to millions) of pairs with T <= history tokens, where that
+    wastes nearly all the work. Written as broadcast products and sums, the few Tq x Tk scores
     become elementwise work that torch.compile fuses into a handful of kernels.
     """
-    T = q.shape[-2]
-    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5  # (B, nh, T, T): query i, key j
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # (T, T): key after query
-    weights = scores.masked_fill(future, float("-inf")).softmax(-1)  # (B, nh, T, T)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5  # (B, nh, Tq, Tk)
+    weights = scores.masked_fill(future_mask(Tq, Tk, q.device), float("-inf")).softmax(-1)  # (B, nh, Tq, Tk)
     weights = F.dropout(weights, dropout, training)
-    return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)  # (B, nh, T, hs)
+    return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)  # (B, nh, Tq, hs)
+
+
+def future_mask(Tq: int, Tk: int, device) -> torch.Tensor:
+    """(Tq, Tk) bool, True where key j comes after query i; query i sits at position Tk - Tq + i."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).triu(Tk - Tq + 1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,36 +62,44 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(heads * head_dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D), or with `last_only` the last token's output (B, 1, D).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        return self.attend(*self.project(x))
 
-        `last_only` computes the query (and everything after attention) for the last token
-        alone; it attends to every token, so it equals the last row of the full output.
-        """
+    def project(self, x: torch.Tensor, first_query: int = 0):
+        """x (B, T, D) -> q (B, nh, T - first_query, hs) or None when first_query = T, and k, v
+        (B, nh, T, hs): queries only for the tokens whose outputs are needed."""
         B, T, _ = x.shape
-        if last_only:
-            return self._forward_last(x)
-        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-        p = self.dropout if self.training else 0.0
-        if T <= SHORT:
-            y = short_causal_attention(q, k, v, p, self.training)  # (B, nh, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)  # (B, T, nh*hs)
-        return self.proj_drop(self.proj(y))  # (B, T, D)
-
-    def _forward_last(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
+        split = (B, T, 3, self.heads, self.head_dim)
+        if first_query == 0:
+            return self.qkv(x).view(split).permute(2, 0, 3, 1, 4).unbind(0)
         inner = self.heads * self.head_dim
         w, b = self.qkv.weight, self.qkv.bias  # rows: q, then k, then v
-        q = F.linear(x[:, -1], w[:inner], b[:inner]).view(B, self.heads, self.head_dim)  # (B, nh, hs)
-        kv = F.linear(x, w[inner:], b[inner:]).view(B, T, 2, self.heads, self.head_dim)  # (B, T, 2, nh, hs)
-        k, v = kv.unbind(2)  # each (B, T, nh, hs)
-        scores = (q.unsqueeze(1) * k).sum(-1) * self.head_dim ** -0.5  # (B, T, nh): the last query sees all
-        weights = F.dropout(scores.softmax(1), self.dropout, self.training)  # (B, T, nh)
-        y = (weights.unsqueeze(-1) * v).sum(1).reshape(B, 1, inner)  # (B, 1, nh*hs)
-        return self.proj_drop(self.proj(y))  # (B, 1, D)
+        k, v = F.linear(x, w[inner:], b[inner:]).view(B, T, 2, *split[3:]).permute(2, 0, 3, 1, 4).unbind(0)
+        if first_query >= T:
+            return None, k, v
+        q = F.linear(x[:, first_query:], w[:inner], b[:inner]).view(B, T - first_query, *split[3:])
+        return q.transpose(1, 2), k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, nh, Tq, hs) for the last Tq of the Tk positions of k, v (B, nh, Tk, hs) -> (B, Tq, D)."""
+        B, _, Tq, _ = q.shape
+        Tk = k.shape[2]
+        p = self.dropout if self.training else 0.0
+        if Tk <= SHORT:
+            y = short_causal_attention(q, k, v, p, self.training)  # (B, nh, Tq, hs)
+        elif Tq == Tk:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        else:  # is_causal aligns the mask top-left; the queries here are the last positions
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=~future_mask(Tq, Tk, q.device), dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, Tq, self.heads * self.head_dim)  # (B, Tq, nh*hs)
+        return self.proj_drop(self.proj(y))  # (B, Tq, D)
+
+
+def _broadcast_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B, ...) -> (rows, ...), each of the B entries repeated for rows // B consecutive rows."""
+    B = t.shape[0]
+    return t.unsqueeze(1).expand(B, rows // B, *t.shape[1:]).reshape(rows, *t.shape[1:])
 
 
 class AdaLNBlock(nn.Module):
@@ -102,19 +115,45 @@ class AdaLNBlock(nn.Module):
         )
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) tokens, mod (B, T, 6D) = `self.adaLN(c)` of the per-token condition c -> (B, T, D).
 
         The modulation is passed in, not c, so that a rollout computes it once for every action
-        block instead of once per step (`Predictor.modulations`). With `last_only` only the last
-        token's output (B, 1, D) is computed: the other tokens serve as keys and values only.
+        block instead of once per step (`Predictor.modulations`).
         """
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # 6 x (B, T, D)
-        attn = self.attn(modulate(self.norm1(x), shift_a, scale_a), last_only)  # (B, T or 1, D)
-        if last_only:
-            x, gate_a, shift_m, scale_m, gate_m = (t[:, -1:] for t in (x, gate_a, shift_m, scale_m, gate_m))
-        x = x + gate_a * attn
+        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+    def step(self, x: torch.Tensor, mod: torch.Tensor, prefix: torch.Tensor | None = None,
+             prefix_mod: torch.Tensor | None = None, last: bool = False):
+        """The block in a rollout step, where many rows share their first tokens.
+
+        x (N, T, D), mod (N, T, 6D): the tokens that differ between rows. prefix (B, P, D),
+        prefix_mod (B, P, 6D) or None: tokens that precede x and are the same for each group of
+        N // B consecutive rows; they are computed once per group and attended to by all of its
+        rows. With `last` (the final block) only the last token's output is computed.
+        Returns (x (N, T or 1, D), prefix (B, P, D) or None): the same numbers as `forward` on
+        the concatenated tokens.
+        """
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # 6 x (N, T, D)
+        T = x.shape[1]
+        q, k, v = self.attn.project(modulate(self.norm1(x), shift_a, scale_a), T - 1 if last else 0)
+        if prefix is not None:
+            p_shift_a, p_scale_a, p_gate_a, p_shift_m, p_scale_m, p_gate_m = prefix_mod.chunk(6, dim=-1)
+            P = prefix.shape[1]
+            pq, pk, pv = self.attn.project(modulate(self.norm1(prefix), p_shift_a, p_scale_a), P if last else 0)
+            k = torch.cat([_broadcast_rows(pk, len(x)), k], dim=2)  # (N, nh, P + T, hs)
+            v = torch.cat([_broadcast_rows(pv, len(x)), v], dim=2)
+            if last:
+                prefix = None  # its keys and values were all the final block needed
+            else:
+                prefix = prefix + p_gate_a * self.attn.attend(pq, pk, pv)
+                prefix = prefix + p_gate_m * self.mlp(modulate(self.norm2(prefix), p_shift_m, p_scale_m))
+        if last:
+            x, gate_a, shift_m, scale_m, gate_m = (t[:, -1:] for t in (x, gate_a, shift_m, scale_m, gate_m))
+        x = x + gate_a * self.attn.attend(q, k, v)
+        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m)), prefix
 
 
 class Predictor(nn.Module):
@@ -163,12 +202,10 @@ class Predictor(nn.Module):
         return [block.adaLN(act_emb) for block in self.blocks]
 
     def forward(self, emb: torch.Tensor, act_emb: torch.Tensor | None = None,
-                modulations: list[torch.Tensor] | None = None, last_only: bool = False) -> torch.Tensor:
+                modulations: list[torch.Tensor] | None = None) -> torch.Tensor:
         """emb (B, T, D) frame embeddings, act_emb (B, T, D) conditions -> (B, T, D).
 
         Instead of `act_emb`, `modulations` (per block (B, T, 6D), from `modulations`) may be given.
-        `last_only` returns the prediction of the last position only, (B, 1, D): what a rollout
-        needs. Its final block then runs one query and one MLP row instead of T.
         """
         if (act_emb is None) == (modulations is None):
             raise ValueError("Predictor.forward takes exactly one of act_emb and modulations.")
@@ -180,7 +217,30 @@ class Predictor(nn.Module):
             )
         x = emb + self.pos_embed[:, :T]  # (B, T, D)
         mods = self.modulations(act_emb) if modulations is None else modulations
+        for block, mod in zip(self.blocks, mods, strict=True):
+            x = block(x, mod)
+        return self.norm(x)  # (B, T, D)
+
+    def step(self, emb: torch.Tensor, modulations: list[torch.Tensor], prefix: torch.Tensor | None = None,
+             prefix_modulations: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The prediction at the last position of a window, as a rollout needs it: (N, D).
+
+        emb (N, T, D) and `modulations` (per block (N, T, 6D)) are the window's tokens that
+        differ between rows. prefix (B, P, D) with `prefix_modulations` (per block (B, P, 6D)),
+        or None, are the window's first P tokens where they are the same for each group of
+        N // B consecutive rows (a planner's samples of one environment share their observed
+        context): they are computed once per group. Equals `forward` on the whole window, last
+        position, but the final block computes one query and one MLP row instead of P + T.
+        """
+        P = 0 if prefix is None else prefix.shape[1]
+        T = emb.shape[1]
+        if P + T > self.history or (P and len(emb) % len(prefix)):
+            raise ValueError(f"step got a window of {P} shared + {T} tokens for {len(emb)} rows "
+                             f"(history {self.history}, shared rows must divide them)")
+        x = emb + self.pos_embed[:, P:P + T]  # (N, T, D)
+        if prefix is not None:
+            prefix = prefix + self.pos_embed[:, :P]  # (B, P, D)
         last = len(self.blocks) - 1
-        for i, (block, mod) in enumerate(zip(self.blocks, mods, strict=True)):
-            x = block(x, mod, last_only and i == last)
-        return self.norm(x)  # (B, T, D), or (B, 1, D) with last_only
+        for i, (block, mod) in enumerate(zip(self.blocks, modulations, strict=True)):
+            x, prefix = block.step(x, mod, prefix, None if prefix is None else prefix_modulations[i], i == last)
+        return self.norm(x[:, 0])  # (N, D)
