@@ -39,7 +39,7 @@ class LeWMModule(L.LightningModule):
     def __init__(self, model: LeWMConfig = LeWMConfig(), lambda_sigreg: float = 0.09, lr: float = 5e-5,
                  weight_decay: float = 1e-3, warmup_fraction: float = 0.01, num_directions: int = 1024,
                  num_knots: int = 17, t_max: float = 3.0, sigreg_seed: int = 0,
-                 collapse_rank_fraction: float = 0.05):
+                 collapse_rank_fraction: float = 0.05, compile: bool | str = False):
         """
         Args:
             model: architecture of the world model (defaults: the paper's ViT-Tiny LeWM).
@@ -53,6 +53,12 @@ class LeWMModule(L.LightningModule):
             sigreg_seed: seed of the SIGReg directions (combined with the global step).
             collapse_rank_fraction: warn when the effective rank of batch embeddings falls below this
                 fraction of the embedding dimension.
+            compile: torch.compile the network's parts (encoder, projector, action encoder,
+                predictor and its projector) in place when training starts: True, or a mode such as
+                "max-autotune-no-cudagraphs". In place means the same parameter names, so checkpoints
+                and exported models are those of an uncompiled run. SIGReg stays eager. On an H100
+                at paper config the training step is 1.8x faster (docs/benchmarks.md); the first
+                steps wait for the compiler.
         """
         super().__init__()
         self.config = model if isinstance(model, LeWMConfig) else LeWMConfig.from_dict(model)
@@ -60,6 +66,17 @@ class LeWMModule(L.LightningModule):
         self.hparams["model"] = self.config.to_dict()  # plain data: checkpoints load without unpickling objects
         self.model = LeWorldModel(self.config)
         self._collapse_warned = False
+
+    def configure_model(self) -> None:
+        """Compile the network in place if asked (`compile`); Lightning calls this before training."""
+        mode = self.hparams.compile
+        if not mode or getattr(self, "_compiled", False):
+            return
+        kwargs = {} if mode is True else {"mode": str(mode)}
+        for part in (self.model.encoder, self.model.projector, self.model.action_encoder, self.model.predictor,
+                     self.model.pred_proj):
+            part.compile(**kwargs)  # nn.Module.compile: wraps the call, keeps the state-dict keys
+        self._compiled = True
 
     # ---------------------------------------------------------------- data hand-off
     def setup(self, stage: str) -> None:

@@ -119,6 +119,23 @@ def test_mlp_fits_a_nonlinear_function_much_better_than_the_linear_probe():
     assert 1 <= mlp.best_epoch <= mlp.epochs_run <= 150
 
 
+def test_mlp_is_no_worse_than_the_linear_probe_when_the_truth_is_linear():
+    """A few informative directions among many noisy ones (like a low-rank embedding): the MLP
+    probe starts from the linear fit, so its extra freedom must not cost held-out accuracy."""
+    rng = np.random.default_rng(1)
+    n, d = 2500, 96
+    latent = rng.normal(size=(n, 3))
+    x = np.c_[latent, 0.3 * rng.normal(size=(n, d - 3))] @ rng.normal(size=(d, d))  # mixed: no dim is clean
+    y = latent[:, :2] + 0.05 * rng.normal(size=(n, 2))  # (N, 2), linear in x up to noise
+    train, val = slice(0, 2000), slice(2000, None)
+    groups = np.arange(2000) // 10
+    linear = fit_linear(x[train], y[train], groups=groups)
+    mlp = fit_mlp(x[train], y[train], epochs=100, groups=groups)
+    lin_mse = ((linear.predict(x[val]) - y[val]) ** 2).mean()
+    mlp_mse = ((mlp.predict(x[val]) - y[val]) ** 2).mean()
+    assert mlp_mse < 1.1 * lin_mse, (mlp_mse, lin_mse)
+
+
 def test_mlp_is_seeded_and_leaves_the_global_torch_state_alone():
     rng = np.random.default_rng(0)
     x, groups = rng.normal(size=(200, 6)), np.arange(200) // 5
@@ -175,7 +192,10 @@ def test_probe_fits_on_training_episodes_and_scores_on_validation_episodes(datas
     assert set(episode_of_row[train_rows]) == set(train_eps.tolist())
     assert set(episode_of_row[val_rows]) == set(val_eps.tolist())
     assert not set(episode_of_row[train_rows]) & set(episode_of_row[val_rows])
-    assert len(fitted) == 2 and all(np.array_equal(rows, train_rows) for rows in fitted)
+    # the linear probe and the MLP probe see all training rows; the MLP's own linear base sees
+    # the training rows outside its held-out episodes; nothing sees a validation row
+    assert len(fitted) == 3 and sum(np.array_equal(rows, train_rows) for rows in fitted) == 2
+    assert all(set(rows.tolist()) <= set(train_rows.tolist()) for rows in fitted)
     assert result["frames"] == {"train": 5 * len(train_eps), "val": 5 * len(val_eps),
                                 "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
 

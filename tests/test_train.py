@@ -169,3 +169,26 @@ def test_two_process_ddp_training_runs(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert load_model(tmp_path / "runs" / "tworoom_tiny" / "version_0" / "model").config.embed_dim == 32
+
+
+def test_compiled_training_matches_eager_and_exports_the_same_keys(data_path, tmp_path):
+    """`compile=True` compiles the network in place: the same losses as eager (to float32
+    rounding) and an exported model with the same parameter names that loads without the compiler."""
+    def run(root, compile):
+        L.seed_everything(0)
+        module, dm = make(data_path, root, compile=compile, lambda_sigreg=0.09)
+        rec = LossRecorder()
+        trainer(root, max_steps=3, callbacks=[rec], enable_checkpointing=False).fit(module, dm)
+        return module, rec.losses
+
+    eager, eager_losses = run(tmp_path / "eager", False)
+    compiled, compiled_losses = run(tmp_path / "compiled", True)
+    parts = lambda m: [m.model.encoder, m.model.projector, m.model.action_encoder, m.model.predictor, m.model.pred_proj]
+    assert all(p._compiled_call_impl is not None for p in parts(compiled))
+    assert all(p._compiled_call_impl is None for p in parts(eager))
+    np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()
+    exported = load_model(tmp_path / "compiled" / "model")
+    pixels = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
+    compiled.model.eval()
+    torch.testing.assert_close(exported.encode(pixels), compiled.model.encode(pixels), rtol=1e-5, atol=1e-5)
