@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Push-T at the paper's architecture on one GPU, end to end in one command of under 10 minutes:
+# data generated on that machine, training, then planning under paper-v3 beside the baselines,
+# and probing. Numbers land in $OUT (or bench/out): plan.json, probe.json and the logs.
+#   bash bench/gpu_wheels.sh                 # here, once: the wheels the GPU image lacks, in .whl/
+#   bash bench/pusht_gpu.sh                  # there, with .whl carried along
+#   QUICK=1 bash bench/pusht_gpu.sh          # tiny sizes and a few steps, to check it on a CPU
+# Knobs (environment variables): EPISODES (2000), RES (224), MINUTES of training (4.5),
+# STEPS (4000: the cosine schedule's length; training stops at MINUTES if that comes first),
+# LR (2e-4: more than the paper's 5e-5, which is tuned for hours, not minutes), LAMBDA (0.09).
+# Each stage has its own time limit, so a slow stage cannot take the results of the others with it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/out}"
+mkdir -p "$out" data
+py="${PYTHON:-python3}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+limit() { local s=$1; shift; timeout "$s" "$@" || echo "stage stopped (exit $?, limit ${s}s): $*"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+"$py" -c "import torch, pymunk, pygame, gymnasium; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+if [ -n "${QUICK:-}" ]; then
+  config=configs/pusht_tiny.yaml episodes=${EPISODES:-24} res=${RES:-64} minutes=${MINUTES:-1} steps=${STEPS:-20}
+  lr=${LR:-1e-3} extra=(--data.num_workers 1 --trainer.limit_val_batches 2)
+  plan_extra=(--num-episodes 4 --iterations 2) compile=false
+else
+  config=configs/pusht.yaml episodes=${EPISODES:-2000} res=${RES:-224} minutes=${MINUTES:-4.5} steps=${STEPS:-4000}
+  lr=${LR:-2e-4} extra=(--data.num_workers 12 --trainer.limit_val_batches 20 --trainer.check_val_every_n_epoch null
+    --trainer.val_check_interval 1000)
+  plan_extra=(--amp) compile=true
+fi
+data="data/pusht_gpu_${res}_${episodes}.h5"
+name="pusht_gpu_${res}"
+secs=$("$py" -c "print(int(float('$minutes') * 60))")
+max_time=$("$py" -c "s=$secs; print(f'00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}')")
+
+# 1. data: mix-policy episodes of 100 steps, all cores
+if [ ! -f "$data" ]; then
+  start=$(date +%s)
+  limit 150 "$py" -m leworld.data.collect --env pusht --episodes "$episodes" --steps 100 --resolution "$res" \
+    --policy mix --seed 0 --out "$data" --quiet 2>&1 | tee "$out/collect.log"
+  echo "collect: $(( $(date +%s) - start )) s" | tee -a "$out/collect.log"
+fi
+
+# 2. training: the config's architecture; the schedule is STEPS long, the run at most MINUTES
+start=$(date +%s)
+limit $((secs + 90)) "$py" train.py fit --config "$config" --data.path "$data" \
+  --data.generate.episodes "$episodes" --data.generate.steps 100 --data.generate.resolution "$res" \
+  --model.model.image_size "$res" --model.lr "$lr" --model.lambda_sigreg "${LAMBDA:-0.09}" \
+  --model.compile "$compile" --trainer.max_steps "$steps" --trainer.max_epochs -1 --trainer.max_time "$max_time" \
+  --trainer.enable_progress_bar false --trainer.logger.init_args.name "$name" "${extra[@]}" \
+  > "$out/train.log" 2>&1
+echo "train: $(( $(date +%s) - start )) s" >> "$out/train.log"
+tail -4 "$out/train.log"
+run_dir=$(ls -d runs/"$name"/version_* 2>/dev/null | sort -V | tail -1)
+[ -n "$run_dir" ] && cp "$run_dir"/events.out.tfevents.* "$out/" 2>/dev/null
+
+# 3. planning under paper-v3 beside the baselines, then 4. probing
+limit 150 "$py" plan.py --model "runs/$name" --protocol paper-v3 --no-progress --out "$out/plan.json" \
+  "${plan_extra[@]}" 2>&1 | tee "$out/plan.log"
+limit 90 "$py" -m leworld.probe --model "runs/$name" --no-progress --out "$out/probe.json" 2>&1 | tail -6 \
+  | tee "$out/probe.log"
