@@ -152,6 +152,12 @@ def run_policy(name: str, policy, env, pairs, budget: int, record: bool, progres
            "seconds": result.seconds, "env_steps_per_s": result.env_steps / max(result.seconds, 1e-9),
            "per_episode": [{"success": bool(s), "already": bool(a), "first_success_step": int(f)}
                            for s, a, f in zip(result.success, result.already, result.first_success)]}
+    if result.final_errors is not None:  # how far from the goal each episode ended, and came closest
+        for i, episode in enumerate(row["per_episode"]):
+            episode["final_errors"] = {k: round(float(v[i]), 3) for k, v in result.final_errors.items()}
+            episode["min_errors"] = {k: round(float(v[i]), 3) for k, v in result.min_errors.items()}
+        row["median_final_errors"] = {k: float(np.median(v)) for k, v in result.final_errors.items()}
+        row["median_min_errors"] = {k: float(np.median(v)) for k, v in result.min_errors.items()}
     if isinstance(policy, MPCPolicy):
         ms = np.asarray(policy.plan_seconds) * 1000.0
         per_plan = ms / len(pairs.episode)  # one call plans every env of the batch
@@ -176,6 +182,13 @@ def print_table(protocol, rows: list[dict], seed: int, out: Path) -> None:
         print(f"{r['policy']:<16}{100 * r['rate']:8.1f}%  [{100 * lo:4.1f}, {100 * hi:5.1f}]  "
               f"{100 * ex['rate']:9.1f}% (n={ex['episodes']:>3}) {ms}{r['env_steps_per_s']:9.0f}")
     print(f"already successful at the start: {rows[0]['already_successful']} of {rows[0]['episodes']}")
+    if all("median_final_errors" in r for r in rows):
+        keys = list(rows[0]["median_final_errors"])
+        print(f"\nmedian distance to the goal, at the end / closest over the episode")
+        print(f"{'policy':<16}" + "".join(f"{k:>14}" for k in keys))
+        for r in rows:
+            end, best = r["median_final_errors"], r["median_min_errors"]
+            print(f"{r['policy']:<16}" + "".join(f"{f'{end[k]:.1f} / {best[k]:.1f}':>14}" for k in keys))
     print(f"results: {out}")
 
 

@@ -162,6 +162,15 @@ class PushTBatch:
         """(N,) bool: the success test of LEWM.md section 6 against the current goals."""
         return is_success(self.get_state(), self._goal)
 
+    def goal_errors(self) -> dict[str, np.ndarray]:
+        """Per env, the distances to the goal that the success test combines: the norm of the
+        4-vector (agent xy, block xy) ("pose_px", < 20 for success), its agent and block parts,
+        and the wrapped block angle error in degrees ("angle_deg", < 20 for success)."""
+        state, goal = self.get_state(), self._goal
+        pose, angle = pose_error(state, goal)
+        return {"pose_px": pose, "agent_px": np.linalg.norm(state[:, :2] - goal[:, :2], axis=1),
+                "block_px": np.linalg.norm(state[:, 2:4] - goal[:, 2:4], axis=1), "angle_deg": np.degrees(angle)}
+
     # -------------------------------------------------------------------------------- dynamics
     def step(self, actions) -> dict:
         """Advance every env by one control step (10 sub-steps); actions (N, 2) are clipped to [-1, 1]."""

@@ -156,8 +156,12 @@ class TwoRoomBatch:
 
     def success(self) -> np.ndarray:
         """(N,) bool: agent closer than `success_radius` to its target."""
+        return self.goal_errors()["agent_px"] < self.success_radius
+
+    def goal_errors(self) -> dict[str, np.ndarray]:
+        """What the success test measures, per env: {"agent_px": (N,) distance to the target}."""
         s = self._state
-        return np.hypot(s[:, 0] - s[:, 2], s[:, 1] - s[:, 3]) < self.success_radius
+        return {"agent_px": np.hypot(s[:, 0] - s[:, 2], s[:, 1] - s[:, 3])}
 
     def set_colour(self, rgb, index=None) -> None:
         """Perturbation: paint the agent `rgb` (0-255) in envs `index` (int, sequence or None = all)."""

@@ -181,6 +181,20 @@ def test_baselines_on_identical_pairs(tworoom_data):
     assert again.success.mean() == rates["random"]  # seeded
 
 
+def test_episode_errors_track_the_distance_to_the_goal(tworoom_data):
+    """run_episodes reports each episode's final and smallest distance to the goal: the final one
+    is that of the final state, the smallest one decides success (Two-Room: < 16 px)."""
+    store = EpisodeStore(tworoom_data)
+    pairs = sample_pairs(store, get_protocol("paper-v1-tworoom").replace(num_episodes=24), seed=0, val_fraction=0.5)
+    env = envs.make_batch("tworoom", 24, resolution=RES, seed=0)
+    res = run_episodes(env, make_baseline("random", "tworoom", seed=0), pairs, 60, progress=False)
+    final = np.hypot(res.final_state[:, 0] - res.final_state[:, 2], res.final_state[:, 1] - res.final_state[:, 3])
+    np.testing.assert_allclose(res.final_errors["agent_px"], final, rtol=1e-12)
+    assert (res.min_errors["agent_px"] <= res.final_errors["agent_px"]).all()
+    np.testing.assert_array_equal(res.success, res.min_errors["agent_px"] < env.success_radius)
+    assert 0 < res.success.sum() < 24 and (res.min_errors["agent_px"] < res.final_errors["agent_px"]).any()
+
+
 # ------------------------------------------------------------------------------------------ plan.py
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tworoom_data) -> Path:
@@ -217,6 +231,11 @@ def test_plan_cli_writes_complete_results(tmp_path, tiny_model_dir):
     model_row = res["results"][0]
     assert model_row["planning"]["calls"] == 2 and model_row["planning"]["plans"] == 6  # 50 steps: 2 x 25
     assert len(model_row["per_episode"]) == 3 and len(res["pairs"]) == 3
+    for e in model_row["per_episode"]:
+        assert set(e["final_errors"]) == set(e["min_errors"]) == {"agent_px"}
+        assert e["min_errors"]["agent_px"] <= e["final_errors"]["agent_px"]
+        assert e["success"] == (e["min_errors"]["agent_px"] < 16)
+    assert "median distance to the goal" in proc.stdout
     gifs = sorted(Path(res["videos"]).glob("ep*.gif"))
     assert len(gifs) == 3
     outcome = {f"ep{i:03d}": ("success" if e["success"] else "failure") for i, e in enumerate(model_row["per_episode"])}

@@ -236,6 +236,24 @@ def test_success_threshold_and_angle_wrap_around():
     assert env.success().tolist() == [True, False]
 
 
+def test_goal_errors_are_the_parts_of_the_success_test():
+    rng = np.random.default_rng(0)
+    env = make(64)
+    env.reset()
+    goals = env.get_state() + np.c_[rng.normal(0, 12, size=(64, 4)), rng.normal(0, 0.4, size=64), np.zeros((64, 2))]
+    env.set_goal(goals)
+    err, state = env.goal_errors(), env.get_state()
+    for i in range(64):  # against a direct computation, one env at a time
+        d = state[i, :4] - goals[i, :4]
+        assert math.isclose(err["pose_px"][i], math.sqrt((d ** 2).sum()), rel_tol=1e-12)
+        assert math.isclose(err["agent_px"][i], math.hypot(*d[:2]), rel_tol=1e-12)
+        assert math.isclose(err["block_px"][i], math.hypot(*d[2:]), rel_tol=1e-12)
+        wrapped = abs((state[i, 4] - goals[i, 4] + math.pi) % (2 * math.pi) - math.pi)
+        assert math.isclose(err["angle_deg"][i], math.degrees(wrapped), rel_tol=1e-9, abs_tol=1e-9)
+    np.testing.assert_array_equal(env.success(), (err["pose_px"] < 20) & (err["angle_deg"] < 20))
+    assert 0 < env.success().sum() < 64  # both outcomes occur: the comparison above can fail
+
+
 # --------------------------------------------------------------------------------- rendering
 @pytest.mark.parametrize("resolution", [64, 96, 224])
 def test_render_draws_objects_at_scaled_places(resolution):

@@ -35,6 +35,8 @@ class EpisodeResults:
     env_steps: int  # env steps in total (N x budget)
     goal_frames: np.ndarray  # (N, R, R, 3) the goal images
     frames: np.ndarray | None  # (N, budget + 1, R, R, 3) when recorded
+    final_errors: dict[str, np.ndarray] | None = None  # env.goal_errors() after the last step, each (N,)
+    min_errors: dict[str, np.ndarray] | None = None  # each error's smallest value over steps 0..budget
 
 
 def run_episodes(env, policy, pairs, budget: int, record: bool = False, progress: bool = True,
@@ -51,6 +53,8 @@ def run_episodes(env, policy, pairs, budget: int, record: bool = False, progress
     already = success.copy()
     first = np.where(success, 0, -1)
     frames = [obs["pixels"].copy()] if record else None
+    errors = getattr(env, "goal_errors", None)  # per-env distances to the goal, where the env reports them
+    lowest = {k: v.copy() for k, v in errors().items()} if errors else None
     env_seconds = 0.0
     for step in tqdm(range(1, budget + 1), desc=desc, unit="step", disable=not progress, leave=False):
         action = policy.act(env, obs)
@@ -60,10 +64,14 @@ def run_episodes(env, policy, pairs, budget: int, record: bool = False, progress
         now = env.success()
         first = np.where(now & (first < 0), step, first)
         success |= now
+        if errors:
+            final = errors()
+            lowest = {k: np.minimum(lowest[k], v) for k, v in final.items()}
         if record:
             frames.append(obs["pixels"].copy())
+    final = errors() if errors else None
     return EpisodeResults(success, already, first, env.get_state(), time.perf_counter() - t0, env_seconds,
-                          n * budget, goal_frames, np.stack(frames, 1) if record else None)
+                          n * budget, goal_frames, np.stack(frames, 1) if record else None, final, lowest)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
