@@ -26,6 +26,9 @@ limit 140 "$py" bench/plan_latency.py --config $plan --batch $batches --iteratio
 # 2. training step, compiled, with a per-kernel profile
 limit 110 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile \
   --profile "$out/train_profile.txt" --json "$out/train.jsonl"
+# 2b. the training step compiled as train.py --model.compile true does it (parts in place)
+limit 110 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile-parts \
+  --json "$out/train.jsonl"
 # 3. planning without compilation (bf16) for comparison
 limit 50 "$py" bench/plan_latency.py --config $plan --batch $batches --iterations $iters --repeats $((reps > 3 ? 3 : reps)) \
   --warmup 1 --amp --json "$out/plan.jsonl"

@@ -32,7 +32,7 @@ def load_settings(path: str) -> tuple[dict, dict, dict]:
 
 
 def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: bool, device: str,
-        compile_mode: str | None = None, profile: str | None = None) -> dict:
+        compile_mode: str | None = None, profile: str | None = None, compile_parts: bool = False) -> dict:
     arch, module_args, data = load_settings(config)
     batch_size = batch_size or data["batch_size"]
     T = data["num_frames"]
@@ -49,7 +49,10 @@ def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: b
         "action": torch.randn(batch_size, T - 1, cfg.action_block_dim, generator=g).to(device),
     }
     lam = module.hparams.lambda_sigreg
-    losses = torch.compile(module.losses, mode=compile_mode) if compile else module.losses
+    if compile_parts:  # what `train.py --model.compile true` does: the network's parts, in place
+        module.hparams.compile = compile_mode or True
+        module.configure_model()
+    losses = torch.compile(module.losses, mode=compile_mode) if compile and not compile_parts else module.losses
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
     def step():
@@ -92,7 +95,7 @@ def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: b
         name = f"cpu ({torch.get_num_threads()} threads)"
     params = sum(p.numel() for p in module.parameters())
     return {"config": config, "device": name, "batch_size": batch_size, "frames": T, "compile": compile,
-            "compile_mode": compile_mode,
+            "compile_mode": compile_mode, "compile_parts": compile_parts,
             "params_M": round(params / 1e6, 3), "step_s": seconds, "clips_per_s": batch_size / seconds,
             "peak_memory_GiB": peak, "loss": float(loss.detach()), "torch": torch.__version__}
 
@@ -103,7 +106,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
-    p.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss computation as one function")
+    p.add_argument("--compile-parts", action="store_true",
+                   help="compile as training does (LeWMModule(compile=True)): each part of the network in place")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--coordinate-descent", action="store_true",
                    help="let inductor tune its generated kernels' launch configs (longer compile)")
@@ -122,12 +127,13 @@ def main() -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
-    r = run(args.config, args.steps, args.warmup, args.batch_size, args.compile or bool(args.compile_mode),
-            args.device, args.compile_mode, args.profile)
+    r = run(args.config, args.steps, args.warmup, args.batch_size,
+            args.compile or args.compile_parts or bool(args.compile_mode), args.device, args.compile_mode, args.profile,
+            args.compile_parts)
     r["coordinate_descent"], r["cudnn_sdp"] = args.coordinate_descent, not args.no_cudnn_sdp
     mem = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
     print(f"{r['config']}: {r['params_M']}M params, batch {r['batch_size']}x{r['frames']} on {r['device']}"
-          f"{' (compiled' + (', ' + r['compile_mode'] if r['compile_mode'] else '') + (', coordinate descent' if args.coordinate_descent else '') + (', no cuDNN attention' if args.no_cudnn_sdp else '') + ')' if r['compile'] else ''}: {r['step_s'] * 1000:.1f} ms/step, "
+          f"{' (compiled' + (', ' + r['compile_mode'] if r['compile_mode'] else '') + (', parts in place' if r['compile_parts'] else '') + (', coordinate descent' if args.coordinate_descent else '') + (', no cuDNN attention' if args.no_cudnn_sdp else '') + ')' if r['compile'] else ''}: {r['step_s'] * 1000:.1f} ms/step, "
           f"{r['clips_per_s']:,.1f} clips/s, {mem} {r['peak_memory_GiB']:.2f} GiB")
     if args.json:
         with open(args.json, "a") as f:

@@ -57,8 +57,9 @@ class LeWMModule(L.LightningModule):
                 predictor and its projector) in place when training starts: True, or a mode such as
                 "max-autotune-no-cudagraphs". In place means the same parameter names, so checkpoints
                 and exported models are those of an uncompiled run. SIGReg stays eager. On an H100
-                at paper config the training step is 1.8x faster (docs/benchmarks.md); the first
-                steps wait for the compiler.
+                at paper config, compiling the loss as one function made the step 1.8x faster
+                (docs/benchmarks.md; `bench/train_throughput.py --compile-parts` measures this
+                option itself). The first steps wait for the compiler.
         """
         super().__init__()
         self.config = model if isinstance(model, LeWMConfig) else LeWMConfig.from_dict(model)
