@@ -54,7 +54,8 @@ def run_episodes(env, policy, pairs, budget: int, record: bool = False, progress
     first = np.where(success, 0, -1)
     frames = [obs["pixels"].copy()] if record else None
     errors = getattr(env, "goal_errors", None)  # per-env distances to the goal, where the env reports them
-    lowest = {k: v.copy() for k, v in errors().items()} if errors else None
+    final = errors() if errors else None
+    lowest = {k: v.copy() for k, v in final.items()} if errors else None
     env_seconds = 0.0
     for step in tqdm(range(1, budget + 1), desc=desc, unit="step", disable=not progress, leave=False):
         action = policy.act(env, obs)
@@ -69,7 +70,6 @@ def run_episodes(env, policy, pairs, budget: int, record: bool = False, progress
             lowest = {k: np.minimum(lowest[k], v) for k, v in final.items()}
         if record:
             frames.append(obs["pixels"].copy())
-    final = errors() if errors else None
     return EpisodeResults(success, already, first, env.get_state(), time.perf_counter() - t0, env_seconds,
                           n * budget, goal_frames, np.stack(frames, 1) if record else None, final, lowest)
 
