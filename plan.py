@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--receding-horizon", type=int, help="blocks executed before replanning (default: horizon)")
     p.add_argument("--cost", default="terminal", choices=("terminal", "sum"))
     p.add_argument("--warm-start", action="store_true", help="start each plan from the rest of the previous one")
+    p.add_argument("--deadline", action="store_true",
+                   help="shrink plans toward the protocol's budget: each plan ends at the goal by the last step "
+                        "(shrinking-horizon MPC; the paper plans a full horizon every time)")
     p.add_argument("--compile", action="store_true", help="torch.compile the rollout")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile mode of the rollout (implies --compile); reduce-overhead = CUDA graphs")
@@ -231,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             planner = make_planner(args.planner, **planner_kwargs(args, env_name))
             policy = MPCPolicy(model, planner, args.horizon, args.receding_horizon, args.cost,
                                warm_start=args.warm_start, compile=args.compile, amp=args.amp, device=device,
-                               seed=args.seed, compile_mode=args.compile_mode)
+                               seed=args.seed, compile_mode=args.compile_mode,
+                               deadline=protocol.budget if args.deadline else None)
             settings, label = policy.settings(), f"model ({args.planner})"
         else:
             policy, label = make_baseline(name, env_name, seed=args.seed), name

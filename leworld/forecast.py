@@ -181,7 +181,9 @@ def forecast(model, store, env: str | None = None, horizon: int = 5, num_clips: 
     for start in tqdm(range(0, len(picked), batch_size), desc="forecast", unit="batch", disable=not progress):
         batch = clips.__getitems__(picked[start : start + batch_size].tolist())
         emb, pred = forecast_clips(model, batch, horizon)
-        embs.append(emb), preds.append(pred), states.append(batch["state"].numpy().astype(np.float64))
+        embs.append(emb)
+        preds.append(pred)
+        states.append(batch["state"].numpy().astype(np.float64))
     emb, pred, state = np.concatenate(embs), np.concatenate(preds), np.concatenate(states)  # (N, H+T, D) ...
     seconds = time.perf_counter() - t0
     now = H - 1  # index of the last context frame

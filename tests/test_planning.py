@@ -182,6 +182,40 @@ def test_mpc_keeps_history_and_replans_every_receding_horizon():
     assert torch.equal(init1[:, 1:], torch.zeros_like(init1[:, 1:]))  # warm start: the rest, then zeros
 
 
+def test_mpc_deadline_shrinks_each_plan_to_the_blocks_left():
+    """frameskip 3, horizon 3, replanning every block, deadline 14 env steps: plans at steps
+    0, 3, 6, 9, 12 have ceil((14 - step) / 3) blocks, capped at 3: 3, 3, 3, 2, 1; the warm start
+    is the rest of the previous plan, cut or padded with zeros to the new horizon."""
+    model = tiny_model(history=2)
+    calls = []
+
+    class Recorder(CEM):
+        def plan(self, problem, init=None, g=None):
+            calls.append((problem.horizon, None if init is None else init.clone()))
+            out = super().plan(problem, init, g)
+            plans.append(out.clone())
+            return out
+
+    plans = []
+    env = FakeEnv(2)
+    policy = MPCPolicy(model, Recorder(num_samples=8, topk=2, iterations=1), horizon=3, receding_horizon=1,
+                       warm_start=True, deadline=14)
+    assert policy.settings()["deadline"] == 14
+    policy.reset(env)
+    for _ in range(16):  # past the deadline, plans keep one block
+        policy.act(env, env.obs())
+    assert [c[0] for c in calls] == [3, 3, 3, 2, 1, 1]
+    for (horizon, init), previous in zip(calls[1:], plans[:-1]):
+        rest = previous[:, 1:1 + horizon]  # the unexecuted tail, cut to the new horizon
+        assert torch.equal(init[:, : rest.shape[1]], rest)
+        assert torch.equal(init[:, rest.shape[1]:], torch.zeros_like(init[:, rest.shape[1]:]))
+    policy.reset(env)  # a new episode starts the count again
+    assert policy.plan_horizon() == 3
+    with pytest.raises(ValueError, match="deadline"):
+        MPCPolicy(model, CEM(), deadline=0)
+    assert MPCPolicy(model, CEM(), horizon=4).plan_horizon() == 4  # no deadline: the paper's full horizon
+
+
 def test_planning_loop_does_not_sync_with_the_host(monkeypatch):
     """Reading a tensor value back (.item/.tolist/bool/...) inside plan() would stall a GPU."""
     model = tiny_model()

@@ -18,6 +18,11 @@ blocks is empty it plans `horizon` blocks from the last `history` frames and the
 between them, queues the first `receding_horizon` (default: all of them, as the paper), and
 hands them out one env step at a time, de-normalised and clipped to the action bounds.
 All envs of the batch are planned together in one call.
+
+With a `deadline` (env steps, e.g. the protocol's budget) the plans shrink toward it: each plan
+covers min(horizon, ceil(steps left / frameskip)) blocks, so its terminal cost asks for the goal
+by the deadline instead of always `horizon` blocks ahead (shrinking-horizon MPC). Without it, a
+planner that replans every block keeps the goal `horizon` blocks away and need never arrive.
 """
 from __future__ import annotations
 
@@ -46,12 +51,17 @@ class MPCPolicy:
         amp: plan under bfloat16 autocast on CUDA (costs are still summed in float32).
         device: where planning runs (default: the model's device).
         seed: seed of the planner's random stream, restarted by `reset`.
+        deadline: env steps from `reset` by which the goal should be reached: plans shrink to the
+            blocks left (at least one). None (default, the paper): every plan has `horizon` blocks.
     """
 
     def __init__(self, model, planner, horizon: int = 5, receding_horizon: int | None = None,
                  cost: str = "terminal", action_low: float = -1.0, action_high: float = 1.0,
                  warm_start: bool = False, compile: bool = False, amp: bool = False, device=None, seed: int = 0,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, deadline: int | None = None):
+        if deadline is not None and int(deadline) < 1:
+            raise ValueError(f"deadline must be a positive number of env steps or None, got {deadline}")
+        self.deadline = None if deadline is None else int(deadline)
         receding_horizon = horizon if receding_horizon is None else int(receding_horizon)
         if not 1 <= receding_horizon <= horizon:
             raise ValueError(f"need 1 <= receding_horizon <= horizon, got {receding_horizon} and {horizon}")
@@ -71,7 +81,7 @@ class MPCPolicy:
         return {"horizon": self.horizon, "receding_horizon": self.receding_horizon, "cost": self.cost,
                 "warm_start": self.warm_start, "compile": self.compile,
                 "compile_mode": self.compile_mode, "amp": self.amp, "seed": self.seed,
-                **self.planner.settings()}
+                "deadline": self.deadline, **self.planner.settings()}
 
     def _encode(self, pixels) -> torch.Tensor:
         x = torch.as_tensor(np.ascontiguousarray(pixels), device=self.device)  # (N, Hp, Wp, C) uint8
@@ -86,20 +96,30 @@ class MPCPolicy:
         self.queue: list[torch.Tensor] = []  # planned blocks still to execute
         self.rest: torch.Tensor | None = None  # the unexecuted tail of the last plan
         self.step_in_block = 0
+        self.steps = 0  # env steps since reset
         self.g = torch.Generator(self.device).manual_seed(self.seed)
+
+    def plan_horizon(self) -> int:
+        """Blocks in the next plan: `horizon`, or fewer when the deadline is nearer."""
+        if self.deadline is None:
+            return self.horizon
+        left = max(self.deadline - self.steps, 1)
+        return max(1, min(self.horizon, -(-left // self.model.config.frameskip)))
 
     @torch.no_grad()
     def plan(self) -> torch.Tensor:
-        """Plan from the current history; returns normalised blocks (N, T, frameskip*A)."""
+        """Plan from the current history; returns normalised blocks (N, T, frameskip*A), T = `plan_horizon()`."""
+        horizon = self.plan_horizon()
         h = min(len(self.frames), self.model.config.history)
         context = torch.stack(self.frames[-h:], dim=1)  # (N, h, D)
         context_actions = torch.stack(self.blocks[-(h - 1):], dim=1) if h > 1 else None  # (N, h-1, fs*A)
-        problem = LatentProblem(self.model, context, self.goal, self.horizon, context_actions,
+        problem = LatentProblem(self.model, context, self.goal, horizon, context_actions,
                                 self.action_low, self.action_high, self.cost, self._rollout)
         init = None
         if self.warm_start and self.rest is not None:
-            pad = self.horizon - self.rest.shape[1]
-            init = torch.cat([self.rest, self.rest.new_zeros(self.rest.shape[0], pad, self.rest.shape[2])], 1)
+            rest = self.rest[:, :horizon]
+            pad = horizon - rest.shape[1]
+            init = torch.cat([rest, rest.new_zeros(rest.shape[0], pad, rest.shape[2])], 1)
         sync = self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
@@ -129,4 +149,5 @@ class MPCPolicy:
             self.raw_block = raw.view(-1, c.frameskip, c.action_dim).cpu().numpy()  # (N, fs, A)
         action = self.raw_block[:, self.step_in_block]
         self.step_in_block = (self.step_in_block + 1) % c.frameskip
+        self.steps += 1
         return action
