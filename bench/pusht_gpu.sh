@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Push-T at the paper's architecture on one GPU, end to end in one command of under 10 minutes:
 # data generated on that machine, training, then planning under paper-v3 beside the baselines,
-# and probing. Numbers land in $OUT (or bench/out): plan.json, probe.json and the logs.
+# probing, and planning again toward the budget's deadline. Numbers land in $OUT (or bench/out):
+# plan.json, probe.json, plan_deadline.json and the logs.
 #   bash bench/gpu_wheels.sh                 # here, once: the wheels the GPU image lacks, in .whl/
 #   bash bench/pusht_gpu.sh                  # there, with .whl carried along
 #   QUICK=1 bash bench/pusht_gpu.sh          # tiny sizes and a few steps, to check it on a CPU
@@ -67,3 +68,8 @@ limit 150 "$py" plan.py --model "runs/$name" --protocol paper-v3 --no-progress -
   "${plan_extra[@]}" 2>&1 | tee "$out/plan.log"
 limit 90 "$py" -m leworld.probe --model "runs/$name" --no-progress --out "$out/probe.json" 2>&1 | tail -6 \
   | tee "$out/probe.log"
+
+# 5. planning again, replanning after every block toward the budget's deadline (docs/results.md, Push-T)
+limit 100 "$py" plan.py --model "runs/$name" --protocol paper-v3 --no-progress --no-baselines \
+  --receding-horizon 1 --warm-start --iterations 10 --deadline --out "$out/plan_deadline.json" \
+  "${plan_extra[@]}" 2>&1 | tail -8 | tee "$out/plan_deadline.log"
