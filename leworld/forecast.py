@@ -36,7 +36,6 @@ Protocol `forecast-v1`:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,10 +44,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from leworld.checkpoint import find_model, load_model
 from leworld.data.clips import ClipDataset, split_episodes
-from leworld.data.store import DatasetError, EpisodeStore
-from leworld.probe import QUANTITIES, LinearProbe, embed_frames, fit_linear, pearson, select_frames, targets
+from leworld.probe import (
+    QUANTITIES, LinearProbe, embed_frames, fit_linear, open_model_and_data, pearson, select_frames, targets,
+)
 from leworld.results import package_version, sha256_file, write_json
 
 PROTOCOL = "forecast-v1"
@@ -259,28 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    model_dir = find_model(args.model)  # a run directory (runs/<name>) means its newest model
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise SystemExit(f"error: no exported model at {model_dir} (expected a directory with model.safetensors "
-                         "and config.json, e.g. runs/pusht_tiny/version_0/model)")
-    try:
-        model = load_model(model_dir, map_location=args.device).eval()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    extra = json.loads((model_dir / "config.json").read_text()).get("extra", {})
-    data = extra.get("data", {})
-    data_path = args.data or data.get("path")
-    if data_path is None:
-        raise SystemExit(f"error: {model_dir}/config.json names no dataset (extra.data.path): pass --data")
-    try:
-        store = EpisodeStore(data_path)
-    except DatasetError as e:
-        hint = "" if args.data else f" (the path is extra.data.path in {model_dir}/config.json; --data overrides it)"
-        raise SystemExit(f"error: {e}{hint}") from None
-    model_env, data_env = extra.get("dataset", {}).get("env"), store.metadata.get("env")
-    if model_env is not None and data_env != model_env:
-        raise SystemExit(f"error: the model was trained on {model_env} but {data_path} holds {data_env} "
-                         "episodes: pass the model's own dataset with --data")
+    model_dir, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
     val_fraction, split_seed = data.get("val_fraction", 0.1), data.get("split_seed", 0)
     try:
         result = forecast(model, store, env=data_env, horizon=args.horizon, num_clips=args.num_clips,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from contextlib import contextmanager
@@ -366,31 +365,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    model_dir = find_model(args.model)  # a run directory (runs/<name>) means its newest model
+def open_model_and_data(model_arg, data_arg=None, device: str = "cpu"):
+    """The command-line loading shared by `leworld.probe` and `leworld.forecast`: an exported model
+    (or a run directory: its newest model) in eval mode and its dataset (`data_arg` or the one its
+    config.json names), checked to be of the same env. Returns (model_dir, model, store, data_path,
+    data_env, the config's extra.data dict); every problem exits with a clear error."""
+    model_dir = find_model(model_arg)  # a run directory (runs/<name>) means its newest model
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise SystemExit(f"error: no exported model at {model_dir} (expected a directory with model.safetensors "
                          "and config.json, e.g. runs/tworoom_tiny/version_0/model)")
     try:
-        model = load_model(model_dir, map_location=args.device)
+        model = load_model(model_dir, map_location=device).eval()
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     extra = json.loads((model_dir / "config.json").read_text()).get("extra", {})
     data = extra.get("data", {})
-    data_path = args.data or data.get("path")
+    data_path = data_arg or data.get("path")
     if data_path is None:
         raise SystemExit(f"error: {model_dir}/config.json names no dataset (extra.data.path): pass --data")
     try:
         store = EpisodeStore(data_path)
     except DatasetError as e:
-        hint = "" if args.data else f" (the path is extra.data.path in {model_dir}/config.json; --data overrides it)"
+        hint = "" if data_arg else f" (the path is extra.data.path in {model_dir}/config.json; --data overrides it)"
         raise SystemExit(f"error: {e}{hint}") from None
     model_env, data_env = extra.get("dataset", {}).get("env"), store.metadata.get("env")
     if model_env is not None and data_env != model_env:
         raise SystemExit(f"error: the model was trained on {model_env} but {data_path} holds {data_env} "
                          "episodes: pass the model's own dataset with --data")
+    return model_dir, model, store, data_path, data_env, data
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    model_dir, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
     val_fraction = data.get("val_fraction", 0.1) if args.val_fraction is None else args.val_fraction
     split_seed = data.get("split_seed", 0) if args.split_seed is None else args.split_seed
     try:
