@@ -39,7 +39,8 @@ class LeWMModule(L.LightningModule):
     def __init__(self, model: LeWMConfig = LeWMConfig(), lambda_sigreg: float = 0.09, lr: float = 5e-5,
                  weight_decay: float = 1e-3, warmup_fraction: float = 0.01, num_directions: int = 1024,
                  num_knots: int = 17, t_max: float = 3.0, sigreg_seed: int = 0,
-                 collapse_rank_fraction: float = 0.05, compile: bool | str = False):
+                 collapse_rank_fraction: float = 0.05, compile: bool | str = False,
+                 lambda_schedule: list[tuple[int, float]] | None = None):
         """
         Args:
             model: architecture of the world model (defaults: the paper's ViT-Tiny LeWM).
@@ -60,8 +61,13 @@ class LeWMModule(L.LightningModule):
                 at paper config, compiling the loss as one function made the step 1.8x faster
                 (docs/benchmarks.md; `bench/train_throughput.py --compile-parts` measures this
                 option itself). The first steps wait for the compiler.
+            lambda_schedule: changes of the SIGReg weight during training, as (global step, weight)
+                pairs with increasing steps: from each step on, that weight replaces `lambda_sigreg`.
+                For example [[6000, 0.003]] trains with `lambda_sigreg` for 6,000 optimiser steps and
+                0.003 after. The loss keeps its two terms; only their balance moves. None: constant.
         """
         super().__init__()
+        self._lambda_steps, self._lambda_values = _check_lambda_schedule(lambda_schedule)
         self.config = model if isinstance(model, LeWMConfig) else LeWMConfig.from_dict(model)
         self.save_hyperparameters(ignore=["model"])
         self.hparams["model"] = self.config.to_dict()  # plain data: checkpoints load without unpickling objects
@@ -115,7 +121,8 @@ class LeWMModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         pred_loss, reg, emb = self.losses(batch)
-        loss = pred_loss + self.hparams.lambda_sigreg * reg
+        weight = self.lambda_at(self.global_step)
+        loss = pred_loss + weight * reg
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step} (pred_loss {pred_loss.item():.4g}, "
@@ -123,11 +130,22 @@ class LeWMModule(L.LightningModule):
             )
         self._log_all("train", loss, pred_loss, reg, emb)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
+        if self._lambda_steps:
+            self.log("train/lambda_sigreg", weight, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         pred_loss, reg, emb = self.losses(batch)
-        self._log_all("val", pred_loss + self.hparams.lambda_sigreg * reg, pred_loss, reg, emb)
+        self._log_all("val", pred_loss + self.lambda_at(self.global_step) * reg, pred_loss, reg, emb)
+
+    def lambda_at(self, step: int) -> float:
+        """The SIGReg weight in force at optimiser step `step` (`lambda_sigreg`, then `lambda_schedule`)."""
+        weight = float(self.hparams.lambda_sigreg)
+        for start, value in zip(self._lambda_steps, self._lambda_values):
+            if step < start:
+                break
+            weight = value
+        return weight
 
     # ---------------------------------------------------------------- monitoring
     def _log_all(self, split: str, loss, pred_loss, reg, emb) -> None:
@@ -186,6 +204,29 @@ class LeWMModule(L.LightningModule):
                  "dataset": getattr(dm, "metadata", None), "data": _data_settings(dm)}
         export_model(self.model, directory, extra=extra)
         print(f"exported the model to {directory}")
+
+
+def _check_lambda_schedule(schedule) -> tuple[list[int], list[float]]:
+    """Validates the SIGReg weight schedule; returns the change steps and weights."""
+    if schedule is None:
+        return [], []
+    steps, values = [], []
+    for item in schedule:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2):
+            raise ValueError(f"lambda_schedule entries are [step, weight] pairs, got {item!r}: "
+                             f"write e.g. lambda_schedule: [[6000, 0.003]]")
+        step, value = item
+        if isinstance(step, float) and step.is_integer():
+            step = int(step)
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"lambda_schedule step must be an integer >= 0, got {step!r}")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"lambda_schedule weight must be a finite number >= 0, got {value!r} at step {step}")
+        if steps and step <= steps[-1]:
+            raise ValueError(f"lambda_schedule steps must increase, got {step} after {steps[-1]}")
+        steps.append(step)
+        values.append(float(value))
+    return steps, values
 
 
 def _data_settings(dm) -> dict | None:

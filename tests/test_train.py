@@ -119,6 +119,39 @@ def test_nan_loss_stops_with_a_clear_error(data_path, tmp_path):
         trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, dm)
 
 
+class StepMetrics(L.Callback):
+    """Records the logged per-step loss terms and SIGReg weight."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        self.rows.append({k: float(m[f"train/{k}"]) for k in ("loss", "pred_loss", "sigreg", "lambda_sigreg")})
+
+
+def test_lambda_schedule_switches_the_sigreg_weight_at_the_given_steps(data_path, tmp_path):
+    module, dm = make(data_path, tmp_path, lambda_sigreg=0.5, lambda_schedule=[[2, 2.0], [4, 0.0]])
+    rec = StepMetrics()
+    trainer(tmp_path, max_steps=6, callbacks=[rec], enable_checkpointing=False).fit(module, dm)
+    expected = [0.5, 0.5, 2.0, 2.0, 0.0, 0.0]
+    assert [r["lambda_sigreg"] for r in rec.rows] == expected
+    for r, w in zip(rec.rows, expected):  # the optimised loss uses the weight in force
+        assert r["loss"] == pytest.approx(r["pred_loss"] + w * r["sigreg"], rel=1e-6, abs=1e-7)
+    assert rec.rows[-1]["sigreg"] > 0  # the last steps really drop a non-zero term
+    assert [module.lambda_at(s) for s in (0, 1, 2, 3, 4, 10**6)] == [0.5, 0.5, 2.0, 2.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("schedule, match", [([[5, 0.1], [5, 0.2]], "must increase"),
+                                             ([[-1, 0.1]], "integer >= 0"),
+                                             ([[5, -0.1]], "finite number >= 0"),
+                                             ([[5, float("nan")]], "finite number >= 0"),
+                                             ([5, 0.1], r"\[step, weight\] pairs")])
+def test_bad_lambda_schedule_is_a_clear_error(schedule, match):
+    with pytest.raises(ValueError, match=match):
+        LeWMModule(LeWMConfig(**TINY), lambda_schedule=schedule)
+
+
 def test_config_that_does_not_match_the_data_is_refused(data_path, tmp_path):
     module = LeWMModule(LeWMConfig(**{**TINY, "image_size": 64, "frameskip": 4}))
     dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=8, num_workers=0)
