@@ -159,8 +159,10 @@ def run_policy(name: str, policy, env, pairs, budget: int, record: bool, progres
         for i, episode in enumerate(row["per_episode"]):
             episode["final_errors"] = {k: round(float(v[i]), 3) for k, v in result.final_errors.items()}
             episode["min_errors"] = {k: round(float(v[i]), 3) for k, v in result.min_errors.items()}
+            episode["start_errors"] = {k: round(float(v[i]), 3) for k, v in result.start_errors.items()}
         row["median_final_errors"] = {k: float(np.median(v)) for k, v in result.final_errors.items()}
         row["median_min_errors"] = {k: float(np.median(v)) for k, v in result.min_errors.items()}
+        row["median_start_errors"] = {k: float(np.median(v)) for k, v in result.start_errors.items()}
     if isinstance(policy, MPCPolicy):
         ms = np.asarray(policy.plan_seconds) * 1000.0
         per_plan = ms / len(pairs.episode)  # one call plans every env of the batch
@@ -192,6 +194,9 @@ def print_table(protocol, rows: list[dict], seed: int, out: Path) -> None:
         for r in rows:
             end, best = r["median_final_errors"], r["median_min_errors"]
             print(f"{r['policy']:<16}" + "".join(f"{f'{end[k]:.1f} / {best[k]:.1f}':>14}" for k in keys))
+        start = rows[0].get("median_start_errors")
+        if start:  # the same pairs for every policy: how far the goals were to begin with
+            print(f"{'(at the start)':<16}" + "".join(f"{start[k]:>14.1f}" for k in keys))
     print(f"results: {out}")
 
 

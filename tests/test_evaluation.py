@@ -190,6 +190,10 @@ def test_episode_errors_track_the_distance_to_the_goal(tworoom_data):
     res = run_episodes(env, make_baseline("random", "tworoom", seed=0), pairs, 60, progress=False)
     final = np.hypot(res.final_state[:, 0] - res.final_state[:, 2], res.final_state[:, 1] - res.final_state[:, 3])
     np.testing.assert_allclose(res.final_errors["agent_px"], final, rtol=1e-12)
+    # how far each goal was at the start, from the pairs' own states (Two-Room state: agent xy, target xy)
+    start = np.hypot(pairs.start_state[:, 0] - pairs.goal_state[:, 0], pairs.start_state[:, 1] - pairs.goal_state[:, 1])
+    np.testing.assert_allclose(res.start_errors["agent_px"], start, rtol=1e-9, atol=1e-9)
+    assert (res.min_errors["agent_px"] <= res.start_errors["agent_px"]).all() and start.max() > 1
     assert (res.min_errors["agent_px"] <= res.final_errors["agent_px"]).all()
     np.testing.assert_array_equal(res.success, res.min_errors["agent_px"] < env.success_radius)
     assert 0 < res.success.sum() < 24 and (res.min_errors["agent_px"] < res.final_errors["agent_px"]).any()
@@ -232,8 +236,8 @@ def test_plan_cli_writes_complete_results(tmp_path, tiny_model_dir):
     assert model_row["planning"]["calls"] == 2 and model_row["planning"]["plans"] == 6  # 50 steps: 2 x 25
     assert len(model_row["per_episode"]) == 3 and len(res["pairs"]) == 3
     for e in model_row["per_episode"]:
-        assert set(e["final_errors"]) == set(e["min_errors"]) == {"agent_px"}
-        assert e["min_errors"]["agent_px"] <= e["final_errors"]["agent_px"]
+        assert set(e["final_errors"]) == set(e["min_errors"]) == set(e["start_errors"]) == {"agent_px"}
+        assert e["min_errors"]["agent_px"] <= min(e["final_errors"]["agent_px"], e["start_errors"]["agent_px"])
         assert e["success"] == (e["min_errors"]["agent_px"] < 16)
     assert "median distance to the goal" in proc.stdout
     gifs = sorted(Path(res["videos"]).glob("ep*.gif"))

@@ -37,6 +37,7 @@ class EpisodeResults:
     frames: np.ndarray | None  # (N, budget + 1, R, R, 3) when recorded
     final_errors: dict[str, np.ndarray] | None = None  # env.goal_errors() after the last step, each (N,)
     min_errors: dict[str, np.ndarray] | None = None  # each error's smallest value over steps 0..budget
+    start_errors: dict[str, np.ndarray] | None = None  # env.goal_errors() at the start: how far each goal is
 
 
 def run_episodes(env, policy, pairs, budget: int, record: bool = False, progress: bool = True,
@@ -55,6 +56,7 @@ def run_episodes(env, policy, pairs, budget: int, record: bool = False, progress
     frames = [obs["pixels"].copy()] if record else None
     errors = getattr(env, "goal_errors", None)  # per-env distances to the goal, where the env reports them
     final = errors() if errors else None
+    start = {k: v.copy() for k, v in final.items()} if errors else None
     lowest = {k: v.copy() for k, v in final.items()} if errors else None
     env_seconds = 0.0
     for step in tqdm(range(1, budget + 1), desc=desc, unit="step", disable=not progress, leave=False):
@@ -71,7 +73,7 @@ def run_episodes(env, policy, pairs, budget: int, record: bool = False, progress
         if record:
             frames.append(obs["pixels"].copy())
     return EpisodeResults(success, already, first, env.get_state(), time.perf_counter() - t0, env_seconds,
-                          n * budget, goal_frames, np.stack(frames, 1) if record else None, final, lowest)
+                          n * budget, goal_frames, np.stack(frames, 1) if record else None, final, lowest, start)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
