@@ -1,0 +1,122 @@
+"""Success split by how far each goal was at the start, from a `plan.py` results JSON.
+
+Example:
+    python -m leworld.evaluation.breakdown runs/plan/pusht-paper-v3-model-seed0.json --split angle_deg:20
+
+A protocol's pairs mix easy and hard goals. `plan.py` records, per episode, the env's goal errors
+at the start (`start_errors`: Two-Room `agent_px`; Push-T `pose_px`, `agent_px`, `block_px`,
+`angle_deg`). This splits the pairs at a threshold of one of them, the same pairs for every policy
+in the file, and prints each policy's success on both groups with 95% Wilson intervals. For
+Push-T, `--split angle_deg:20` separates the goals that need the block turned by more than the
+success test's 20 degrees from those that do not. `--out` writes the split as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from leworld.evaluation.evaluate import wilson_interval
+
+
+def parse_split(text: str) -> tuple[str, float]:
+    """'angle_deg:20' -> ('angle_deg', 20.0), with a clear error for anything else."""
+    key, sep, value = text.partition(":")
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = float("nan")
+    if not sep or not key or not np.isfinite(threshold):
+        raise ValueError(f"--split must be KEY:THRESHOLD, e.g. angle_deg:20, got {text!r}")
+    return key, threshold
+
+
+def breakdown(results: dict, key: str, threshold: float) -> dict:
+    """Per policy of a results JSON, success on the pairs whose start error `key` is <= / > `threshold`.
+
+    Returns {"key", "threshold", "pairs": {"at_most": n, "above": n}, "policies": [{"policy",
+    "at_most": {...}, "above": {...}}]}, each group with episodes, successes, rate and ci95.
+    """
+    rows = results.get("results") or []
+    if not rows:
+        raise ValueError("the results file has no policy rows: is it a plan.py results JSON?")
+    starts = None
+    out = []
+    for row in rows:
+        episodes = row.get("per_episode") or []
+        if not episodes or any("start_errors" not in e for e in episodes):
+            raise ValueError(f"policy {row.get('policy')!r} has no per-episode start_errors: rerun plan.py "
+                             f"(files written before start_errors was recorded lack them)")
+        available = sorted(episodes[0]["start_errors"])
+        if key not in available:
+            raise ValueError(f"no start error named {key!r}; this file has {available}")
+        s = np.array([e["start_errors"][key] for e in episodes], dtype=float)
+        if starts is not None and (len(s) != len(starts) or not np.allclose(s, starts)):
+            raise ValueError("the policies of this file were not run on the same pairs")
+        starts = s
+        success = np.array([e["success"] for e in episodes], dtype=bool)
+        groups = {}
+        for name, mask in (("at_most", s <= threshold), ("above", s > threshold)):
+            k, n = int(success[mask].sum()), int(mask.sum())
+            groups[name] = {"episodes": n, "successes": k, "rate": k / n if n else float("nan"),
+                            "ci95": wilson_interval(k, n)}
+        out.append({"policy": row.get("policy"), **groups})
+    return {"key": key, "threshold": threshold,
+            "pairs": {"at_most": int((starts <= threshold).sum()), "above": int((starts > threshold).sum())},
+            "policies": out}
+
+
+def print_breakdown(split: dict) -> None:
+    key, t = split["key"], split["threshold"]
+    n_low, n_high = split["pairs"]["at_most"], split["pairs"]["above"]
+    print(f"pairs by start {key}: {n_low} at most {t:g}, {n_high} above")
+    head = f"{'policy':<16}{f'{key} <= {t:g}':>26}{f'{key} > {t:g}':>26}"
+    print(head)
+    print("-" * len(head))
+    for p in split["policies"]:
+        cells = []
+        for g in ("at_most", "above"):
+            r = p[g]
+            if r["episodes"]:
+                lo, hi = r["ci95"]
+                cells.append(f"{100 * r['rate']:5.1f}% [{100 * lo:4.1f}, {100 * hi:5.1f}]")
+            else:
+                cells.append("-")
+        print(f"{p['policy']:<16}" + "".join(f"{c:>26}" for c in cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="plan.py results JSON file(s)")
+    parser.add_argument("--split", required=True, help="KEY:THRESHOLD, e.g. angle_deg:20 or agent_px:100")
+    parser.add_argument("--out", default=None, help="write the split(s) as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        key, threshold = parse_split(args.split)
+    except ValueError as e:
+        parser.error(str(e))
+    splits = []
+    for path in args.results:
+        p = Path(path)
+        if not p.is_file():
+            parser.error(f"no results file at {p}: give the JSON that plan.py printed after 'results:'")
+        try:
+            split = breakdown(json.loads(p.read_text()), key, threshold)
+        except ValueError as e:
+            parser.error(f"{p}: {e}")
+        print(f"\n{p}")
+        print_breakdown(split)
+        splits.append({"file": str(p), **split})
+    if args.out:
+        from leworld.results import write_json
+
+        write_json(args.out, {"splits": splits})
+        print(f"\nwritten: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

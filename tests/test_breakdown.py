@@ -1,0 +1,75 @@
+"""Success split by the start error of each pair (`python -m leworld.evaluation.breakdown`)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leworld.evaluation.breakdown import breakdown, parse_split
+from leworld.evaluation.evaluate import wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_results(n=40, seed=0, policies=("model (cem)", "random")) -> dict:
+    rng = np.random.default_rng(seed)
+    angle = rng.uniform(0, 180, n).round(3)
+    angle[:3] = 20.0  # on the threshold: counted as "at most"
+    rows = []
+    for name in policies:
+        success = rng.random(n) < 0.5
+        rows.append({"policy": name, "per_episode": [
+            {"success": bool(s), "start_errors": {"angle_deg": float(a), "pose_px": 50.0}}
+            for s, a in zip(success, angle)]})
+    return {"results": rows}
+
+
+def test_groups_match_a_brute_force_count():
+    res = fake_results()
+    split = breakdown(res, "angle_deg", 20.0)
+    for row, out in zip(res["results"], split["policies"]):
+        low = [e["success"] for e in row["per_episode"] if not e["start_errors"]["angle_deg"] > 20.0]
+        high = [e["success"] for e in row["per_episode"] if e["start_errors"]["angle_deg"] > 20.0]
+        assert out["at_most"]["episodes"] == len(low) and out["above"]["episodes"] == len(high)
+        assert out["at_most"]["successes"] == sum(low) and out["above"]["successes"] == sum(high)
+        assert out["above"]["rate"] == pytest.approx(sum(high) / len(high))
+        assert tuple(out["above"]["ci95"]) == wilson_interval(sum(high), len(high))
+    assert split["pairs"]["at_most"] + split["pairs"]["above"] == 40 and split["pairs"]["at_most"] >= 3
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="KEY:THRESHOLD"):
+        parse_split("angle_deg")
+    with pytest.raises(ValueError, match="KEY:THRESHOLD"):
+        parse_split("angle_deg:x")
+    with pytest.raises(ValueError, match="has \\['angle_deg', 'pose_px'\\]"):
+        breakdown(fake_results(), "agent_px", 1.0)
+    old = fake_results()
+    del old["results"][1]["per_episode"][0]["start_errors"]
+    with pytest.raises(ValueError, match="rerun plan.py"):
+        breakdown(old, "angle_deg", 20.0)
+    other = fake_results()
+    other["results"][1] = fake_results(seed=1)["results"][1]
+    with pytest.raises(ValueError, match="same pairs"):
+        breakdown(other, "angle_deg", 20.0)
+    with pytest.raises(ValueError, match="no policy rows"):
+        breakdown({}, "angle_deg", 20.0)
+
+
+def test_cli_prints_and_writes_the_split(tmp_path):
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(fake_results()))
+    out = tmp_path / "split.json"
+    cmd = [sys.executable, "-m", "leworld.evaluation.breakdown", str(src), "--split", "angle_deg:20", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "angle_deg > 20" in proc.stdout and "random" in proc.stdout
+    written = json.loads(out.read_text())["splits"][0]
+    assert written["policies"] == json.loads(json.dumps(breakdown(fake_results(), "angle_deg", 20.0)["policies"]))
+    missing = subprocess.run(cmd[:3] + [str(tmp_path / "none.json"), "--split", "angle_deg:20"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no results file" in missing.stderr
