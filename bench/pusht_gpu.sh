@@ -8,7 +8,9 @@
 #   QUICK=1 bash bench/pusht_gpu.sh          # tiny sizes and a few steps, to check it on a CPU
 # Knobs (environment variables): EPISODES (2000), RES (224), MINUTES of training (4.5),
 # STEPS (4000: the cosine schedule's length; training stops at MINUTES if that comes first),
-# LR (2e-4: more than the paper's 5e-5, which is tuned for hours, not minutes), LAMBDA (0.09).
+# LR (2e-4: more than the paper's 5e-5, which is tuned for hours, not minutes), LAMBDA (0.09),
+# SCHEDULE (a `lambda_schedule` such as '[[2000, 0.003]]'; none by default).
+# Planning, probing and deadline planning run side by side once training is done.
 # Each stage has its own time limit, so a slow stage cannot take the results of the others with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +57,7 @@ start=$(date +%s)
 limit $((secs + 90)) "$py" train.py fit --config "$config" --data.path "$data" \
   --data.generate.episodes "$episodes" --data.generate.steps 100 --data.generate.resolution "$res" \
   --model.model.image_size "$res" --model.lr "$lr" --model.lambda_sigreg "${LAMBDA:-0.09}" \
+  ${SCHEDULE:+--model.lambda_schedule "$SCHEDULE"} \
   --model.compile "$compile" --trainer.max_steps "$steps" --trainer.max_epochs -1 --trainer.max_time "$max_time" \
   --trainer.enable_progress_bar false --trainer.logger.init_args.name "$name" "${extra[@]}" \
   > "$out/train.log" 2>&1
@@ -63,13 +66,13 @@ tail -4 "$out/train.log"
 run_dir=$(ls -d runs/"$name"/version_* 2>/dev/null | sort -V | tail -1)
 [ -n "$run_dir" ] && cp "$run_dir"/events.out.tfevents.* "$out/" 2>/dev/null
 
-# 3. planning under paper-v3 beside the baselines, then 4. probing
+# 3. planning under paper-v3 beside the baselines, 4. probing, and 5. planning again, replanning
+# after every block toward the budget's deadline (docs/results.md, Push-T): side by side
 limit 150 "$py" plan.py --model "runs/$name" --protocol paper-v3 --no-progress --out "$out/plan.json" \
-  "${plan_extra[@]}" 2>&1 | tee "$out/plan.log"
-limit 90 "$py" -m leworld.probe --model "runs/$name" --no-progress --out "$out/probe.json" 2>&1 | tail -6 \
-  | tee "$out/probe.log"
-
-# 5. planning again, replanning after every block toward the budget's deadline (docs/results.md, Push-T)
-limit 100 "$py" plan.py --model "runs/$name" --protocol paper-v3 --no-progress --no-baselines \
+  "${plan_extra[@]}" > "$out/plan.log" 2>&1 &
+limit 120 "$py" -m leworld.probe --model "runs/$name" --no-progress --out "$out/probe.json" > "$out/probe.log" 2>&1 &
+limit 150 "$py" plan.py --model "runs/$name" --protocol paper-v3 --no-progress --no-baselines \
   --receding-horizon 1 --warm-start --iterations 10 --deadline --out "$out/plan_deadline.json" \
-  "${plan_extra[@]}" 2>&1 | tail -8 | tee "$out/plan_deadline.log"
+  "${plan_extra[@]}" > "$out/plan_deadline.log" 2>&1 &
+wait
+tail -12 "$out/plan.log"; tail -8 "$out/probe.log"; tail -8 "$out/plan_deadline.log"

@@ -118,14 +118,29 @@ def manual_rollout(model, context, future, context_actions):
     return out
 
 
+@pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("H", [1, 3, 4])
-def test_rollout_matches_step_by_step_predict(H):
+def test_rollout_matches_step_by_step_predict(H, share):
     model = make()
     context, future, ctx_act = torch.randn(B, H, D), blocks(B, S, 5), blocks(B, H - 1)
     with torch.no_grad():
-        got = model.rollout(context, future, ctx_act)
+        got = model.rollout(context, future, ctx_act, share_context=share)
         want = manual_rollout(model, context, future, ctx_act)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_with_and_without_shared_context_agree_in_float64():
+    """Computing the observed tokens once per row or once per sample gives the same numbers."""
+    model = make().double()
+    for m in model.modules():  # nonzero AdaLN so the actions matter
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.1)
+    context, future, ctx_act = torch.randn(B, 3, D).double(), blocks(B, S, 5).double(), blocks(B, 2).double()
+    with torch.no_grad():
+        shared = model.rollout(context, future, ctx_act, share_context=True)
+        each = model.rollout(context, future, ctx_act, share_context=False)
+    assert shared.std() > 0.1
+    torch.testing.assert_close(shared, each, rtol=1e-12, atol=1e-12)
 
 
 def test_rollout_default_context_actions_are_zeros():

@@ -88,6 +88,21 @@ def test_cem_matches_a_direct_single_problem_loop():
     assert torch.allclose(out, mean.clamp(-3, 3), atol=1e-12)
 
 
+def test_cem_with_predrawn_noise_equals_drawing_each_iteration():
+    """`plan(noise=...)` with the generator's own draws gives the same plan; a wrong shape is refused."""
+    target = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    planner = CEM(num_samples=50, topk=5, iterations=4, seed=0)
+    problem = Quadratic(target)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.stack([torch.randn((2, 50, 3, 2), generator=g, dtype=torch.float64) for _ in range(4)])
+    assert planner.noise_shape(problem) == tuple(noise.shape)
+    want = planner.plan(problem, g=torch.Generator().manual_seed(7))
+    assert torch.equal(planner.plan(problem, noise=noise), want)
+    assert not torch.equal(planner.plan(problem, noise=noise.flip(0)), want)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        planner.plan(problem, noise=noise[:3])
+
+
 def test_latent_cost_terminal_and_sum():
     pred = torch.randn(2, 3, 4, 5, dtype=torch.float64)  # (B, S, T, D)
     goal = torch.randn(2, 5, dtype=torch.float64)

@@ -251,6 +251,7 @@ class LeWorldModel(nn.Module):
         context_emb: torch.Tensor,
         action_blocks: torch.Tensor,
         context_actions: torch.Tensor | None = None,
+        share_context: bool = True,
     ) -> torch.Tensor:
         """Autoregressive prediction of T future embeddings for S action sequences per row.
 
@@ -259,6 +260,10 @@ class LeWorldModel(nn.Module):
             t-th frame from the last context frame, so block 0 conditions the first prediction.
         context_actions (B, H-1, frameskip*A) or None: normalised blocks executed after each
             context frame but the last (zeros when None).
+        share_context: compute the window's observed tokens, which are the same for all S samples
+            of a row, once per row (fewer FLOPs: what a batch of many envs wants); False computes
+            them for every sample (fewer, larger kernels: can be faster when one env's plan is a
+            chain of tiny kernels). Same numbers either way.
         Returns (B, S, T, D): predicted embeddings of the T frames after the context. Only
         the last `history` frames (and their blocks) are seen at each step (sliding window).
         """
@@ -286,6 +291,15 @@ class LeWorldModel(nn.Module):
         # modulations once per rollout, not once per step. Token j of the sequence is frame j with
         # block j; tokens j < h - 1 (context frame and context block) are the same for all S samples.
         frames = list(ctx[:, None].expand(B, S, h, D).reshape(B * S, h, D).unbind(1))  # h x (B*S, D)
+        if not share_context:  # every token's modulation per sample: token j at index j
+            mods = [torch.cat([c[:, None].expand(B, S, h - 1, 6 * D).reshape(B * S, h - 1, 6 * D), f], dim=1)
+                    for c, f in zip(ctx_mods, fut_mods, strict=True)]  # per block (B*S, h-1+T, 6D)
+            for t in range(T):
+                n = h + t
+                lo = max(0, n - W)
+                window = torch.stack(frames[lo:n], dim=1)  # (B*S, n-lo, D)
+                frames.append(self.pred_proj(self.predictor.step(window, [m[:, lo:n] for m in mods])))
+            return torch.stack(frames[h:], dim=1).view(B, S, T, D)
         for t in range(T):
             n = h + t  # frames so far
             lo = max(0, n - W)  # the window is tokens lo .. n-1

@@ -64,16 +64,29 @@ class CEM:
         return {"planner": self.name, "num_samples": self.num_samples, "topk": self.topk,
                 "iterations": self.iterations, "init_std": self.init_std, "min_std": self.min_std, "seed": self.seed}
 
+    def noise_shape(self, problem: PlanningProblem) -> tuple[int, ...]:
+        """Shape of the standard-normal draws of one plan: (iterations, B, S, T, A)."""
+        return (self.iterations, problem.batch_size, self.num_samples, problem.horizon, problem.action_dim)
+
     def plan(self, problem: PlanningProblem, init: torch.Tensor | None = None,
-             g: torch.Generator | None = None) -> torch.Tensor:
-        """Returns the final mean (B, T, A), clipped to the bounds."""
-        g = generator(problem, self.seed, g)
+             g: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns the final mean (B, T, A), clipped to the bounds.
+
+        noise: optional pre-drawn standard-normal samples (iterations, B, S, T, A), used instead
+            of drawing from `g` each iteration. With them the plan reads no generator, so a whole
+            plan can be captured as one CUDA graph (`bench/plan_latency.py --graph`).
+        """
         mean, std = start(problem, init, self.init_std)  # (B, T, A) each
         B, T, A = mean.shape
         S = self.num_samples
-        for _ in range(self.iterations):
-            noise = torch.randn((B, S, T, A), generator=g, device=mean.device, dtype=mean.dtype)
-            samples = (mean[:, None] + std[:, None] * noise).clamp(problem.low, problem.high)  # (B, S, T, A)
+        if noise is not None and tuple(noise.shape) != self.noise_shape(problem):
+            raise ValueError(f"noise must have shape (iterations, B, S, T, A) = {self.noise_shape(problem)}, "
+                             f"got {tuple(noise.shape)}")
+        g = generator(problem, self.seed, g) if noise is None else None
+        for i in range(self.iterations):
+            eps = (torch.randn((B, S, T, A), generator=g, device=mean.device, dtype=mean.dtype)
+                   if noise is None else noise[i])
+            samples = (mean[:, None] + std[:, None] * eps).clamp(problem.low, problem.high)  # (B, S, T, A)
             best = elites(samples, problem.cost(samples), self.topk)  # (B, K, T, A)
             mean, std = best.mean(1), best.std(1).clamp_min(self.min_std)  # (B, T, A) each
         return mean.clamp(problem.low, problem.high)

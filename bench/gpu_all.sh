@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Every GPU check in one command that ends within 10 minutes: planning latency at paper config
+# (CUDA graphs per rollout, the whole plan as one CUDA graph, with and without the shared
+# context), then Push-T at the paper's architecture end to end (bench/pusht_gpu.sh), its data
+# generated on the CPU cores while the latency benchmarks use the GPU.
+#   bash bench/gpu_wheels.sh                 # here, once: the wheels the GPU image lacks, in .whl/
+#   bash bench/gpu_all.sh                    # there, with .whl carried along
+#   QUICK=1 bash bench/gpu_all.sh            # tiny sizes, to check the script on a CPU (no .whl/ there)
+# BUDGET (585 s) is the whole run's length: the Push-T training gets what the other stages leave.
+# Results in $OUT (or bench/out), at most 8 files: plan_latency.jsonl, plan.json, probe.json,
+# plan_deadline.json, logs.tgz (every log and the TensorBoard events) and
+# gpu_all.log (this script's output).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+final="${OUT:-bench/out}"
+mkdir -p "$final" data
+work=$(mktemp -d)
+exec > >(tee "$final/gpu_all.log") 2>&1
+begin=$(date +%s)
+budget=${BUDGET:-585}
+py="${PYTHON:-python3}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+limit() { local s=$1; shift; timeout "$s" "$@" || echo "step stopped (exit $?, limit ${s}s): $*"; }
+elapsed() { echo $(( $(date +%s) - begin )); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+ncpu=$(nproc)
+
+if [ -n "${QUICK:-}" ]; then
+  episodes=24 res=64 plan=configs/pusht_tiny.yaml batches="1 2" iters=2 reps=1 graph=() pin=()
+else
+  episodes=${EPISODES:-2000} res=224 plan=configs/pusht.yaml batches="1 50" iters=30 reps=10 graph=(--graph) pin=()
+  # the data collector stays off the first 4 cores, which the benchmarks' Python and compiler use
+  [ "$ncpu" -ge 8 ] && command -v taskset >/dev/null && pin=(taskset -c "4-$((ncpu - 1))")
+fi
+data="data/pusht_gpu_${res}_${episodes}.h5"
+
+# 0. Push-T data in the background (CPU only)
+if [ ! -f "$data" ]; then
+  ( start=$(date +%s)
+    "${pin[@]}" "$py" -m leworld.data.collect --env pusht --episodes "$episodes" --steps 100 --resolution "$res" \
+      --policy mix --seed 0 --out "$data" --workers $(( ncpu > 4 ? ncpu - 4 : 1 )) --quiet
+    echo "collect: $(( $(date +%s) - start )) s, ended at $(elapsed) s" ) > "$work/collect.log" 2>&1 &
+  collector=$!
+fi
+
+# 1. planning latency at paper config (CEM 300 x 30, horizon 5, history 3, bf16): CUDA graphs per rollout
+jsonl="$final/plan_latency.jsonl"
+limit 130 "$py" bench/plan_latency.py --config $plan --batch $batches --iterations $iters --repeats $reps \
+  --amp --compile-mode reduce-overhead --json "$jsonl"
+echo "[$(elapsed) s]"
+if [ ${#graph[@]} -gt 0 ]; then
+  # 2. the whole plan as one CUDA graph, shared context (fewer FLOPs), then per-sample context
+  limit 100 "$py" bench/plan_latency.py --config $plan --batch $batches --iterations $iters --repeats $reps \
+    --amp --compile "${graph[@]}" --json "$jsonl"
+  echo "[$(elapsed) s]"
+  limit 70 "$py" bench/plan_latency.py --config $plan --batch 1 --iterations $iters --repeats $reps \
+    --amp --compile "${graph[@]}" --no-share --json "$jsonl"
+  echo "[$(elapsed) s]"
+fi
+[ -n "${collector:-}" ] && wait "$collector"
+cat "$work/collect.log" 2>/dev/null
+
+# 3. Push-T at the paper's architecture: training gets what is left after 120 s of evaluation
+# and 75 s of start-up (compilation) and export; its cosine schedule is as long as about 20
+# steps/s (the compiled paper-config step on an H100 with data loading) fit in that time
+left=$(( budget - $(elapsed) - 120 - 75 ))
+minutes=$("$py" -c "print(round(max(0.5, min(${MINUTES:-4.5}, $left / 60)), 2))")
+steps=$("$py" -c "print(int($minutes * 60 * 20))")
+[ -n "${QUICK:-}" ] && minutes=1 steps=20
+echo "[$(elapsed) s] training for at most $minutes min, a schedule of $steps steps"
+OUT="$work" EPISODES=$episodes RES=$res MINUTES=$minutes STEPS=$steps bash bench/pusht_gpu.sh
+for f in plan.json probe.json plan_deadline.json; do [ -f "$work/$f" ] && cp "$work/$f" "$final/"; done
+tar -czf "$final/logs.tgz" -C "$work" . && echo "done in $(elapsed) s"
