@@ -9,7 +9,8 @@
 # Knobs (environment variables): EPISODES (2000), RES (224), MINUTES of training (4.5),
 # STEPS (4000: the cosine schedule's length; training stops at MINUTES if that comes first),
 # LR (2e-4: more than the paper's 5e-5, which is tuned for hours, not minutes), LAMBDA (0.09),
-# SCHEDULE (a `lambda_schedule` such as '[[2000, 0.003]]'; none by default).
+# SCHEDULE (a `lambda_schedule` such as '[[2000, 0.003]]'; none by default), COMPILE (true: worth
+# its minute of compilation when training runs for more than about two minutes).
 # Planning, probing and deadline planning run side by side once training is done.
 # Each stage has its own time limit, so a slow stage cannot take the results of the others with it.
 set -uo pipefail
@@ -37,7 +38,7 @@ else
   config=configs/pusht.yaml episodes=${EPISODES:-2000} res=${RES:-224} minutes=${MINUTES:-4.5} steps=${STEPS:-4000}
   lr=${LR:-2e-4} extra=(--data.num_workers 12 --trainer.limit_val_batches 20 --trainer.check_val_every_n_epoch null
     --trainer.val_check_interval 1000)
-  plan_extra=(--amp) compile=true
+  plan_extra=(--amp) compile=${COMPILE:-true}
 fi
 data="data/pusht_gpu_${res}_${episodes}.h5"
 name="pusht_gpu_${res}"

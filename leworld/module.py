@@ -40,7 +40,7 @@ class LeWMModule(L.LightningModule):
                  weight_decay: float = 1e-3, warmup_fraction: float = 0.01, num_directions: int = 1024,
                  num_knots: int = 17, t_max: float = 3.0, sigreg_seed: int = 0,
                  collapse_rank_fraction: float = 0.05, compile: bool | str = False,
-                 lambda_schedule: list[tuple[int, float]] | None = None):
+                 lambda_schedule: list[tuple[int, float]] | None = None, fused: bool | None = None):
         """
         Args:
             model: architecture of the world model (defaults: the paper's ViT-Tiny LeWM).
@@ -65,6 +65,9 @@ class LeWMModule(L.LightningModule):
                 pairs with increasing steps: from each step on, that weight replaces `lambda_sigreg`.
                 For example [[6000, 0.003]] trains with `lambda_sigreg` for 6,000 optimiser steps and
                 0.003 after. The loss keeps its two terms; only their balance moves. None: constant.
+            fused: AdamW's fused kernel (one kernel for all parameters). None: on CUDA, unless a
+                float16 gradient scaler is in use (then gradients are clipped before they are
+                unscaled, which a fused optimizer cannot allow).
         """
         super().__init__()
         self._lambda_steps, self._lambda_values = _check_lambda_schedule(lambda_schedule)
@@ -167,8 +170,31 @@ class LeWMModule(L.LightningModule):
         self.log("train/grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"], on_step=True)
 
     # ---------------------------------------------------------------- optimisation
+    def _scaler(self):
+        """The float16 gradient scaler of the precision plugin, or None (float32, bfloat16)."""
+        trainer = self._trainer
+        return None if trainer is None else getattr(trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the gradients as the Trainer's `gradient_clip_val` asks, also with a fused AdamW.
+
+        Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales its own
+        gradients (a fused AdamW), since under a float16 scaler they would still be scaled here.
+        Without a scaler (bf16-mixed, the GPU default, or float32) they are the true gradients, so
+        they are clipped directly; with one, the optimizer is not fused and Lightning clips.
+        """
+        if not gradient_clip_val or self._scaler() is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self):
-        fused = self.device.type == "cuda"
+        fused = self.hparams.get("fused")
+        if fused is None:
+            fused = self.device.type == "cuda" and self._scaler() is None
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                 fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))

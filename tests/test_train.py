@@ -152,6 +152,38 @@ def test_bad_lambda_schedule_is_a_clear_error(schedule, match):
         LeWMModule(LeWMConfig(**TINY), lambda_schedule=schedule)
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_adamw_under_bf16_mixed_precision_clips_gradients(data_path, tmp_path, algorithm):
+    """The GPU setting (fused AdamW, bf16-mixed, clipping) runs, here on the CPU, and the gradients
+    the optimiser stepped with were clipped: Lightning alone refuses to clip for a fused optimiser."""
+    L.seed_everything(0)
+    module, dm = make(data_path, tmp_path, fused=True)
+    clip, seen = 1e-3, []
+
+    class Watch(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            opt = trainer.optimizers[0]
+            assert opt.defaults["fused"] is True
+            opt.register_step_post_hook(lambda o, args, kwargs: seen.append(
+                [p.grad.detach().float().clone() for g in o.param_groups for p in g["params"] if p.grad is not None]))
+
+    trainer(tmp_path, max_steps=3, precision="bf16-mixed", gradient_clip_val=clip, gradient_clip_algorithm=algorithm,
+            callbacks=[Watch()], enable_checkpointing=False).fit(module, dm)
+    assert len(seen) == 3
+    for grads in seen:
+        if algorithm == "norm":
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            assert total == pytest.approx(clip, rel=1e-3)  # the raw gradients are far larger than 1e-3
+        else:
+            assert max(float(g.abs().max()) for g in grads) == pytest.approx(clip, rel=1e-6)
+
+
+def test_adamw_is_fused_only_where_asked_or_on_cuda(data_path, tmp_path):
+    module, dm = make(data_path, tmp_path)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, dm)
+    assert module.trainer.optimizers[0].defaults["fused"] in (False, None)  # CPU, no fused asked for
+
+
 def test_config_that_does_not_match_the_data_is_refused(data_path, tmp_path):
     module = LeWMModule(LeWMConfig(**{**TINY, "image_size": 64, "frameskip": 4}))
     dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=8, num_workers=0)
