@@ -10,9 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-py="${PYTHON:-python3}"
-limit() { local s=$1; shift; timeout "$s" "$@" || echo "step stopped (exit $?, limit ${s}s): $*"; }
+. bench/gpu_setup.sh  # PYTHONPATH, limit (and the carried wheels, if any)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 if [ -n "${QUICK:-}" ]; then

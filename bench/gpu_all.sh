@@ -19,16 +19,7 @@ work=$(mktemp -d)
 exec > >(tee "$final/gpu_all.log") 2>&1
 begin=$(date +%s)
 budget=${BUDGET:-585}
-py="${PYTHON:-python3}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1
-limit() { local s=$1; shift; timeout "$s" "$@" || echo "step stopped (exit $?, limit ${s}s): $*"; }
+. bench/gpu_setup.sh  # wheels, PYTHONPATH, limit
 elapsed() { echo $(( $(date +%s) - begin )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 ncpu=$(nproc)

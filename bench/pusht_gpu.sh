@@ -17,16 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"
 mkdir -p "$out" data
-py="${PYTHON:-python3}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1
-limit() { local s=$1; shift; timeout "$s" "$@" || echo "stage stopped (exit $?, limit ${s}s): $*"; }
+. bench/gpu_setup.sh  # wheels, PYTHONPATH, limit
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 "$py" -c "import torch, pymunk, pygame, gymnasium; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
