@@ -27,6 +27,13 @@ limit 110 "$py" bench/train_throughput.py --config $train --steps $steps --warmu
 # 2b. the training step compiled as train.py --model.compile true does it (parts in place)
 limit 110 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile-parts \
   --json "$out/train.jsonl"
+# 2c. the same step through the real Trainer loop (logging, clipping, NaN check, progress bar),
+# eager and compiled, with its host-device syncs counted; the bare eager step beside it
+limit 60 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --json "$out/train.jsonl"
+limit 90 "$py" bench/train_loop.py --config $train --steps $((2 * steps)) --warmup $warm --count-syncs \
+  --json "$out/train_loop.jsonl"
+limit 150 "$py" bench/train_loop.py --config $train --steps $((2 * steps)) --warmup $warm --compile --count-syncs \
+  --json "$out/train_loop.jsonl"
 # 3. planning without compilation (bf16) for comparison
 limit 50 "$py" bench/plan_latency.py --config $plan --batch $batches --iterations $iters --repeats $((reps > 3 ? 3 : reps)) \
   --warmup 1 --amp --json "$out/plan.jsonl"

@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import grad_norm, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from leworld.model import LeWMConfig, LeWorldModel
 from leworld.sigreg import sigreg
@@ -76,6 +76,11 @@ class LeWMModule(L.LightningModule):
         self.hparams["model"] = self.config.to_dict()  # plain data: checkpoints load without unpickling objects
         self.model = LeWorldModel(self.config)
         self._collapse_warned = False
+        self._bad_step = self._bad_values = self._grad_norm = None
+        # Check for a NaN loss after every step (True), only on logging steps and before a
+        # checkpoint or the export (False), or None: every step on the CPU, where the check costs
+        # nothing, and on logging steps elsewhere, where it would stall the device.
+        self.check_finite_every_step: bool | None = None
 
     def configure_model(self) -> None:
         """Compile the network in place if asked (`compile`); Lightning calls this before training."""
@@ -126,20 +131,17 @@ class LeWMModule(L.LightningModule):
         pred_loss, reg, emb = self.losses(batch)
         weight = self.lambda_at(self.global_step)
         loss = pred_loss + weight * reg
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.global_step} (pred_loss {pred_loss.item():.4g}, "
-                f"sigreg {reg.item():.4g}): lower the learning rate or check the data for NaN actions"
-            )
-        self._log_all("train", loss, pred_loss, reg, emb)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
-        if self._lambda_steps:
-            self.log("train/lambda_sigreg", weight, on_step=True, on_epoch=False)
+        self._track_nonfinite(loss, pred_loss, reg)
+        if self._log_step():
+            self._raise_if_nonfinite()
+            self._log_train(loss, pred_loss, reg, emb, weight)
+        elif self.check_finite_every_step or (self.check_finite_every_step is None and self.device.type == "cpu"):
+            self._raise_if_nonfinite()
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         pred_loss, reg, emb = self.losses(batch)
-        self._log_all("val", pred_loss + self.lambda_at(self.global_step) * reg, pred_loss, reg, emb)
+        self._log_val(pred_loss + self.lambda_at(self.global_step) * reg, pred_loss, reg, emb)
 
     def lambda_at(self, step: int) -> float:
         """The SIGReg weight in force at optimiser step `step` (`lambda_sigreg`, then `lambda_schedule`)."""
@@ -151,23 +153,81 @@ class LeWMModule(L.LightningModule):
         return weight
 
     # ---------------------------------------------------------------- monitoring
-    def _log_all(self, split: str, loss, pred_loss, reg, emb) -> None:
-        train = split == "train"
+    # A training step reads nothing back from the device: on a GPU every read (`.item()`, a
+    # Python `if` on a tensor, an SVD, a progress-bar value held on the device) waits for all
+    # queued work and stalls the pipeline. The diagnostics are computed on the steps Lightning
+    # writes to the logger, and read back there in one copy; the values logged are CPU tensors,
+    # so the progress bar never reads the device either.
+    def _log_step(self) -> bool:
+        """Whether Lightning writes this optimiser step's metrics (every `log_every_n_steps`)."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
+
+    def _embedding_stats(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
         flat = emb.detach().flatten(0, 1).float()  # (B*T, D)
         std = flat.std(0)
-        rank = effective_rank(flat)
-        metrics = {"loss": loss, "pred_loss": pred_loss, "sigreg": reg, "emb_std_mean": std.mean(),
-                   "emb_std_min": std.min(), "effective_rank": rank}
-        for name, value in metrics.items():
-            self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "effective_rank") and train,
-                     on_step=train, on_epoch=not train, sync_dist=not train, batch_size=len(emb))
-        if train and not self._collapse_warned and rank < self.hparams.collapse_rank_fraction * flat.shape[1]:
+        return {"emb_std_mean": std.mean(), "emb_std_min": std.min(), "effective_rank": effective_rank(flat)}
+
+    def _log_train(self, loss, pred_loss, reg, emb, weight: float) -> None:
+        stats = self._embedding_stats(emb)
+        names = ["loss", "pred_loss", "sigreg", *stats]
+        values = torch.stack([t.detach().float() for t in (loss, pred_loss, reg, *stats.values())]).cpu()
+        logged = dict(zip(names, values))
+        logged["lr"] = torch.tensor(self.lr_schedulers().get_last_lr()[0])
+        if self._lambda_steps:
+            logged["lambda_sigreg"] = torch.tensor(weight)
+        for name, value in logged.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("loss", "effective_rank"), on_step=True,
+                     on_epoch=False, batch_size=len(emb))
+        rank, dim = float(logged["effective_rank"]), emb.shape[-1]
+        if not self._collapse_warned and rank < self.hparams.collapse_rank_fraction * dim:
             self._collapse_warned = True
-            rank_zero_warn(f"embedding collapse: effective rank {rank.item():.1f} of {flat.shape[1]} at step "
-                           f"{self.global_step} (per-dimension std min {std.min().item():.2e}); raise lambda_sigreg")
+            rank_zero_warn(f"embedding collapse: effective rank {rank:.1f} of {dim} at step {self.global_step} "
+                           f"(per-dimension std min {float(logged['emb_std_min']):.2e}); raise lambda_sigreg")
+
+    def _log_val(self, loss, pred_loss, reg, emb) -> None:
+        metrics = {"loss": loss, "pred_loss": pred_loss, "sigreg": reg, **self._embedding_stats(emb)}
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(emb))
+
+    def _track_nonfinite(self, loss, pred_loss, reg) -> None:
+        """Remembers, on the device, the first step whose loss was not finite (checked later, without a sync)."""
+        record = torch.stack([loss.detach().float(), pred_loss.detach().float(), reg.detach().float()])
+        if self._bad_step is None or self._bad_step.device != record.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=record.device)
+            self._bad_values = torch.zeros(3, device=record.device)
+        first = ~torch.isfinite(record[0]) & (self._bad_step < 0)
+        self._bad_step = torch.where(first, self.global_step, self._bad_step)
+        self._bad_values = torch.where(first, record, self._bad_values)
+
+    def _raise_if_nonfinite(self) -> None:
+        """Stops training if a step since the last check had a NaN or infinite loss (one device read)."""
+        if self._bad_step is None:
+            return
+        step = int(self._bad_step)
+        if step >= 0:
+            loss, pred_loss, reg = self._bad_values.tolist()
+            raise FloatingPointError(
+                f"loss is {loss} at step {step} (pred_loss {pred_loss:.4g}, sigreg {reg:.4g}; found at step "
+                f"{self.global_step}): lower the learning rate or check the data for NaN actions"
+            )
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"], on_step=True)
+        """The total gradient norm, before clipping: logged on logging steps, and reused by the
+        clipping below so that it is computed once (on the device, no sync)."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._grad_norm = None
+        trainer = self._trainer
+        clips_by_norm = (trainer is not None and bool(trainer.gradient_clip_val)
+                         and trainer.gradient_clip_algorithm in (None, "norm") and self._scaler() is None)
+        log = self._log_step()
+        if grads and (log or clips_by_norm):
+            self._grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
+            if log:
+                self.log("train/grad_norm", self._grad_norm.detach().float().cpu(), on_step=True, on_epoch=False)
 
     # ---------------------------------------------------------------- optimisation
     def _scaler(self):
@@ -188,6 +248,8 @@ class LeWMModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        elif getattr(self, "_grad_norm", None) is not None:  # computed in on_before_optimizer_step
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
@@ -210,6 +272,7 @@ class LeWMModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_nonfinite()  # never write weights that a NaN step has already spoiled
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}  # dropout continues identically on resume
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -217,7 +280,10 @@ class LeWMModule(L.LightningModule):
             torch.set_rng_state(checkpoint["rng_state"]["torch"])
 
     def on_train_end(self) -> None:
-        directory = Path(self.trainer.log_dir or ".") / "model"  # log_dir is a collective: every rank asks
+        self._raise_if_nonfinite()
+        # log_dir is a collective: every rank asks. A logger without a directory gives None: then the
+        # Trainer's default_root_dir, never the working directory.
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
         self._export(directory)
 
     @rank_zero_only

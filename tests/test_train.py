@@ -105,11 +105,11 @@ def test_effective_rank_against_direct_formula_and_extremes():
 def test_collapse_warning_fires_below_the_threshold(data_path, tmp_path):
     module, dm = make(data_path, tmp_path, collapse_rank_fraction=1.0)  # threshold = D: always "collapsed"
     with pytest.warns(UserWarning, match="embedding collapse"):
-        trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, dm)
+        trainer(tmp_path, max_steps=1, log_every_n_steps=1, enable_checkpointing=False).fit(module, dm)
     module, dm = make(data_path, tmp_path, collapse_rank_fraction=0.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, dm)
+        trainer(tmp_path, max_steps=1, log_every_n_steps=1, enable_checkpointing=False).fit(module, dm)
     assert not [w for w in caught if "embedding collapse" in str(w.message)]
 
 
@@ -117,6 +117,71 @@ def test_nan_loss_stops_with_a_clear_error(data_path, tmp_path):
     module, dm = make(data_path, tmp_path, lambda_sigreg=float("nan"))
     with pytest.raises(FloatingPointError, match="loss is nan"):
         trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, dm)
+
+
+class SpoilWeights(L.Callback):
+    """Fills one weight with NaN before training step `at`."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                next(module.model.predictor.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_is_caught_on_the_device_and_no_checkpoint_keeps_it(data_path, tmp_path):
+    """Off the CPU the NaN check reads the device only on logging steps and before a checkpoint.
+    The deferred check names the first bad step, and the checkpoint due after it is not written."""
+    module, dm = make(data_path, tmp_path)
+    module.check_finite_every_step = False  # as on a GPU
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    rec = LossRecorder()
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4 .*found at step 5"):
+        trainer(tmp_path, max_steps=20, log_every_n_steps=4, callbacks=[SpoilWeights(4), rec, ckpt]).fit(module, dm)
+    assert len(rec.losses) == 5 and np.isnan(rec.losses[4]) and np.isfinite(rec.losses[:4]).all()
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))  # the step-5 checkpoint would hold NaN weights
+
+    module, dm = make(data_path, tmp_path)
+    module.check_finite_every_step = False
+    rec = LossRecorder()
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4 .*found at step 7"):
+        trainer(tmp_path, max_steps=20, log_every_n_steps=4, callbacks=[SpoilWeights(4), rec],
+                enable_checkpointing=False).fit(module, dm)
+    assert len(rec.losses) == 7  # steps 4, 5 and 6 ran on; step 7 is a logging step and stopped
+
+
+class MemoryLogger(L.pytorch.loggers.Logger):
+    """Keeps what the Trainer writes: {step: {name: value}}."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = {}
+
+    name, version = "memory", 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.setdefault(step, {}).update(metrics)
+
+
+def test_logged_metrics_are_those_of_the_step_they_are_written_at(data_path, tmp_path):
+    """Diagnostics are computed only on the steps Lightning writes; each written value must be that step's."""
+    L.seed_everything(0)
+    module, dm = make(data_path, tmp_path)
+    rec, log = LossRecorder(), MemoryLogger()
+    trainer(tmp_path, max_steps=9, log_every_n_steps=3, logger=log, callbacks=[rec],
+            enable_checkpointing=False).fit(module, dm)
+    written = {step: row for step, row in log.rows.items() if "train/loss" in row}
+    assert sorted(written) == [2, 5, 8]
+    for step, row in written.items():
+        assert row["train/loss"] == pytest.approx(rec.losses[step], rel=1e-6)
+        assert row["train/grad_norm"] > 0 and row["train/effective_rank"] >= 1 and row["train/lr"] > 0
+    # a logger without a directory: the model is exported under the Trainer's root, not the working directory
+    assert (tmp_path / "model" / "config.json").exists()
 
 
 class StepMetrics(L.Callback):
@@ -133,7 +198,7 @@ class StepMetrics(L.Callback):
 def test_lambda_schedule_switches_the_sigreg_weight_at_the_given_steps(data_path, tmp_path):
     module, dm = make(data_path, tmp_path, lambda_sigreg=0.5, lambda_schedule=[[2, 2.0], [4, 0.0]])
     rec = StepMetrics()
-    trainer(tmp_path, max_steps=6, callbacks=[rec], enable_checkpointing=False).fit(module, dm)
+    trainer(tmp_path, max_steps=6, log_every_n_steps=1, callbacks=[rec], enable_checkpointing=False).fit(module, dm)
     expected = [0.5, 0.5, 2.0, 2.0, 0.0, 0.0]
     assert [r["lambda_sigreg"] for r in rec.rows] == expected
     for r, w in zip(rec.rows, expected):  # the optimised loss uses the weight in force
