@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from leworld import load_model
 from leworld.data.collect import collect
@@ -182,6 +184,53 @@ def test_logged_metrics_are_those_of_the_step_they_are_written_at(data_path, tmp
         assert row["train/grad_norm"] > 0 and row["train/effective_rank"] >= 1 and row["train/lr"] > 0
     # a logger without a directory: the model is exported under the Trainer's root, not the working directory
     assert (tmp_path / "model" / "config.json").exists()
+
+
+class HostReads(L.Callback):
+    """Counts, per training step (from one step's start to the next), the reads of a tensor's value
+    back to Python (`.item()`, `bool(tensor)`, `float(tensor)`: on a GPU each one waits for the
+    device), leaving out Lightning's conversion of logged values for the logger and progress bar."""
+
+    class Mode(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                stack = "".join(traceback.format_stack(limit=12))
+                self.reads += "convert_tensors_to_scalars" not in stack
+            return func(*args, **(kwargs or {}))
+
+    def __init__(self):
+        self.mode, self.counts = None, []
+
+    def _close(self):
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.counts.append(self.mode.reads)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._close()
+        self.mode = self.Mode()
+        self.mode.__enter__()
+
+    def on_train_end(self, trainer, module):
+        self._close()
+        self.mode = None
+
+
+def test_a_training_step_reads_nothing_back_except_on_logging_steps(data_path, tmp_path):
+    """The GPU setting (fused AdamW, clipping, NaN check off the CPU, progress bar): the steps
+    that Lightning does not log read no tensor value back; the logging steps do."""
+    module, dm = make(data_path, tmp_path, fused=True)
+    module.check_finite_every_step = False
+    reads = HostReads()
+    trainer(tmp_path, max_steps=8, log_every_n_steps=4, gradient_clip_val=1.0, enable_progress_bar=True,
+            callbacks=[reads], enable_checkpointing=False).fit(module, dm)
+    assert len(reads.counts) == 8
+    assert [n for i, n in enumerate(reads.counts) if i not in (3, 7)] == [0] * 6
+    assert reads.counts[3] > 0 and reads.counts[7] > 0  # the diagnostics and the NaN check, read there
 
 
 class StepMetrics(L.Callback):
