@@ -17,10 +17,7 @@ final="${OUT:-bench/out}"
 mkdir -p "$final" data
 work=$(mktemp -d)
 exec > >(tee "$final/gpu_all.log") 2>&1
-begin=$(date +%s)
-budget=${BUDGET:-585}
-. bench/gpu_setup.sh  # wheels, PYTHONPATH, limit
-elapsed() { echo $(( $(date +%s) - begin )); }
+. bench/gpu_setup.sh  # wheels, PYTHONPATH, limit, elapsed and the shared BUDGET
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 ncpu=$(nproc)
 
@@ -59,7 +56,7 @@ cat "$work/collect.log" 2>/dev/null
 # 3. Push-T at the paper's architecture: training gets what is left after 120 s of evaluation
 # and 75 s of start-up (compilation) and export; its cosine schedule is as long as about 10
 # steps/s fit in that time (an eager run on an H200 made 8.6 with its data loaders)
-left=$(( budget - $(elapsed) - 120 - 75 ))
+left=$(( BUDGET - $(elapsed) - 120 - 75 ))
 minutes=$("$py" -c "print(round(max(0.5, min(${MINUTES:-4.5}, $left / 60)), 2))")
 steps=$("$py" -c "print(int($minutes * 60 * 10))")
 [ -n "${QUICK:-}" ] && minutes=1 steps=20

@@ -1,6 +1,9 @@
 # Sourced by the GPU scripts in bench/: the carried wheels (.whl/, from bench/gpu_wheels.sh)
 # installed once into /tmp/site, the repository on PYTHONPATH, and `limit SECONDS CMD...`, which
 # runs one stage under its own time limit and reports a stage it had to stop.
+# One clock for a script and the GPU scripts it calls: BUDGET seconds (585 by default, inside the
+# device's 600-second command limit) from the first of them. A stage never runs past the budget:
+# its limit shrinks to what is left, and with under 15 s left it is skipped (and says so).
 py="${PYTHON:-python3}"
 if ls .whl/*.whl >/dev/null 2>&1 && [[ ":${PYTHONPATH:-}:" != *":/tmp/site:"* ]]; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -9,4 +12,16 @@ if ls .whl/*.whl >/dev/null 2>&1 && [[ ":${PYTHONPATH:-}:" != *":/tmp/site:"* ]]
 fi
 [[ ":${PYTHONPATH:-}:" == *":$PWD:"* ]] || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-limit() { local s=$1; shift; timeout "$s" "$@" || echo "stage stopped (exit $?, limit ${s}s): $*"; }
+export GPU_RUN_BEGIN="${GPU_RUN_BEGIN:-$(date +%s)}" BUDGET="${BUDGET:-585}"
+elapsed() { echo $(( $(date +%s) - GPU_RUN_BEGIN )); }
+limit() {
+  local s=$1 left
+  shift
+  left=$(( BUDGET - $(elapsed) ))
+  if [ "$left" -lt 15 ]; then
+    echo "stage skipped (${left}s of the ${BUDGET}s budget left): $*"
+    return 0
+  fi
+  [ "$s" -gt "$left" ] && s=$left
+  timeout "$s" "$@" || echo "stage stopped (exit $?, limit ${s}s): $*"
+}

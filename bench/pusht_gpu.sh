@@ -12,7 +12,9 @@
 # SCHEDULE (a `lambda_schedule` such as '[[2000, 0.003]]'; none by default), COMPILE (true: worth
 # its minute of compilation when training runs for more than about two minutes).
 # Planning, probing and deadline planning run side by side once training is done.
-# Each stage has its own time limit, so a slow stage cannot take the results of the others with it.
+# Each stage has its own time limit inside one BUDGET (585 s, bench/gpu_setup.sh), so a slow stage
+# cannot take the results of the others with it: alone, MINUTES up to about 5 leaves the
+# evaluation its time (data 35-100 s, compilation about 60 s, evaluation 150 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"
