@@ -3,7 +3,7 @@
 # (50 envs with CUDA graphs per rollout; one env as one CUDA graph per plan), then Push-T at the
 # paper's architecture end to end (bench/pusht_gpu.sh) with the time that is left, its data
 # generated on the CPU cores while the latency benchmarks use the GPU. For the longest Push-T
-# training instead, run `MINUTES=7 bash bench/pusht_gpu.sh` alone.
+# training instead, run `MINUTES=5 bash bench/pusht_gpu.sh` alone.
 #   bash bench/gpu_wheels.sh                 # here, once: the wheels the GPU image lacks, in .whl/
 #   bash bench/gpu_all.sh                    # there, with .whl carried along
 #   QUICK=1 bash bench/gpu_all.sh            # tiny sizes, to check the script on a CPU (no .whl/ there)
