@@ -248,7 +248,7 @@ class LeWMModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        elif getattr(self, "_grad_norm", None) is not None:  # computed in on_before_optimizer_step
+        elif self._grad_norm is not None:  # computed in on_before_optimizer_step
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
