@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import envs
-from leworld.checkpoint import find_model, load_model
+from leworld.checkpoint import find_model, load_model, model_extra, weights_file
 from leworld.data.store import DatasetError, EpisodeStore
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
 from leworld.evaluation.protocols import PROTOCOLS, heldout_path
@@ -38,7 +38,7 @@ DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # LEWM.md section 5: the pape
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, help="exported model directory (runs/<run>/version_N/model), or a run "
-                   "directory (runs/<run>: its newest version)")
+                   "directory (runs/<run>: its newest version), or a training .ckpt")
     p.add_argument("--env", choices=envs.ENV_NAMES, help="environment (default: the model's training env)")
     p.add_argument("--data", type=Path, help="dataset the pairs come from (default: the model's training data)")
     p.add_argument("--protocol", default="paper-v3", choices=sorted(PROTOCOLS), help="evaluation preset")
@@ -81,12 +81,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def model_info(path: Path) -> dict:
-    """The exported model's config.json `extra` and the sha256 of its weights."""
-    directory = path if path.is_dir() else path.parent
-    config, weights = directory / "config.json", directory / "model.safetensors"
-    info = json.loads(config.read_text()).get("extra", {}) if config.is_file() else {}
-    digest = sha256_file(weights) if weights.is_file() else None
-    return {"extra": info, "sha256": digest}
+    """The model's `extra` record (config.json's, or rebuilt from a training .ckpt) and the sha256 of its weights."""
+    weights = weights_file(path)
+    return {"extra": model_extra(path), "sha256": sha256_file(weights) if weights.is_file() else None}
 
 
 def resolve(args, extra: dict) -> tuple[str, Path, dict]:

@@ -137,9 +137,8 @@ def _config_from_hparams(hparams) -> LeWMConfig | None:
 
 
 def _load_lightning(path: Path, map_location) -> LeWorldModel:
-    with torch.serialization.safe_globals([LeWMConfig]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config = _config_from_hparams(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else None
+    ckpt = _read_ckpt(path)
+    config = _config_from_hparams(ckpt.get("hyper_parameters", {}))
     if config is None or "state_dict" not in ckpt:
         raise ValueError(
             f"{path} holds no LeWMConfig in its hyper_parameters (or no state_dict); "
@@ -148,6 +147,57 @@ def _load_lightning(path: Path, map_location) -> LeWorldModel:
     state = ckpt["state_dict"]
     stripped = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     return _build(config, stripped or state, path, map_location)
+
+
+_DATA_KEYS = ("path", "val_fraction", "split_seed", "num_frames", "frameskip")
+
+
+def _read_ckpt(path: Path) -> dict:
+    with torch.serialization.safe_globals([LeWMConfig]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint: {_HOW_TO_MAKE}.")
+    return ckpt
+
+
+def model_extra(path: str | os.PathLike) -> dict:
+    """The `extra` record of a model: where it was trained, on what, and for how long.
+
+    For an exported directory (or its model.safetensors) this is config.json's `extra`. A
+    Lightning .ckpt written during training has no config.json, so the same record is rebuilt
+    from what Lightning saved in it: the data module's settings (dataset path, split, clip
+    length), the env of the data it generates, the step and the module's hyper-parameters.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        ckpt = _read_ckpt(path)
+        dm = ckpt.get("datamodule_hyper_parameters") or {}
+        module = ckpt.get("hyper_parameters") or {}
+        generate = dm.get("generate") if isinstance(dm.get("generate"), dict) else {}
+        return {
+            "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"),
+            "hparams": {k: v for k, v in module.items() if k != "model" and not isinstance(v, LeWMConfig)},
+            "dataset": {"env": generate["env"]} if generate.get("env") else None,
+            "data": {k: (str(dm[k]) if k == "path" else dm[k]) for k in _DATA_KEYS if k in dm} or None,
+        }
+    config = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    if not config.is_file():
+        return {}
+    try:
+        info = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config} is not valid JSON ({e}); export the model again.") from e
+    return info.get("extra", {}) if isinstance(info, dict) else {}
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """The file that holds a model's weights: the .ckpt itself, or the exported model.safetensors.
+
+    Its sha256 identifies the model in results files."""
+    path = Path(path)
+    if path.is_dir():
+        return path / WEIGHTS_NAME
+    return path
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LeWorldModel:

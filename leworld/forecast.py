@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from leworld.checkpoint import weights_file
 from leworld.data.clips import ClipDataset, split_episodes
 from leworld.probe import (
     QUANTITIES, LinearProbe, embed_frames, fit_linear, open_model_and_data, pearson, select_frames, targets,
@@ -237,7 +238,7 @@ def table(result: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m leworld.forecast", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="exported model directory, or a run directory (its newest model)")
+    p.add_argument("--model", required=True, help="exported model directory, a run directory (its newest model), or a training .ckpt")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
     p.add_argument("--out", default=None, help="result JSON (default runs/forecast/<env>.json)")
     p.add_argument("--horizon", type=int, default=5, help="action blocks rolled out")
@@ -258,7 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    model_dir, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
+    model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
     val_fraction, split_seed = data.get("val_fraction", 0.1), data.get("split_seed", 0)
     try:
         result = forecast(model, store, env=data_env, horizon=args.horizon, num_clips=args.num_clips,
@@ -269,7 +270,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {e}") from None
     result = {
         "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
-        "model_sha256": sha256_file(model_dir / "model.safetensors"), "data": str(data_path),
+        "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path),
         "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
         **result, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
     }

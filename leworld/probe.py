@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from leworld.checkpoint import find_model, load_model
+from leworld.checkpoint import find_model, load_model, model_extra, weights_file
 from leworld.results import package_version, sha256_file, write_json
 from leworld.data.clips import split_episodes
 from leworld.data.store import DatasetError, EpisodeStore
@@ -340,7 +340,8 @@ def table(result: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m leworld.probe", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")
+    p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json), a "
+                   "run directory (its newest model), or a training .ckpt (probed with the data settings saved in it)")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
     p.add_argument("--out", default=None, help="result JSON (default runs/probe/<env>.json)")
     p.add_argument("--val-fraction", type=float, default=None, help="episode split (default: the model's)")
@@ -366,39 +367,42 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def open_model_and_data(model_arg, data_arg=None, device: str = "cpu"):
-    """The command-line loading shared by `leworld.probe` and `leworld.forecast`: an exported model
-    (or a run directory: its newest model) in eval mode and its dataset (`data_arg` or the one its
-    config.json names), checked to be of the same env. Returns (model_dir, model, store, data_path,
-    data_env, the config's extra.data dict); every problem exits with a clear error."""
-    model_dir = find_model(model_arg)  # a run directory (runs/<name>) means its newest model
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise SystemExit(f"error: no exported model at {model_dir} (expected a directory with model.safetensors "
-                         "and config.json, e.g. runs/tworoom_tiny/version_0/model)")
+    """The command-line loading shared by `leworld.probe` and `leworld.forecast`: a model in eval
+    mode and its dataset (`data_arg` or the one the model's record names), checked to be of the
+    same env. The model is an exported directory, a run directory (its newest model) or a
+    Lightning .ckpt written during training. Returns (model path, model, store, data_path,
+    data_env, the record's data settings); every problem exits with a clear error."""
+    model_path = find_model(model_arg)  # a run directory (runs/<name>) means its newest model
+    is_ckpt = model_path.is_file() and model_path.suffix == ".ckpt"
+    if not is_ckpt and (not (model_path / "config.json").is_file() or not (model_path / "model.safetensors").is_file()):
+        raise SystemExit(f"error: no exported model at {model_path} (expected a directory with model.safetensors "
+                         "and config.json, e.g. runs/tworoom_tiny/version_0/model, or a training .ckpt)")
     try:
-        model = load_model(model_dir, map_location=device).eval()
+        model = load_model(model_path, map_location=device).eval()
+        extra = model_extra(model_path)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    extra = json.loads((model_dir / "config.json").read_text()).get("extra", {})
-    data = extra.get("data", {})
+    record = f"the checkpoint {model_path}" if is_ckpt else f"{model_path}/config.json"
+    data = extra.get("data") or {}
     data_path = data_arg or data.get("path")
     if data_path is None:
-        raise SystemExit(f"error: {model_dir}/config.json names no dataset (extra.data.path): pass --data")
+        raise SystemExit(f"error: {record} names no dataset: pass --data")
     try:
         store = EpisodeStore(data_path)
     except DatasetError as e:
-        hint = "" if data_arg else f" (the path is extra.data.path in {model_dir}/config.json; --data overrides it)"
+        hint = "" if data_arg else f" (the path comes from {record}; --data overrides it)"
         raise SystemExit(f"error: {e}{hint}") from None
-    model_env, data_env = extra.get("dataset", {}).get("env"), store.metadata.get("env")
+    model_env, data_env = (extra.get("dataset") or {}).get("env"), store.metadata.get("env")
     if model_env is not None and data_env != model_env:
         raise SystemExit(f"error: the model was trained on {model_env} but {data_path} holds {data_env} "
                          "episodes: pass the model's own dataset with --data")
-    return model_dir, model, store, data_path, data_env, data
+    return model_path, model, store, data_path, data_env, data
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    model_dir, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
+    model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
     val_fraction = data.get("val_fraction", 0.1) if args.val_fraction is None else args.val_fraction
     split_seed = data.get("split_seed", 0) if args.split_seed is None else args.split_seed
     try:
@@ -412,7 +416,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {e}") from None
     result = {
         "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
-        "model_sha256": sha256_file(model_dir / "model.safetensors"), "data": str(data_path), "seed": args.seed,
+        "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path), "seed": args.seed,
         "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
         **result, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
     }

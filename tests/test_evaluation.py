@@ -2,6 +2,7 @@
 success summaries, and plan.py end to end (results JSON, videos, clear errors)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 import envs
 from envs.two_room import WALL, TwoRoomBatch
-from leworld.checkpoint import export_model
+from leworld.checkpoint import export_model, load_model
 from leworld.data.clips import split_episodes
 from leworld.data.collect import collect
 from leworld.data.store import EpisodeStore
@@ -314,3 +315,25 @@ def test_heldout_protocol_collects_its_dataset_once(tmp_path, tiny_model_dir):
     mtime = data.stat().st_mtime_ns
     assert run_plan(*args, cwd=tmp_path).returncode == 0
     assert data.stat().st_mtime_ns == mtime  # reused, not collected again
+
+
+def test_plan_cli_plans_a_training_checkpoint_like_the_exported_model(tmp_path, tiny_model_dir, tworoom_data):
+    """A Lightning .ckpt (as training writes it: the config in hyper_parameters, the data module's
+    settings beside it) plans without --env or --data, exactly as the exported model with the same weights."""
+    model = load_model(tiny_model_dir)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"global_step": 7, "epoch": 0, "hyper_parameters": {"model": model.config.to_dict(), "lr": 1e-3},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "datamodule_hyper_parameters": {"path": str(tworoom_data), "val_fraction": 0.1, "split_seed": 0,
+                                                "num_frames": 3, "frameskip": 5,
+                                                "generate": {"env": "tworoom", "episodes": 10}}}, ckpt)
+    common = ("--num-episodes", "3", "--iterations", "2", "--num-samples", "16", "--topk", "4", "--no-baselines")
+    results = {}
+    for name, path in (("ckpt", ckpt), ("export", tiny_model_dir)):
+        out = tmp_path / f"{name}.json"
+        proc = run_plan("--model", str(path), *common, "--out", str(out), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        results[name] = json.loads(out.read_text())
+    assert results["ckpt"]["env"] == "tworoom" and results["ckpt"]["pairs"] == results["export"]["pairs"]
+    assert results["ckpt"]["results"][0]["per_episode"] == results["export"]["results"][0]["per_episode"]
+    assert results["ckpt"]["model"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
