@@ -14,7 +14,6 @@ named after its outcome. `--policy straight` (or random, expert) evaluates a bas
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

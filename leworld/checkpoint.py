@@ -149,7 +149,8 @@ def _load_lightning(path: Path, map_location) -> LeWorldModel:
     return _build(config, stripped or state, path, map_location)
 
 
-_DATA_KEYS = ("path", "val_fraction", "split_seed", "num_frames", "frameskip")
+# The data module settings a model records: where its data is, how it was split, the clip length.
+DATA_SETTINGS = ("path", "val_fraction", "split_seed", "num_frames", "frameskip")
 
 
 def _read_ckpt(path: Path) -> dict:
@@ -178,7 +179,7 @@ def model_extra(path: str | os.PathLike) -> dict:
             "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"),
             "hparams": {k: v for k, v in module.items() if k != "model" and not isinstance(v, LeWMConfig)},
             "dataset": {"env": generate["env"]} if generate.get("env") else None,
-            "data": {k: (str(dm[k]) if k == "path" else dm[k]) for k in _DATA_KEYS if k in dm} or None,
+            "data": {k: (str(dm[k]) if k == "path" else dm[k]) for k in DATA_SETTINGS if k in dm} or None,
         }
     config = (path if path.is_dir() else path.parent) / CONFIG_NAME
     if not config.is_file():

@@ -325,6 +325,7 @@ def _data_settings(dm) -> dict | None:
     """Where the training data is and how it was split: evaluation draws from the same validation episodes."""
     if dm is None or not hasattr(dm, "hparams"):
         return None
+    from leworld.checkpoint import DATA_SETTINGS
+
     hp = dm.hparams
-    keys = ("path", "val_fraction", "split_seed", "num_frames", "frameskip")
-    return {k: (str(hp[k]) if k == "path" else hp[k]) for k in keys if k in hp}
+    return {k: (str(hp[k]) if k == "path" else hp[k]) for k in DATA_SETTINGS if k in hp}

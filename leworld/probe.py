@@ -26,7 +26,6 @@ quantity's MSE and r are the means over its outputs (x and y, or cos and sin).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import contextmanager
