@@ -47,13 +47,15 @@ class PushTBatch:
         goal_overlay: draw the goal T (light green) under the block.
         damping: pymunk space damping, the fraction of block velocity kept after 1 s (0: the block
             moves only while pushed; above 0 it glides, and its velocity is not in the state).
+        supersample: draw at `resolution` x S and box-filter down (1: draw at `resolution`; 4: the
+            block's outline and angle move smoothly instead of in whole-pixel steps).
     """
 
     env_id = "leworld/PushT-v0"
     action_dim, proprio_dim, state_dim = 2, 4, 7
 
     def __init__(self, num_envs: int, resolution: int = 224, seed: int = 0, goal_overlay: bool = False,
-                 damping: float = 0.0):
+                 damping: float = 0.0, supersample: int = 1):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if not 0.0 <= float(damping) <= 1.0:
@@ -61,7 +63,8 @@ class PushTBatch:
         self.num_envs, self.resolution, self.seed = int(num_envs), int(resolution), int(seed)
         self.goal_overlay, self.damping = bool(goal_overlay), float(damping)
         self.rng = np.random.default_rng(self.seed)
-        self.renderer = PushTRenderer(self.resolution, T_OUTLINE, AGENT_RADIUS, self.goal_overlay)
+        self.renderer = PushTRenderer(self.resolution, T_OUTLINE, AGENT_RADIUS, self.goal_overlay, supersample)
+        self.supersample = self.renderer.supersample
         self._block_rgb = [LIGHT_SLATE_GRAY] * self.num_envs
         self._agent_rgb = [ROYAL_BLUE] * self.num_envs
         self._sims: list[PushTSim] = []
@@ -73,7 +76,7 @@ class PushTBatch:
     def params(self) -> dict:
         """JSON-serialisable constructor arguments."""
         return {"num_envs": self.num_envs, "resolution": self.resolution, "seed": self.seed,
-                "goal_overlay": self.goal_overlay, "damping": self.damping}
+                "goal_overlay": self.goal_overlay, "damping": self.damping, "supersample": self.supersample}
 
     # ----------------------------------------------------------------------------------- episodes
     def _sample_states(self, n: int) -> np.ndarray:

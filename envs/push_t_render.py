@@ -10,10 +10,13 @@ Example:
     >>> frame.shape, frame.dtype
     ((64, 64, 3), dtype('uint8'))
 
-The scene is drawn directly at `resolution` (world coordinates scaled by resolution / 512),
-anti-aliased, into one reused 24-bit surface whose bytes are laid out R, G, B, so reading the
-pixels is a plain contiguous copy with row = y. No display is opened (`envs` sets
-SDL_VIDEODRIVER=dummy before pygame is imported).
+The scene is drawn at `resolution` x `supersample` pixels (world coordinates scaled by that
+size / 512), anti-aliased, into one reused 24-bit surface whose bytes are laid out R, G, B, so
+reading the pixels is a plain contiguous copy with row = y. With `supersample` S > 1 each output
+pixel is the rounded mean of an S x S block (box filter): polygon corners are snapped to the fine
+grid, so the T's outline, and with it its angle, moves smoothly in the output frame instead of in
+whole-pixel jumps. No display is opened (`envs` sets SDL_VIDEODRIVER=dummy before pygame is
+imported).
 """
 from __future__ import annotations
 
@@ -31,20 +34,24 @@ GOAL_RGB = (144, 238, 144)  # LightGreen
 class PushTRenderer:
     """Draws Push-T states at a fixed `resolution`; one instance is reused for every env and step."""
 
-    def __init__(self, resolution: int, t_outline: np.ndarray, agent_radius: float = 15.0, goal_overlay: bool = False):
+    def __init__(self, resolution: int, t_outline: np.ndarray, agent_radius: float = 15.0, goal_overlay: bool = False,
+                 supersample: int = 1):
         if int(resolution) < 8:
             raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
-        self.resolution = int(resolution)
+        if int(supersample) != supersample or not 1 <= int(supersample) <= 8:
+            raise ValueError(f"supersample must be an integer from 1 to 8, got {supersample}")
+        self.resolution, self.supersample = int(resolution), int(supersample)
         self.goal_overlay = bool(goal_overlay)
-        self.scale = self.resolution / WORLD_SIZE  # pixels per world unit
+        side = self.resolution * self.supersample  # side of the surface drawn on
+        self.scale = side / WORLD_SIZE  # surface pixels per world unit
         self._outline = [(float(x), float(y)) for x, y in np.asarray(t_outline, dtype=np.float64)]  # T in body coords
         self._radius = max(1, int(round(agent_radius * self.scale)))
         # 24-bit surface with masks chosen so that its memory reads R, G, B per pixel, row-major in y.
-        self.surface = pygame.Surface((self.resolution, self.resolution), 0, 24, (0xFF, 0xFF00, 0xFF0000, 0))
+        self.surface = pygame.Surface((side, side), 0, 24, (0xFF, 0xFF00, 0xFF0000, 0))
         self._buffer = self.surface.get_buffer()  # keeps a view of the pixels; fill and gfxdraw still work
         pitch = self.surface.get_pitch()
-        rows = np.frombuffer(self._buffer, dtype=np.uint8).reshape(self.resolution, pitch)
-        self._pixels = rows[:, : 3 * self.resolution].reshape(self.resolution, self.resolution, 3)  # (R, R, 3) view
+        rows = np.frombuffer(self._buffer, dtype=np.uint8).reshape(side, pitch)
+        self._pixels = rows[:, : 3 * side].reshape(side, side, 3)  # (RS, RS, 3) view
 
     def _to_pixel(self, x: float, y: float) -> tuple[int, int]:
         # world point -> index of the pixel that contains it (pixel centres sit at integer coordinates)
@@ -73,7 +80,20 @@ class PushTRenderer:
         agent_rgb = tuple(agent_rgb)
         pygame.gfxdraw.filled_circle(surface, cx, cy, self._radius, agent_rgb)
         pygame.gfxdraw.aacircle(surface, cx, cy, self._radius, agent_rgb)
+        pixels = self._pixels if self.supersample == 1 else self._box_filter()
         if out is None:
-            return self._pixels.copy()
-        np.copyto(out, self._pixels)
+            return pixels.copy()
+        np.copyto(out, pixels)
         return out
+
+    def _box_filter(self) -> np.ndarray:
+        """The (RS, RS, 3) surface reduced to (R, R, 3): the rounded mean of each S x S block."""
+        r, s = self.resolution, self.supersample
+        blocks = self._pixels.reshape(r, s, r, s, 3)
+        rows = blocks[:, 0].astype(np.uint16)  # (R, R, S, 3): sums over the block's rows, added in place
+        for i in range(1, s):
+            rows += blocks[:, i]
+        sums = rows[:, :, 0]
+        for j in range(1, s):
+            sums = sums + rows[:, :, j]  # (R, R, 3); at most 64 * 255 fits in uint16
+        return ((sums + (s * s) // 2) // (s * s)).astype(np.uint8)

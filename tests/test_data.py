@@ -166,6 +166,7 @@ def test_killed_collection_leaves_no_valid_looking_file(tmp_path):
     (["--env", "tworoom", "--steps", "-3"], "--steps must be a positive integer"),
     (["--env", "tworoom", "--policy", "teleporter"], "unknown policy 'teleporter'"),
     (["--env", "tworoom", "--noise", "-1"], "--noise"),
+    (["--env", "tworoom", "--supersample", "4"], "--supersample is a Push-T rendering option"),
 ])
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):
     assert main([*argv, "--out", str(tmp_path / "x.h5"), "--quiet"]) == 2
@@ -232,3 +233,20 @@ def test_validation_batches_span_episodes_and_repeat_exactly(tmp_path):
     assert len(set(owner.tolist())) >= 8
     batch = next(iter(loader))
     np.testing.assert_array_equal(batch["pixels"].numpy(), val.__getitems__(first[0])["pixels"].numpy())
+
+
+def test_supersampled_pusht_data_has_the_same_episodes_and_records_the_setting(tmp_path):
+    plain, fine = tmp_path / "plain.h5", tmp_path / "fine.h5"
+    collect("pusht", episodes=2, steps=10, resolution=RES, policy="mix", seed=2, out=plain, workers=1, progress=False)
+    assert main(["--env", "pusht", "--episodes", "2", "--steps", "10", "--resolution", str(RES), "--policy", "mix",
+                 "--seed", "2", "--workers", "1", "--supersample", "4", "--out", str(fine), "--quiet"]) == 0
+    a, b = EpisodeStore(plain), EpisodeStore(fine)
+    assert a.metadata["env_params"]["supersample"] == 1 and b.metadata["env_params"]["supersample"] == 4
+    for e in range(2):
+        ea, eb = a.episode(e), b.episode(e)
+        for name in ("action", "proprio", "state"):
+            np.testing.assert_array_equal(ea[name], eb[name])
+        assert not np.array_equal(ea["pixels"], eb["pixels"])
+        env = envs.make_batch("pusht", 1, resolution=RES, supersample=4)  # the frames are that env's drawing
+        env.set_state(eb["state"][3][None])
+        np.testing.assert_array_equal(env.render()[0], eb["pixels"][3])

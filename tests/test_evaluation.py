@@ -337,3 +337,21 @@ def test_plan_cli_plans_a_training_checkpoint_like_the_exported_model(tmp_path, 
     assert results["ckpt"]["env"] == "tworoom" and results["ckpt"]["pairs"] == results["export"]["pairs"]
     assert results["ckpt"]["results"][0]["per_episode"] == results["export"]["results"][0]["per_episode"]
     assert results["ckpt"]["model"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def test_plan_env_draws_frames_like_the_data_it_plans_on(tmp_path):
+    """plan.py's env takes its rendering (here Push-T's supersample) from the dataset's metadata."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_script", ROOT / "plan.py")
+    plan_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_script)
+    path = tmp_path / "pusht.h5"
+    collect("pusht", episodes=1, steps=6, resolution=RES, policy="mix", seed=0, out=path, workers=1,
+            progress=False, supersample=4)
+    store = EpisodeStore(path)
+    env = plan_script.make_env(store, "pusht", 2)
+    assert env.supersample == 4
+    episode = store.episode(0)
+    env.set_state(np.repeat(episode["state"][4][None], 2, axis=0))
+    np.testing.assert_array_equal(env.render()[1], episode["pixels"][4])

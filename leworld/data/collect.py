@@ -32,6 +32,7 @@ from leworld.results import package_version
 
 DEFAULT_POLICY = {"tworoom": "expert", "pusht": "contact"}
 DEFAULT_WORKERS = {"tworoom": 1, "pusht": os.cpu_count() or 1}
+SUPERSAMPLED_ENVS = ("pusht",)  # envs whose renderer takes `supersample`
 
 
 def collect_block(env_name: str, num_episodes: int, steps: int, resolution: int, policy: str,
@@ -70,7 +71,7 @@ def _block_job(args: tuple) -> dict:
 
 
 def _check_args(env: str, episodes: int, steps: int, resolution: int, policy: str,
-                noise: float | None, chunk_size: int, workers: int) -> None:
+                noise: float | None, chunk_size: int, workers: int, supersample: int = 1) -> None:
     if env not in envs.ENV_NAMES:
         raise ValueError(f"unknown env {env!r}: choose one of {', '.join(envs.ENV_NAMES)}")
     if policy not in POLICIES[env]:
@@ -82,16 +83,26 @@ def _check_args(env: str, episodes: int, steps: int, resolution: int, policy: st
         raise ValueError(f"--resolution must be at least 16 px, got {resolution}")
     if noise is not None and noise < 0:
         raise ValueError(f"--noise is a standard deviation and must be >= 0, got {noise}")
+    if supersample != 1 and env not in SUPERSAMPLED_ENVS:
+        raise ValueError(f"--supersample is a Push-T rendering option; {env} draws at --resolution directly: "
+                         "leave it at 1")
 
 
 def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, policy: str | None = None,
             noise: float | None = None, seed: int = 0, out: str | os.PathLike = "data/dataset.h5",
             overwrite: bool = False, workers: int | None = None, chunk_size: int = 16,
-            env_kwargs: dict | None = None, progress: bool = True, compression: str | None = None) -> Path:
-    """Collect `episodes` episodes of `steps` steps and write them atomically to `out`."""
+            env_kwargs: dict | None = None, progress: bool = True, compression: str | None = None,
+            supersample: int = 1) -> Path:
+    """Collect `episodes` episodes of `steps` steps and write them atomically to `out`.
+
+    `supersample` S > 1 (Push-T only) draws each frame at S x `resolution` and box-filters it
+    down, so that the block's outline and angle move smoothly; the episodes are the same.
+    """
     policy = policy or DEFAULT_POLICY.get(env, "random")
     workers = workers or DEFAULT_WORKERS.get(env, 1)
-    _check_args(env, episodes, steps, resolution, policy, noise, chunk_size, workers)
+    _check_args(env, episodes, steps, resolution, policy, noise, chunk_size, workers, supersample)
+    if supersample != 1:
+        env_kwargs = {**(env_kwargs or {}), "supersample": int(supersample)}
     if compression not in (None, "none", "lzf", "gzip"):
         raise ValueError(f"unknown compression {compression!r}: choose none, lzf or gzip")
     compression = None if compression == "none" else compression
@@ -136,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=100, help="number of episodes")
     p.add_argument("--steps", type=int, default=100, help="env steps per episode")
     p.add_argument("--resolution", type=int, default=224, help="frame size in pixels")
+    p.add_argument("--supersample", type=int, default=1,
+                   help="Push-T: draw at this many times --resolution and box-filter down (4: smooth block angle)")
     p.add_argument("--policy", default=None, help="data policy (default: expert for tworoom, contact for pusht)")
     p.add_argument("--noise", type=float, default=None, help="policy action noise std (default: the policy's)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = collect(args.env, args.episodes, args.steps, args.resolution, args.policy, args.noise, args.seed,
                        args.out, overwrite=args.overwrite, workers=args.workers, chunk_size=args.chunk_size,
-                       progress=not args.quiet, compression=args.compression)
+                       progress=not args.quiet, compression=args.compression, supersample=args.supersample)
     except (ValueError, FileExistsError, PermissionError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ class CollectSpec:
     seed: int = 0  # collection seed
     workers: int | None = None  # worker processes (None: the env's default)
     compression: str | None = None  # pixel compression: None, "lzf" or "gzip"
+    supersample: int = 1  # Push-T: draw at this many times the resolution, then box-filter down
 
 
 class EpochSampler(Sampler[int]):
