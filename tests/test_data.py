@@ -15,6 +15,7 @@ import envs
 from leworld.data import collect as collect_mod
 from leworld.data.clips import ClipDataset, action_stats, split_episodes
 from leworld.data.collect import collect, main
+from leworld.data.datamodule import CollectSpec, LeWMDataModule
 from leworld.data.store import DatasetError, EpisodeStore
 
 RES = 32
@@ -250,3 +251,26 @@ def test_supersampled_pusht_data_has_the_same_episodes_and_records_the_setting(t
         env = envs.make_batch("pusht", 1, resolution=RES, supersample=4)  # the frames are that env's drawing
         env.set_state(eb["state"][3][None])
         np.testing.assert_array_equal(env.render()[0], eb["pixels"][3])
+
+
+def test_an_existing_file_drawn_otherwise_than_generate_says_is_refused(tmp_path):
+    path = tmp_path / "pusht_ss2.h5"
+    collect("pusht", episodes=2, steps=12, resolution=RES, policy="mix", out=path, workers=1, progress=False,
+            supersample=2)
+
+    def setup(**spec):
+        dm = LeWMDataModule(str(path), num_frames=2, frameskip=5, batch_size=2, num_workers=0, val_fraction=0.5,
+                            generate=CollectSpec(**{"env": "pusht", "episodes": 2, "resolution": RES, **spec}))
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    assert setup(supersample=2).resolution == RES
+    with pytest.raises(ValueError, match=r"supersample 2 \(generate.supersample is 1\).*new file"):
+        setup()
+    with pytest.raises(ValueError, match=r"env 'pusht' \(generate.env is 'tworoom'\)"):
+        setup(env="tworoom", supersample=2)
+    with pytest.raises(ValueError, match=r"resolution 32 \(generate.resolution is 64\)"):
+        setup(resolution=64, supersample=2)
+    dm = LeWMDataModule(str(path), num_frames=2, frameskip=5, batch_size=2, num_workers=0, val_fraction=0.5)
+    dm.setup("fit")  # without a generate spec any existing file is used as it is

@@ -106,6 +106,7 @@ class LeWMDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         store = EpisodeStore(self.path)  # clear error if the file is missing
+        self._check_generate_spec(store)
         self.metadata = store.metadata
         self.action_dim = store.action_dim
         self.resolution = store.resolution
@@ -114,6 +115,22 @@ class LeWMDataModule(L.LightningDataModule):
         self.val_set = (ClipDataset(store, self.val_episodes, hp.num_frames, hp.frameskip)
                         if len(self.val_episodes) else None)
         self.action_mean, self.action_std = action_stats(store, self.train_episodes)
+
+    def _check_generate_spec(self, store: EpisodeStore) -> None:
+        """An existing file must draw its frames as `generate` says: same env, resolution and supersampling."""
+        if self.generate is None:
+            return
+        spec = asdict(self.generate) if not isinstance(self.generate, dict) else dict(self.generate)
+        meta = store.metadata
+        found = {"env": meta.get("env"), "resolution": store.resolution,
+                 "supersample": (meta.get("env_params") or {}).get("supersample", 1)}
+        wanted = {k: spec.get(k, CollectSpec.supersample if k == "supersample" else None) for k in found}
+        wrong = [f"{k} {found[k]!r} (generate.{k} is {wanted[k]!r})" for k in found
+                 if wanted[k] is not None and found[k] != wanted[k]]
+        if wrong:
+            raise ValueError(f"{self.path} exists but was not generated as data.generate says: it has "
+                             f"{', '.join(wrong)}. Point data.path at a new file to generate it, or set "
+                             "data.generate to match the file.")
 
     def _loader(self, dataset, sampler=None, drop_last=False) -> DataLoader:
         workers = self.hparams.num_workers
