@@ -10,7 +10,8 @@
 # STEPS (4000: the cosine schedule's length; training stops at MINUTES if that comes first),
 # LR (2e-4: more than the paper's 5e-5, which is tuned for hours, not minutes), LAMBDA (0.09),
 # SCHEDULE (a `lambda_schedule` such as '[[2000, 0.003]]'; none by default), COMPILE (true: worth
-# its minute of compilation when training runs for more than about two minutes).
+# its minute of compilation when training runs for more than about two minutes), SUPERSAMPLE (1: draw
+# the frames at that many times RES and box-filter them down, as the reference resizes a large render).
 # Planning, probing and deadline planning run side by side once training is done.
 # Each stage has its own time limit inside one BUDGET (585 s, bench/gpu_setup.sh), so a slow stage
 # cannot take the results of the others with it: alone, MINUTES up to about 5 leaves the
@@ -33,7 +34,8 @@ else
     --trainer.val_check_interval 1000)
   plan_extra=(--amp) compile=${COMPILE:-true}
 fi
-data="data/pusht_gpu_${res}_${episodes}.h5"
+ss=${SUPERSAMPLE:-1}
+data="data/pusht_gpu_${res}_${episodes}$([ "$ss" = 1 ] || echo "_ss$ss").h5"
 name="pusht_gpu_${res}"
 secs=$("$py" -c "print(int(float('$minutes') * 60))")
 max_time=$("$py" -c "s=$secs; print(f'00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}')")
@@ -42,7 +44,7 @@ max_time=$("$py" -c "s=$secs; print(f'00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s
 if [ ! -f "$data" ]; then
   start=$(date +%s)
   limit 150 "$py" -m leworld.data.collect --env pusht --episodes "$episodes" --steps 100 --resolution "$res" \
-    --policy mix --seed 0 --out "$data" --quiet 2>&1 | tee "$out/collect.log"
+    --policy mix --seed 0 --supersample "$ss" --out "$data" --quiet 2>&1 | tee "$out/collect.log"
   echo "collect: $(( $(date +%s) - start )) s" | tee -a "$out/collect.log"
 fi
 
@@ -50,7 +52,7 @@ fi
 start=$(date +%s)
 limit $((secs + 90)) "$py" train.py fit --config "$config" --data.path "$data" \
   --data.generate.episodes "$episodes" --data.generate.steps 100 --data.generate.resolution "$res" \
-  --model.model.image_size "$res" --model.lr "$lr" --model.lambda_sigreg "${LAMBDA:-0.09}" \
+  --data.generate.supersample "$ss" --model.model.image_size "$res" --model.lr "$lr" --model.lambda_sigreg "${LAMBDA:-0.09}" \
   ${SCHEDULE:+--model.lambda_schedule "$SCHEDULE"} \
   --model.compile "$compile" --trainer.max_steps "$steps" --trainer.max_epochs -1 --trainer.max_time "$max_time" \
   --trainer.enable_progress_bar false --trainer.logger.init_args.name "$name" "${extra[@]}" \
