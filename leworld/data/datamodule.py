@@ -95,7 +95,7 @@ class LeWMDataModule(L.LightningDataModule):
             return
         from leworld.data.collect import collect
 
-        spec = asdict(self.generate) if not isinstance(self.generate, dict) else dict(self.generate)
+        spec = self._generate_spec()
         env = spec.pop("env")
         print(f"{self.path} does not exist: generating it ({spec['episodes']} {env} episodes)")
         collect(env, out=self.path, **spec)
@@ -116,15 +116,19 @@ class LeWMDataModule(L.LightningDataModule):
                         if len(self.val_episodes) else None)
         self.action_mean, self.action_std = action_stats(store, self.train_episodes)
 
+    def _generate_spec(self) -> dict:
+        """`generate` as a plain dict (a CollectSpec, or the dict a config gives)."""
+        return dict(self.generate) if isinstance(self.generate, dict) else asdict(self.generate)
+
     def _check_generate_spec(self, store: EpisodeStore) -> None:
         """An existing file must draw its frames as `generate` says: same env, resolution and supersampling."""
         if self.generate is None:
             return
-        spec = asdict(self.generate) if not isinstance(self.generate, dict) else dict(self.generate)
-        meta = store.metadata
+        spec, meta = self._generate_spec(), store.metadata
         found = {"env": meta.get("env"), "resolution": store.resolution,
                  "supersample": (meta.get("env_params") or {}).get("supersample", 1)}
-        wanted = {k: spec.get(k, CollectSpec.supersample if k == "supersample" else None) for k in found}
+        wanted = {"env": spec.get("env"), "resolution": spec.get("resolution"),
+                  "supersample": spec.get("supersample", 1)}
         wrong = [f"{k} {found[k]!r} (generate.{k} is {wanted[k]!r})" for k in found
                  if wanted[k] is not None and found[k] != wanted[k]]
         if wrong:
