@@ -16,7 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from leworld import load_model
 from leworld.data.collect import collect
-from leworld.data.datamodule import CollectSpec, LeWMDataModule
+from leworld.data import datamodule as datamodule_mod
+from leworld.data.datamodule import CollectSpec, LeWMDataModule, frames_to_device
+from leworld.data.store import EpisodeStore
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule, effective_rank
 
@@ -32,10 +34,10 @@ def data_path(tmp_path_factory):
     return path
 
 
-def make(data_path, root, batch_size=16, lr=3e-3, **module_kwargs):
+def make(data_path, root, batch_size=16, lr=3e-3, frames_on_device=False, **module_kwargs):
     module = LeWMModule(LeWMConfig(**TINY), lr=lr, num_directions=64, **module_kwargs)
     dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=batch_size, num_workers=0,
-                        val_fraction=0.2)
+                        val_fraction=0.2, frames_on_device=frames_on_device)
     return module, dm
 
 
@@ -313,7 +315,57 @@ def test_missing_dataset_without_a_recipe_is_a_clear_error(tmp_path):
         dm.setup("fit")
 
 
-def write_config(tmp_path, **trainer):
+def test_frames_to_device_copies_every_frame_in_file_order(data_path):
+    store = EpisodeStore(data_path)
+    frames = frames_to_device(store, "cpu", chunk=7, progress=False)  # 7 does not divide the frame count
+    assert store.num_frames % 7 != 0
+    assert frames.dtype == torch.uint8 and frames.shape == (store.num_frames, 32, 32, 3)
+    assert torch.equal(frames, torch.from_numpy(store.read("pixels", slice(None))))
+
+
+def test_frames_on_device_gives_the_batches_read_from_the_file(data_path):
+    """Rows gathered from the frames in memory equal the pixels the loader reads from the file,
+    batch by batch, in training and validation order."""
+    batches = {}
+    for on_device in (False, True):
+        dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=16, num_workers=0,
+                            val_fraction=0.2, frames_on_device=on_device)
+        dm.setup("fit")
+        loaded = []
+        for loader in (dm.train_dataloader(), dm.val_dataloader()):
+            for batch in loader:
+                assert ("rows" in batch) == on_device and ("pixels" in batch) != on_device
+                loaded.append(dm.on_after_batch_transfer(batch, 0))
+        batches[on_device] = loaded
+    assert len(batches[True]) == len(batches[False]) > 2
+    for a, b in zip(batches[False], batches[True]):
+        assert a.keys() == b.keys() == {"pixels", "action"}
+        assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["action"], b["action"])
+
+
+def test_training_with_frames_on_device_matches_reading_from_the_file(data_path, tmp_path):
+    def run(root, on_device):
+        L.seed_everything(0)
+        module, dm = make(data_path, root, frames_on_device=on_device)
+        rec = LossRecorder()
+        trainer(root, max_steps=4, callbacks=[rec], enable_checkpointing=False).fit(module, dm)
+        assert (dm.frames is not None) == on_device
+        return module, rec.losses
+
+    (ref, ref_losses), (dev, dev_losses) = run(tmp_path / "file", False), run(tmp_path / "dev", True)
+    assert len(ref_losses) == 4 and ref_losses == dev_losses
+    for (name, a), b in zip(ref.state_dict().items(), dev.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_frames_that_do_not_fit_on_the_device_are_a_clear_error(data_path, monkeypatch):
+    monkeypatch.setattr(datamodule_mod, "free_memory_bytes", lambda device: 10_000)
+    with pytest.raises(MemoryError, match="data.frames_on_device false") as err:
+        frames_to_device(EpisodeStore(data_path), "cpu", progress=False)
+    assert "GiB" in str(err.value) and str(data_path) in str(err.value)
+
+
+def write_config(tmp_path, data=None, **trainer):
     config = yaml.safe_load((ROOT / "configs" / "tworoom_tiny.yaml").read_text())
     config["trainer"].update({"max_steps": 3, "val_check_interval": None, "limit_val_batches": 1,
                               "log_every_n_steps": 1, "enable_progress_bar": False, **trainer})
@@ -322,7 +374,7 @@ def write_config(tmp_path, **trainer):
                                        "init_args": {"save_last": True}}]
     config["model"]["model"].update(TINY | {"history": 1})
     config["model"]["num_directions"] = 64
-    config["data"].update({"path": str(tmp_path / "gen.h5"), "batch_size": 8, "num_workers": 0})
+    config["data"].update({"path": str(tmp_path / "gen.h5"), "batch_size": 8, "num_workers": 0, **(data or {})})
     config["data"]["generate"].update({"episodes": 6, "steps": 20, "resolution": 32})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -342,8 +394,10 @@ def test_train_cli_generates_data_trains_and_exports(tmp_path):
     assert model.config.image_size == 32 and model.config.history == 1
 
 
-def test_two_process_ddp_training_runs(tmp_path):
-    config = write_config(tmp_path, strategy="ddp", devices=2, accelerator="cpu")
+@pytest.mark.parametrize("frames_on_device", [False, True])
+def test_two_process_ddp_training_runs(tmp_path, frames_on_device):
+    config = write_config(tmp_path, data={"frames_on_device": frames_on_device}, strategy="ddp", devices=2,
+                          accelerator="cpu")
     out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,6 +6,9 @@ Example:
     >>> clips = ClipDataset("data/tworoom.h5", episodes=train_eps, num_frames=4, frameskip=5)
     >>> clip = clips[0]  # pixels (T, Hp, Wp, C) uint8, action (T-1, frameskip*A) float32
     >>> batch = clips.__getitems__([0, 5, 9])  # pixels (B, T, Hp, Wp, C): what the DataLoader returns
+    >>> rows = ClipDataset("data/tworoom.h5", train_eps, read_pixels=False).__getitems__([0])["rows"]
+    >>> rows.shape  # (B, T) file rows of the frames, for frames already held in memory
+    torch.Size([1, 4])
 
 A clip starting at step t0 keeps frames t0, t0 + frameskip, ..., t0 + (T-1)*frameskip.
 Action block k holds the `frameskip` actions executed after kept frame k, i.e. the actions
@@ -54,11 +57,14 @@ class ClipDataset(Dataset):
     """Clips of the given episodes of a dataset file; the file opens lazily in each worker."""
 
     def __init__(self, path: str | os.PathLike | EpisodeStore, episodes: np.ndarray | None = None,
-                 num_frames: int = 4, frameskip: int = 5, with_state: bool = False):
+                 num_frames: int = 4, frameskip: int = 5, with_state: bool = False, read_pixels: bool = True):
+        """`read_pixels=False` returns each clip's frame rows (`rows`, (T,) int64) instead of its
+        pixels, for a caller that holds all frames in memory (`LeWMDataModule(frames_on_device=True)`)."""
         if num_frames < 2 or frameskip < 1:
             raise ValueError(f"need num_frames >= 2 and frameskip >= 1, got {num_frames} and {frameskip}")
         self.store = path if isinstance(path, EpisodeStore) else EpisodeStore(path)
         self.num_frames, self.frameskip, self.with_state = num_frames, frameskip, with_state
+        self.read_pixels = read_pixels
         self.episodes = np.arange(self.store.num_episodes) if episodes is None else np.asarray(episodes, np.int64)
         span = (num_frames - 1) * frameskip  # steps covered by one clip
         starts = []
@@ -87,14 +93,18 @@ class ClipDataset(Dataset):
         starts = self.starts[np.asarray(indices, np.int64)]  # (B,)
         rows = starts[:, None] + self.frameskip * np.arange(self.num_frames)  # (B, T) kept frames
         store, r = self.store, self.store.resolution
-        pixels = torch.empty((len(starts), self.num_frames, r, r, 3), dtype=torch.uint8)  # (B, T, Hp, Wp, C)
-        if torch.utils.data.get_worker_info() is not None:
-            pixels.share_memory_()
-        store.read_into(rows.ravel(), pixels.numpy().reshape(-1, r, r, 3))
+        if self.read_pixels:
+            pixels = torch.empty((len(starts), self.num_frames, r, r, 3), dtype=torch.uint8)  # (B, T, Hp, Wp, C)
+            if torch.utils.data.get_worker_info() is not None:
+                pixels.share_memory_()
+            store.read_into(rows.ravel(), pixels.numpy().reshape(-1, r, r, 3))
+            batch = {"pixels": pixels}
+        else:
+            batch = {"rows": torch.from_numpy(rows)}  # (B, T) int64
         span = (self.num_frames - 1) * self.frameskip
         action_rows = (starts[:, None] + np.arange(span)).ravel()  # (B*span,)
         actions = store.read("action", action_rows).reshape(len(starts), self.num_frames - 1, -1)
-        batch = {"pixels": pixels, "action": torch.from_numpy(actions)}  # action (B, T-1, frameskip*A)
+        batch["action"] = torch.from_numpy(actions)  # (B, T-1, frameskip*A)
         if self.with_state:
             batch["state"] = torch.from_numpy(store.read("state", rows.ravel()).reshape(*rows.shape, -1))
             batch["proprio"] = torch.from_numpy(store.read("proprio", rows.ravel()).reshape(*rows.shape, -1))
