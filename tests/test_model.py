@@ -35,6 +35,8 @@ def perturb_adaln(model: LeWorldModel, std: float = 0.2) -> None:
 
 
 def make(encoder: str = "vit", perturbed: bool = True, **overrides) -> LeWorldModel:
+    if encoder == "cnn-keypoints":  # the CNN with its spatial-softmax head
+        encoder, overrides = "cnn", {"cnn_head": "keypoints", **overrides}
     torch.manual_seed(0)
     model = LeWorldModel(tiny(encoder=encoder, **overrides))
     if perturbed:
@@ -46,7 +48,7 @@ def blocks(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, 10)  # frameskip 5 x action_dim 2
 
 
-@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints"])
 def test_shapes(encoder):
     model = make(encoder)
     pixels = torch.randint(0, 256, (B, 3, 3, 32, 32), dtype=torch.uint8)
@@ -157,7 +159,7 @@ def test_rollout_is_differentiable_in_actions():
     assert future.grad is not None and future.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints"])
 def test_uint8_and_float_pixels_encode_the_same(encoder):
     model = make(encoder)
     pixels = torch.randint(0, 256, (B, 2, 3, 32, 32), dtype=torch.uint8)
@@ -196,6 +198,31 @@ def test_config_validation_and_round_trip():
         LeWMConfig(embed_dim=0)
     with pytest.raises(ValueError, match="encoder"):
         LeWMConfig(encoder="resnet")
+    with pytest.raises(ValueError, match="cnn_head"):
+        LeWMConfig(encoder="cnn", cnn_head="pool")
+
+
+def test_keypoints_are_the_expected_positions_under_a_spatial_softmax():
+    """The CNN's keypoint head against a float64 sum over every cell, and a single sharp peak
+    lands on its cell's centre."""
+    cnn = make("cnn-keypoints").encoder.double()
+    with torch.no_grad():
+        cnn.log_temperature.fill_(-0.7)
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(3, 5, 8, 8, generator=g, dtype=torch.float64)
+    got = cnn.keypoints(maps)
+    want = torch.empty(3, 10, dtype=torch.float64)
+    centre = [(j + 0.5) / 8 * 2 - 1 for j in range(8)]
+    for b in range(3):
+        for k in range(5):
+            w = torch.exp(maps[b, k] / torch.exp(torch.tensor(-0.7, dtype=torch.float64)))
+            w = w / w.sum()
+            want[b, k] = sum(w[i, j] * centre[j] for i in range(8) for j in range(8))  # x: the column
+            want[b, 5 + k] = sum(w[i, j] * centre[i] for i in range(8) for j in range(8))  # y: the row
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    peak = torch.full((1, 1, 8, 8), -1e4, dtype=torch.float64)
+    peak[0, 0, 2, 6] = 0.0  # row 2, column 6
+    torch.testing.assert_close(cnn.keypoints(peak), torch.tensor([[centre[6], centre[2]]], dtype=torch.float64))
 
 
 def test_normalize_denormalize_actions_round_trip():

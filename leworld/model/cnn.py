@@ -10,6 +10,12 @@ Example:
 Conv 4x4 stride 4 (patchify) -> conv 3x3 stride 2 -> conv 3x3 stride 2, GELU after each,
 then flatten (keeps where things are in the image) -> Linear to `width`. No normalisation
 layers: the BatchNorm lives in the projector, and GroupNorm is slow on CPU (LEWM.md 12).
+
+`head="keypoints"` keeps the map at a quarter of the image side instead (conv 3x3 stride 1
+twice, the last with `channels[2]` maps) and reads each map as a keypoint: the expected (x, y)
+under a softmax over its positions, with a learned temperature (a spatial softmax). The image
+is then described by where `channels[2]` features are, to a fraction of a cell, and an
+object's orientation by where its parts are relative to each other.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class CNN(nn.Module):
         channels: output channels of the three convolutions.
         width: size of the returned feature (the projector's input).
         in_channels: image channels.
+        head: "flatten" (the feature map, flattened) or "keypoints" (a spatial softmax).
     """
 
     def __init__(
@@ -38,14 +45,29 @@ class CNN(nn.Module):
         channels: tuple[int, int, int] = (32, 64, 128),
         width: int = 192,
         in_channels: int = 3,
+        head: str = "flatten",
     ) -> None:
         super().__init__()
+        if head not in ("flatten", "keypoints"):
+            raise ValueError(f"CNN head must be 'flatten' or 'keypoints', got {head!r}.")
         if len(channels) != 3:
             raise ValueError(f"CNN needs 3 channel counts (one per conv), got {tuple(channels)}.")
         if image_size < 16:
             raise ValueError(f"CNN image_size must be at least 16 pixels, got {image_size}.")
         c1, c2, c3 = channels
-        self.width = width
+        self.width, self.head_kind = width, head
+        if head == "keypoints":
+            self.convs = nn.Sequential(
+                nn.Conv2d(in_channels, c1, kernel_size=4, stride=4), nn.GELU(),  # (B, c1, Hp/4, Wp/4)
+                nn.Conv2d(c1, c2, kernel_size=3, padding=1), nn.GELU(),  # (B, c2, Hp/4, Wp/4)
+                nn.Conv2d(c2, c3, kernel_size=3, padding=1),  # (B, c3, Hp/4, Wp/4): one map per keypoint
+            )
+            side = _conv_out(image_size, 4, 4, 0)
+            grid = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1  # cell centres in [-1, 1]
+            self.register_buffer("grid", grid, persistent=False)
+            self.log_temperature = nn.Parameter(torch.zeros(()))
+            self.head = nn.Linear(2 * c3, width)
+            return
         self.convs = nn.Sequential(
             nn.Conv2d(in_channels, c1, kernel_size=4, stride=4), nn.GELU(),  # (B, c1, Hp/4, Wp/4)
             nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1), nn.GELU(),  # (B, c2, Hp/8, Wp/8)
@@ -56,4 +78,15 @@ class CNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, Hp, Wp), already normalised -> features (B, width)."""
-        return self.head(self.convs(images).flatten(1))  # (B, c3*s*s) -> (B, width)
+        maps = self.convs(images)
+        if self.head_kind == "keypoints":
+            return self.head(self.keypoints(maps))  # (B, 2*c3) -> (B, width)
+        return self.head(maps.flatten(1))  # (B, c3*s*s) -> (B, width)
+
+    def keypoints(self, maps: torch.Tensor) -> torch.Tensor:
+        """Spatial softmax: maps (B, K, S, S) -> (B, 2K), the expected (x, y) of each map, in [-1, 1]."""
+        b, k, s, _ = maps.shape
+        weights = torch.softmax(maps.flatten(2) / self.log_temperature.exp(), dim=-1).view(b, k, s, s)
+        x = (weights.sum(2) * self.grid).sum(-1)  # (B, K): marginal over rows, then mean column
+        y = (weights.sum(3) * self.grid).sum(-1)  # (B, K)
+        return torch.cat([x, y], dim=-1)

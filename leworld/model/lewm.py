@@ -48,6 +48,8 @@ class LeWMConfig:
         enc_heads: ViT attention heads.
         enc_mlp: ViT MLP hidden width.
         cnn_channels: channels of the CNN's three convolutions.
+        cnn_head: how the CNN turns its last map into features: "flatten" or "keypoints"
+            (a spatial softmax over a quarter-resolution map: `leworld.model.cnn`).
         embed_dim: embedding size D of one frame (after the projector).
         proj_hidden: hidden width of the projector and pred_proj (BatchNorm inside).
         history: frames the predictor sees (and positions it learns).
@@ -69,6 +71,7 @@ class LeWMConfig:
     enc_heads: int = 3
     enc_mlp: int = 768
     cnn_channels: tuple[int, int, int] = (32, 64, 128)
+    cnn_head: str = "flatten"
     embed_dim: int = 192
     proj_hidden: int = 2048
     history: int = 3
@@ -89,6 +92,8 @@ class LeWMConfig:
             value = getattr(self, f.name)
             if f.type in ("int", int) and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"LeWMConfig.{f.name} must be a positive integer, got {value!r}.")
+        if self.cnn_head not in ("flatten", "keypoints"):
+            raise ValueError(f"cnn_head must be 'flatten' or 'keypoints', got {self.cnn_head!r}.")
         if len(self.cnn_channels) != 3 or min(self.cnn_channels) <= 0:
             raise ValueError(f"cnn_channels must be 3 positive integers, got {self.cnn_channels}.")
         if not 0.0 <= self.pred_dropout < 1.0:
@@ -151,7 +156,7 @@ class LeWorldModel(nn.Module):
         if c.encoder == "vit":
             self.encoder = ViT(c.image_size, c.patch_size, c.enc_width, c.enc_depth, c.enc_heads, c.enc_mlp)
         else:
-            self.encoder = CNN(c.image_size, c.cnn_channels, c.enc_width)
+            self.encoder = CNN(c.image_size, c.cnn_channels, c.enc_width, head=c.cnn_head)
         self.projector = Projector(c.enc_width, c.proj_hidden, c.embed_dim)
         self.action_encoder = nn.Sequential(
             nn.Linear(c.action_block_dim, c.action_hidden), nn.SiLU(), nn.Linear(c.action_hidden, c.embed_dim)
