@@ -16,12 +16,15 @@ no EMA target: gradients flow through prediction and target alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import nn
 
 from leworld.model import LeWMConfig, LeWorldModel
 from leworld.sigreg import sigreg
@@ -35,12 +38,46 @@ def effective_rank(emb: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
+def recalibrate_batchnorm(model: nn.Module, forward: Callable[[object], object], batches: Iterable) -> int:
+    """Re-estimate every BatchNorm's running statistics of `model` with its current weights:
+    each becomes the plain average of the batch means and (unbiased) batch variances over
+    `batches`, each passed through `forward`. Everything else runs in evaluation mode (no
+    dropout), and no weight changes. Returns the number of batches used.
+
+    During training the running statistics are an exponential average over the last few
+    steps, taken while the weights moved. Where a hidden unit varies little within a batch,
+    that lag is large against its spread, and evaluation mode, which uses the running
+    statistics, can then disagree with training mode far more than the data do.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(batch)
+                count += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return count
+
+
 class LeWMModule(L.LightningModule):
     def __init__(self, model: LeWMConfig = LeWMConfig(), lambda_sigreg: float = 0.09, lr: float = 5e-5,
                  weight_decay: float = 1e-3, warmup_fraction: float = 0.01, num_directions: int = 1024,
                  num_knots: int = 17, t_max: float = 3.0, sigreg_seed: int = 0,
                  collapse_rank_fraction: float = 0.05, compile: bool | str = False,
-                 lambda_schedule: list[tuple[int, float]] | None = None, fused: bool | None = None):
+                 lambda_schedule: list[tuple[int, float]] | None = None, fused: bool | None = None,
+                 bn_recalibration_batches: int = 0):
         """
         Args:
             model: architecture of the world model (defaults: the paper's ViT-Tiny LeWM).
@@ -68,8 +105,16 @@ class LeWMModule(L.LightningModule):
             fused: AdamW's fused kernel (one kernel for all parameters). None: on CUDA, unless a
                 float16 gradient scaler is in use (then gradients are clipped before they are
                 unscaled, which a fused optimizer cannot allow).
+            bn_recalibration_batches: when training ends, re-estimate the projectors' BatchNorm
+                statistics with the final weights over this many training batches before the model
+                is exported (`recalibrate_batchnorm`; averaged over ranks under DDP). 0: keep the
+                running averages of training. The checkpoints keep those; the exported model has the
+                re-estimated ones. Worth it where evaluation-mode losses sit far above training-mode
+                ones, as with the CNN's keypoint head (docs/results.md).
         """
         super().__init__()
+        if bn_recalibration_batches < 0:
+            raise ValueError(f"bn_recalibration_batches must be >= 0, got {bn_recalibration_batches}")
         self._lambda_steps, self._lambda_values = _check_lambda_schedule(lambda_schedule)
         self.config = model if isinstance(model, LeWMConfig) else LeWMConfig.from_dict(model)
         self.save_hyperparameters(ignore=["model"])
@@ -281,10 +326,35 @@ class LeWMModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self._raise_if_nonfinite()
+        if self.hparams.get("bn_recalibration_batches", 0):
+            self._recalibrate_batchnorm(self.hparams.bn_recalibration_batches)
         # log_dir is a collective: every rank asks. A logger without a directory gives None: then the
         # Trainer's default_root_dir, never the working directory.
         directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
         self._export(directory)
+
+    def _recalibrate_batchnorm(self, num_batches: int) -> None:
+        """`recalibrate_batchnorm` over the first `num_batches` training batches (the loader's
+        first epoch order), moved and prepared as in training; under DDP the statistics are then
+        averaged over the ranks, so every rank exports the same."""
+        trainer = self.trainer
+        dm = getattr(trainer, "datamodule", None)
+        loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
+
+        def batches():
+            for i, batch in enumerate(loader):
+                if i == num_batches:
+                    return
+                batch = move_data_to_device(batch, self.device)
+                yield dm.on_after_batch_transfer(batch, 0) if dm is not None else batch
+
+        with trainer.precision_plugin.forward_context():
+            used = recalibrate_batchnorm(self.model, self.losses, batches())
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and trainer.world_size > 1:
+                m.running_mean.copy_(trainer.strategy.reduce(m.running_mean, reduce_op="mean"))
+                m.running_var.copy_(trainer.strategy.reduce(m.running_var, reduce_op="mean"))
+        self.print(f"re-estimated the BatchNorm statistics over {used} training batches")
 
     @rank_zero_only
     def _export(self, directory: Path) -> None:

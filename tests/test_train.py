@@ -20,7 +20,7 @@ from leworld.data import datamodule as datamodule_mod
 from leworld.data.datamodule import CollectSpec, LeWMDataModule, frames_to_device
 from leworld.data.store import EpisodeStore
 from leworld.model import LeWMConfig
-from leworld.module import LeWMModule, effective_rank
+from leworld.module import LeWMModule, effective_rank, recalibrate_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(encoder="cnn", image_size=32, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=32, proj_hidden=64,
@@ -365,7 +365,92 @@ def test_frames_that_do_not_fit_on_the_device_are_a_clear_error(data_path, monke
     assert "GiB" in str(err.value) and str(data_path) in str(err.value)
 
 
-def write_config(tmp_path, data=None, **trainer):
+def test_recalibrate_batchnorm_gives_the_average_of_the_batch_statistics():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.5))
+    net.train()
+    batches = [torch.randn(n, 4) * 3 + 1 for n in (5, 9, 7)]
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "tracked" not in k}
+    assert recalibrate_batchnorm(net, net, batches) == 3
+    hidden = [net[0](x).double().detach() for x in batches]
+    want_mean = torch.stack([h.mean(0) for h in hidden]).mean(0)
+    want_var = torch.stack([h.var(0, unbiased=True) for h in hidden]).mean(0)
+    torch.testing.assert_close(net[1].running_mean.double(), want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(net[1].running_var.double(), want_var, rtol=1e-6, atol=1e-6)
+    assert net.training and net[1].momentum == 0.1  # mode and momentum restored
+    for k, v in before.items():
+        assert torch.equal(net.state_dict()[k], v), k
+
+
+def test_exported_model_has_batchnorm_statistics_re_estimated_with_the_final_weights(data_path, tmp_path):
+    """With bn_recalibration_batches, the exported BatchNorm statistics are the average batch
+    statistics of the first training batches under the final weights, recomputed here from the
+    BatchNorm inputs; the checkpoint keeps the running averages of training."""
+    L.seed_everything(0)
+    module, dm = make(data_path, tmp_path, bn_recalibration_batches=3)
+    t = trainer(tmp_path, max_steps=4)
+    t.fit(module, dm)
+    exported = load_model(tmp_path / "model")
+    ckpt = torch.load(t.checkpoint_callback.last_model_path or t.checkpoint_callback.best_model_path,
+                      map_location="cpu", weights_only=False)["state_dict"]
+
+    probe = LeWMModule(LeWMConfig(**TINY))
+    probe.model.load_state_dict(exported.state_dict())
+    norms = {name: m for name, m in probe.model.named_modules() if isinstance(m, torch.nn.BatchNorm1d)}
+    assert set(norms) == {"projector.net.1", "pred_proj.net.1"}
+    inputs = {name: [] for name in norms}
+    for name, m in norms.items():
+        m.register_forward_pre_hook(lambda mod, args, name=name: inputs[name].append(args[0].double()))
+    probe.model.eval()
+    for m in norms.values():
+        m.train()
+        m.momentum = 0.0  # normalise with batch statistics, as the re-estimation does, and keep the stats
+    fresh = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=16, num_workers=0, val_fraction=0.2)
+    fresh.setup("fit")
+    with torch.no_grad():
+        for i, batch in enumerate(fresh.train_dataloader()):
+            if i == 3:
+                break
+            probe.losses(batch)
+    for name in norms:
+        want_mean = torch.stack([x.mean(0) for x in inputs[name]]).mean(0)
+        want_var = torch.stack([x.var(0) for x in inputs[name]]).mean(0)
+        got = dict(exported.named_buffers())
+        torch.testing.assert_close(got[f"{name}.running_mean"].double(), want_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[f"{name}.running_var"].double(), want_var, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(ckpt[f"model.{name}.running_var"], got[f"{name}.running_var"])
+
+
+def test_recalibrate_command_matches_re_estimation_at_the_end_of_training(data_path, tmp_path):
+    """`python -m leworld.recalibrate` on a model exported without re-estimation gives the
+    statistics that `bn_recalibration_batches` gives at the end of the same training run."""
+    from leworld.recalibrate import main as recalibrate_main
+
+    def run(root, batches):
+        L.seed_everything(0)
+        module, dm = make(data_path, root, bn_recalibration_batches=batches)
+        trainer(root, max_steps=4, enable_checkpointing=False).fit(module, dm)
+        return root / "model"
+
+    at_end, plain = run(tmp_path / "a", 3), run(tmp_path / "b", 0)
+    result = recalibrate_main(["--model", str(plain), "--out", str(tmp_path / "c"), "--batches", "3",
+                               "--batch-size", "16", "--val-batches", "2"])
+    assert result["batches"] == 3 and result["val_pred_loss_after"] > 0
+    want, got, old = (dict(load_model(p).state_dict()) for p in (at_end, tmp_path / "c", plain))
+    for name, value in want.items():
+        if "running" in name or "num_batches_tracked" in name:  # BatchNorm statistics
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(got[name], old[name]), name  # the weights are not touched
+    assert any("running_var" in n and not torch.allclose(got[n], old[n]) for n in got)
+
+
+def test_negative_bn_recalibration_batches_is_a_clear_error():
+    with pytest.raises(ValueError, match="bn_recalibration_batches"):
+        LeWMModule(LeWMConfig(**TINY), bn_recalibration_batches=-1)
+
+
+def write_config(tmp_path, data=None, model=None, **trainer):
     config = yaml.safe_load((ROOT / "configs" / "tworoom_tiny.yaml").read_text())
     config["trainer"].update({"max_steps": 3, "val_check_interval": None, "limit_val_batches": 1,
                               "log_every_n_steps": 1, "enable_progress_bar": False, **trainer})
@@ -374,6 +459,7 @@ def write_config(tmp_path, data=None, **trainer):
                                        "init_args": {"save_last": True}}]
     config["model"]["model"].update(TINY | {"history": 1})
     config["model"]["num_directions"] = 64
+    config["model"].update(model or {})
     config["data"].update({"path": str(tmp_path / "gen.h5"), "batch_size": 8, "num_workers": 0, **(data or {})})
     config["data"]["generate"].update({"episodes": 6, "steps": 20, "resolution": 32})
     path = tmp_path / "config.yaml"
@@ -394,14 +480,16 @@ def test_train_cli_generates_data_trains_and_exports(tmp_path):
     assert model.config.image_size == 32 and model.config.history == 1
 
 
-@pytest.mark.parametrize("frames_on_device", [False, True])
-def test_two_process_ddp_training_runs(tmp_path, frames_on_device):
-    config = write_config(tmp_path, data={"frames_on_device": frames_on_device}, strategy="ddp", devices=2,
+@pytest.mark.parametrize("options", [False, True], ids=["file", "frames-on-device-and-bn-re-estimation"])
+def test_two_process_ddp_training_runs(tmp_path, options):
+    config = write_config(tmp_path, data={"frames_on_device": options},
+                          model={"bn_recalibration_batches": 2 if options else 0}, strategy="ddp", devices=2,
                           accelerator="cpu")
     out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert load_model(tmp_path / "runs" / "tworoom_tiny" / "version_0" / "model").config.embed_dim == 32
+    assert ("re-estimated the BatchNorm statistics over 2 training batches" in out.stdout) == options
 
 
 def test_compiled_training_matches_eager_and_exports_the_same_keys(data_path, tmp_path):
