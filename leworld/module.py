@@ -109,8 +109,9 @@ class LeWMModule(L.LightningModule):
                 statistics with the final weights over this many training batches before the model
                 is exported (`recalibrate_batchnorm`; averaged over ranks under DDP). 0: keep the
                 running averages of training. The checkpoints keep those; the exported model has the
-                re-estimated ones. Worth it where evaluation-mode losses sit far above training-mode
-                ones, as with the CNN's keypoint head (docs/results.md).
+                re-estimated ones. It matters where the weights still move fast when training stops
+                (evaluation-mode losses far above training-mode ones); after a cosine schedule has
+                decayed to zero the running averages have caught up (README, "Training").
         """
         super().__init__()
         if bn_recalibration_batches < 0:
