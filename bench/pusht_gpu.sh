@@ -15,6 +15,8 @@
 # FRAMES_ON_DEVICE (true: all frames held in GPU memory, 28.3 GiB for 2,000 episodes at 224 px, and
 # each batch gathered there, with 2 loader workers handing over rows and actions; false: 12 loader
 # workers read the frames from the file, which kept an earlier run at 8.6 steps/s).
+# Training stops at MINUTES, before its cosine schedule has decayed, so the BatchNorm statistics
+# are re-estimated with the final weights before the export (50 batches: README, "Training").
 # Planning, probing and deadline planning run side by side once training is done.
 # Each stage has its own time limit inside one BUDGET (585 s, bench/gpu_setup.sh), so a slow stage
 # cannot take the results of the others with it: alone, MINUTES up to about 5 leaves the
@@ -58,6 +60,7 @@ start=$(date +%s)
 limit $((secs + 90)) "$py" train.py fit --config "$config" --data.path "$data" \
   --data.generate.episodes "$episodes" --data.generate.steps 100 --data.generate.resolution "$res" \
   --data.generate.supersample "$ss" --data.frames_on_device "$on_device" --model.model.image_size "$res" --model.lr "$lr" --model.lambda_sigreg "${LAMBDA:-0.09}" \
+  --model.bn_recalibration_batches 50 \
   ${SCHEDULE:+--model.lambda_schedule "$SCHEDULE"} \
   --model.compile "$compile" --trainer.max_steps "$steps" --trainer.max_epochs -1 --trainer.max_time "$max_time" \
   --trainer.enable_progress_bar false --trainer.logger.init_args.name "$name" "${extra[@]}" \

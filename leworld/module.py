@@ -349,7 +349,9 @@ class LeWMModule(L.LightningModule):
                 batch = move_data_to_device(batch, self.device)
                 yield dm.on_after_batch_transfer(batch, 0) if dm is not None else batch
 
-        with trainer.precision_plugin.forward_context():
+        # eager even when the parts are compiled: a few forward passes in another mode are not
+        # worth a recompilation
+        with trainer.precision_plugin.forward_context(), torch.compiler.set_stance("force_eager"):
             used = recalibrate_batchnorm(self.model, self.losses, batches())
         for m in self.model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and trainer.world_size > 1:

@@ -1,6 +1,7 @@
 """Lightning training: loss goes down, resume is exact, export/load, clear errors, CLI and DDP."""
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import traceback
@@ -497,7 +498,7 @@ def test_compiled_training_matches_eager_and_exports_the_same_keys(data_path, tm
     rounding) and an exported model with the same parameter names that loads without the compiler."""
     def run(root, compile):
         L.seed_everything(0)
-        module, dm = make(data_path, root, compile=compile, lambda_sigreg=0.09)
+        module, dm = make(data_path, root, compile=compile, lambda_sigreg=0.09, bn_recalibration_batches=2)
         rec = LossRecorder()
         trainer(root, max_steps=3, callbacks=[rec], enable_checkpointing=False).fit(module, dm)
         return module, rec.losses
@@ -513,6 +514,15 @@ def test_compiled_training_matches_eager_and_exports_the_same_keys(data_path, tm
     pixels = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
     compiled.model.eval()
     torch.testing.assert_close(exported.encode(pixels), compiled.model.encode(pixels), rtol=1e-5, atol=1e-5)
+    # the compiled run re-estimated its BatchNorm statistics as an eager copy of its weights does
+    copy = LeWMModule(LeWMConfig(**TINY))
+    copy.model.load_state_dict(exported.state_dict())
+    _, dm = make(data_path, tmp_path)
+    dm.setup("fit")
+    recalibrate_batchnorm(copy.model, copy.losses, itertools.islice(dm.train_dataloader(), 2))
+    for name, value in copy.model.state_dict().items():
+        if "running" in name:
+            torch.testing.assert_close(exported.state_dict()[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
