@@ -353,10 +353,11 @@ class LeWMModule(L.LightningModule):
         # worth a recompilation
         with trainer.precision_plugin.forward_context(), torch.compiler.set_stance("force_eager"):
             used = recalibrate_batchnorm(self.model, self.losses, batches())
-        for m in self.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and trainer.world_size > 1:
-                m.running_mean.copy_(trainer.strategy.reduce(m.running_mean, reduce_op="mean"))
-                m.running_var.copy_(trainer.strategy.reduce(m.running_var, reduce_op="mean"))
+        if trainer.world_size > 1:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.running_mean.copy_(trainer.strategy.reduce(m.running_mean, reduce_op="mean"))
+                    m.running_var.copy_(trainer.strategy.reduce(m.running_var, reduce_op="mean"))
         self.print(f"re-estimated the BatchNorm statistics over {used} training batches")
 
     @rank_zero_only
