@@ -44,12 +44,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from leworld.checkpoint import weights_file
 from leworld.data.clips import ClipDataset, split_episodes
 from leworld.probe import (
-    QUANTITIES, LinearProbe, embed_frames, fit_linear, open_model_and_data, pearson, select_frames, targets,
+    QUANTITIES, LinearProbe, command_record, embed_frames, fit_linear, open_model_and_data, pearson, select_frames,
+    targets,
 )
-from leworld.results import package_version, sha256_file, write_json
+from leworld.results import write_json
 
 PROTOCOL = "forecast-v1"
 UNITS = {"agent": "px", "block": "px", "angle": "degrees"}
@@ -268,12 +268,8 @@ def main(argv=None) -> dict:
                           ridge=args.ridge, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    result = {
-        "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
-        "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path),
-        "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
-        **result, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
-    }
+    result = {**command_record(PROTOCOL, args, model_path, data_path, val_fraction, split_seed), **result,
+              "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start}
     out = Path(args.out or Path("runs") / "forecast" / f"{result['env']}.json")
     write_json(out, result)
     print(f"{result['env']}: {result['clips']} validation clips ({result['val_episodes']} episodes), history "

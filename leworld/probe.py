@@ -398,6 +398,17 @@ def open_model_and_data(model_arg, data_arg=None, device: str = "cpu"):
     return model_path, model, store, data_path, data_env, data
 
 
+def command_record(protocol: str, args: argparse.Namespace, model_path, data_path, val_fraction: float,
+                   split_seed: int) -> dict:
+    """The head of a command's result JSON, shared by `leworld.forecast` and `leworld.separation`:
+    protocol, package version, model and its weights' sha256, dataset and the settings."""
+    return {
+        "protocol": protocol, "leworld_version": package_version(), "model": str(args.model),
+        "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path),
+        "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
+    }
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()

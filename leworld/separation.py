@@ -42,10 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leworld.checkpoint import weights_file
 from leworld.data.clips import split_episodes
-from leworld.probe import embed_frames
-from leworld.results import package_version, sha256_file, write_json
+from leworld.probe import command_record, embed_frames, open_model_and_data
+from leworld.results import write_json
 
 PROTOCOL = "separation-v1"
 MISSES = {"tworoom": ("agent",), "pusht": ("pose", "angle")}
@@ -205,8 +204,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from leworld.probe import open_model_and_data  # the loading and its errors, shared with probe and forecast
-
     args = parse_args(argv)
     start = time.perf_counter()
     model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
@@ -218,12 +215,8 @@ def main(argv=None) -> dict:
                                      progress=not args.no_progress)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    result = {
-        "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
-        "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path),
-        "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
-        **result, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
-    }
+    result = {**command_record(PROTOCOL, args, model_path, data_path, val_fraction, split_seed), **result,
+              "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start}
     out = Path(args.out or Path("runs") / "separation" / f"{result['env']}.json")
     write_json(out, result)
     print(f"{result['env']}: {result['frames']} validation frames ({result['val_episodes']} episodes), "
