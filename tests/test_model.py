@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from leworld.model import LeWMConfig, LeWorldModel
+from leworld.model.cnn import CNN
 
 B, S, D = 2, 3, 32
 
@@ -35,8 +36,8 @@ def perturb_adaln(model: LeWorldModel, std: float = 0.2) -> None:
 
 
 def make(encoder: str = "vit", perturbed: bool = True, **overrides) -> LeWorldModel:
-    if encoder == "cnn-keypoints":  # the CNN with its spatial-softmax head
-        encoder, overrides = "cnn", {"cnn_head": "keypoints", **overrides}
+    if encoder.startswith("cnn-"):  # the CNN with another head: cnn-keypoints, cnn-hybrid
+        encoder, overrides = "cnn", {"cnn_head": encoder[4:], **overrides}
     torch.manual_seed(0)
     model = LeWorldModel(tiny(encoder=encoder, **overrides))
     if perturbed:
@@ -48,7 +49,7 @@ def blocks(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, 10)  # frameskip 5 x action_dim 2
 
 
-@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints"])
+@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints", "cnn-hybrid"])
 def test_shapes(encoder):
     model = make(encoder)
     pixels = torch.randint(0, 256, (B, 3, 3, 32, 32), dtype=torch.uint8)
@@ -159,7 +160,7 @@ def test_rollout_is_differentiable_in_actions():
     assert future.grad is not None and future.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints"])
+@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints", "cnn-hybrid"])
 def test_uint8_and_float_pixels_encode_the_same(encoder):
     model = make(encoder)
     pixels = torch.randint(0, 256, (B, 2, 3, 32, 32), dtype=torch.uint8)
@@ -223,6 +224,27 @@ def test_keypoints_are_the_expected_positions_under_a_spatial_softmax():
     peak = torch.full((1, 1, 8, 8), -1e4, dtype=torch.float64)
     peak[0, 0, 2, 6] = 0.0  # row 2, column 6
     torch.testing.assert_close(cnn.keypoints(peak), torch.tensor([[centre[6], centre[2]]], dtype=torch.float64))
+
+
+def test_hybrid_head_is_the_keypoints_beside_a_flattened_coarse_map():
+    """The hybrid head against the same layers applied by hand in float64: conv, GELU, conv,
+    GELU (shared), then the keypoints of the third conv beside the two stride-2 convs, flattened."""
+    cnn = make("cnn-hybrid").encoder.double()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    c1, c2, c3 = (m for m in cnn.convs if isinstance(m, nn.Conv2d))
+    gelu = torch.nn.functional.gelu
+    shared = gelu(torch.nn.functional.conv2d(gelu(torch.nn.functional.conv2d(x, c1.weight, c1.bias, stride=4)),
+                                             c2.weight, c2.bias, padding=1))
+    points = cnn.keypoints(torch.nn.functional.conv2d(shared, c3.weight, c3.bias, padding=1))
+    d1, d2 = (m for m in cnn.coarse if isinstance(m, nn.Conv2d))
+    coarse = gelu(torch.nn.functional.conv2d(gelu(torch.nn.functional.conv2d(shared, d1.weight, d1.bias, stride=2,
+                                                                             padding=1)),
+                                             d2.weight, d2.bias, stride=2, padding=1))
+    assert coarse.shape[-1] == 32 // 16
+    want = torch.cat([points, coarse.flatten(1)], dim=1) @ cnn.head.weight.T + cnn.head.bias
+    torch.testing.assert_close(cnn(x), want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="hybrid"):
+        CNN(32, (4, 4, 4), 8, head="both")
 
 
 def test_normalize_denormalize_actions_round_trip():

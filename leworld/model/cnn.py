@@ -16,12 +16,21 @@ twice, the last with `channels[2]` maps) and reads each map as a keypoint: the e
 under a softmax over its positions, with a learned temperature (a spatial softmax). The image
 is then described by where `channels[2]` features are, to a fraction of a cell, and an
 object's orientation by where its parts are relative to each other.
+
+`head="hybrid"` reads the same keypoints and, beside them, a coarse description of what is
+where: the first keypoint-branch map goes on through two 3x3 stride-2 convolutions to a map at
+a sixteenth of the image side, which is flattened. The keypoints give positions to a fraction
+of a cell; the coarse map gives the shapes around them (an object's outline, hence its
+orientation), as the flatten head does.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+HEADS = ("flatten", "keypoints", "hybrid")
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -36,7 +45,8 @@ class CNN(nn.Module):
         channels: output channels of the three convolutions.
         width: size of the returned feature (the projector's input).
         in_channels: image channels.
-        head: "flatten" (the feature map, flattened) or "keypoints" (a spatial softmax).
+        head: "flatten" (the feature map, flattened), "keypoints" (a spatial softmax) or
+            "hybrid" (the keypoints and a flattened coarse map, side by side).
     """
 
     def __init__(
@@ -48,15 +58,15 @@ class CNN(nn.Module):
         head: str = "flatten",
     ) -> None:
         super().__init__()
-        if head not in ("flatten", "keypoints"):
-            raise ValueError(f"CNN head must be 'flatten' or 'keypoints', got {head!r}.")
+        if head not in HEADS:
+            raise ValueError(f"CNN head must be one of {HEADS}, got {head!r}.")
         if len(channels) != 3:
             raise ValueError(f"CNN needs 3 channel counts (one per conv), got {tuple(channels)}.")
         if image_size < 16:
             raise ValueError(f"CNN image_size must be at least 16 pixels, got {image_size}.")
         c1, c2, c3 = channels
         self.width, self.head_kind = width, head
-        if head == "keypoints":
+        if head in ("keypoints", "hybrid"):
             self.convs = nn.Sequential(
                 nn.Conv2d(in_channels, c1, kernel_size=4, stride=4), nn.GELU(),  # (B, c1, Hp/4, Wp/4)
                 nn.Conv2d(c1, c2, kernel_size=3, padding=1), nn.GELU(),  # (B, c2, Hp/4, Wp/4)
@@ -66,7 +76,15 @@ class CNN(nn.Module):
             grid = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1  # cell centres in [-1, 1]
             self.register_buffer("grid", grid, persistent=False)
             self.log_temperature = nn.Parameter(torch.zeros(()))
-            self.head = nn.Linear(2 * c3, width)
+            features = 2 * c3
+            if head == "hybrid":
+                self.coarse = nn.Sequential(  # from the second map (B, c2, Hp/4, Wp/4)
+                    nn.Conv2d(c2, c3, kernel_size=3, stride=2, padding=1), nn.GELU(),  # (B, c3, Hp/8, Wp/8)
+                    nn.Conv2d(c3, c3, kernel_size=3, stride=2, padding=1), nn.GELU(),  # (B, c3, Hp/16, Wp/16)
+                )
+                coarse_side = _conv_out(_conv_out(side, 3, 2, 1), 3, 2, 1)
+                features += c3 * coarse_side * coarse_side
+            self.head = nn.Linear(features, width)
             return
         self.convs = nn.Sequential(
             nn.Conv2d(in_channels, c1, kernel_size=4, stride=4), nn.GELU(),  # (B, c1, Hp/4, Wp/4)
@@ -78,6 +96,10 @@ class CNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, Hp, Wp), already normalised -> features (B, width)."""
+        if self.head_kind == "hybrid":
+            shared = self.convs[:4](images)  # (B, c2, Hp/4, Wp/4), after the second GELU
+            points = self.keypoints(self.convs[4:](shared))  # (B, 2*c3)
+            return self.head(torch.cat([points, self.coarse(shared).flatten(1)], dim=1))
         maps = self.convs(images)
         if self.head_kind == "keypoints":
             return self.head(self.keypoints(maps))  # (B, 2*c3) -> (B, width)

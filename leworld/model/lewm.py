@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cnn import CNN
+from .cnn import CNN, HEADS as CNN_HEADS
 from .predictor import Predictor
 from .vit import ViT
 
@@ -48,8 +48,8 @@ class LeWMConfig:
         enc_heads: ViT attention heads.
         enc_mlp: ViT MLP hidden width.
         cnn_channels: channels of the CNN's three convolutions.
-        cnn_head: how the CNN turns its last map into features: "flatten" or "keypoints"
-            (a spatial softmax over a quarter-resolution map: `leworld.model.cnn`).
+        cnn_head: how the CNN turns its maps into features: "flatten", "keypoints" (a spatial
+            softmax over a quarter-resolution map) or "hybrid" (both: `leworld.model.cnn`).
         embed_dim: embedding size D of one frame (after the projector).
         proj_hidden: hidden width of the projector and pred_proj (BatchNorm inside).
         history: frames the predictor sees (and positions it learns).
@@ -92,8 +92,8 @@ class LeWMConfig:
             value = getattr(self, f.name)
             if f.type in ("int", int) and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"LeWMConfig.{f.name} must be a positive integer, got {value!r}.")
-        if self.cnn_head not in ("flatten", "keypoints"):
-            raise ValueError(f"cnn_head must be 'flatten' or 'keypoints', got {self.cnn_head!r}.")
+        if self.cnn_head not in CNN_HEADS:
+            raise ValueError(f"cnn_head must be one of {CNN_HEADS}, got {self.cnn_head!r}.")
         if len(self.cnn_channels) != 3 or min(self.cnn_channels) <= 0:
             raise ValueError(f"cnn_channels must be 3 positive integers, got {self.cnn_channels}.")
         if not 0.0 <= self.pred_dropout < 1.0:
