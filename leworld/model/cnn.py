@@ -18,8 +18,8 @@ is then described by where `channels[2]` features are, to a fraction of a cell, 
 object's orientation by where its parts are relative to each other.
 
 `head="hybrid"` reads the same keypoints and, beside them, a coarse description of what is
-where: the first keypoint-branch map goes on through two 3x3 stride-2 convolutions to a map at
-a sixteenth of the image side, which is flattened. The keypoints give positions to a fraction
+where: the keypoint branch's second map (before its last convolution) goes on through two 3x3
+stride-2 convolutions to a map at a sixteenth of the image side, which is flattened. The keypoints give positions to a fraction
 of a cell; the coarse map gives the shapes around them (an object's outline, hence its
 orientation), as the flatten head does.
 """
