@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leworld.evaluation.breakdown import breakdown, parse_split
+from leworld.evaluation.breakdown import add_failures, breakdown, failures, parse_split
 from leworld.evaluation.evaluate import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,9 +22,13 @@ def fake_results(n=40, seed=0, policies=("model (cem)", "random")) -> dict:
     rows = []
     for name in policies:
         success = rng.random(n) < 0.5
+        end = rng.uniform(0, 180, n).round(3)
+        end[3:5] = 20.0  # on the threshold: not "above"
+        end[5] = angle[5]  # as far as at the start: not "further"
         rows.append({"policy": name, "per_episode": [
-            {"success": bool(s), "start_errors": {"angle_deg": float(a), "pose_px": 50.0}}
-            for s, a in zip(success, angle)]})
+            {"success": bool(s), "start_errors": {"angle_deg": float(a), "pose_px": 50.0},
+             "final_errors": {"angle_deg": float(e), "pose_px": 10.0}}
+            for s, a, e in zip(success, angle, end)]})
     return {"results": rows}
 
 
@@ -39,6 +43,30 @@ def test_groups_match_a_brute_force_count():
         assert out["above"]["rate"] == pytest.approx(sum(high) / len(high))
         assert tuple(out["above"]["ci95"]) == wilson_interval(sum(high), len(high))
     assert split["pairs"]["at_most"] + split["pairs"]["above"] == 40 and split["pairs"]["at_most"] >= 3
+
+
+def test_failures_match_a_brute_force_count():
+    res, other = fake_results(), fake_results(seed=1)
+    rows = failures(res, "angle_deg", 20.0)
+    for row, out in zip(res["results"], rows):
+        failed = [e for e in row["per_episode"] if not e["success"]]
+        above = [e for e in failed if e["final_errors"]["angle_deg"] > 20.0]
+        further = [e for e in failed if e["final_errors"]["angle_deg"] > e["start_errors"]["angle_deg"]]
+        assert out["failures"] == len(failed) > 0
+        assert out["end_above"] == len(above) and out["end_further"] == len(further)
+        assert 0 < out["end_above"] < out["failures"]
+    total = add_failures([rows, failures(other, "angle_deg", 20.0)])
+    both = res["results"][0]["per_episode"] + other["results"][0]["per_episode"]
+    assert total[0]["failures"] == sum(not e["success"] for e in both)
+    assert total[0]["end_further"] == sum(not e["success"] and e["final_errors"]["angle_deg"] >
+                                          e["start_errors"]["angle_deg"] for e in both)
+    with pytest.raises(ValueError, match="same policies"):
+        add_failures([rows, failures(fake_results(policies=("random",)), "angle_deg", 20.0)])
+    no_final = fake_results()
+    for e in no_final["results"][0]["per_episode"]:
+        del e["final_errors"]
+    with pytest.raises(ValueError, match="final_errors"):
+        failures(no_final, "angle_deg", 20.0)
 
 
 def test_bad_input_is_a_clear_error():
@@ -67,9 +95,17 @@ def test_cli_prints_and_writes_the_split(tmp_path):
     cmd = [sys.executable, "-m", "leworld.evaluation.breakdown", str(src), "--split", "angle_deg:20", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "angle_deg > 20" in proc.stdout and "random" in proc.stdout
+    assert "angle_deg > 20" in proc.stdout and "random" in proc.stdout and "end further than start" in proc.stdout
     written = json.loads(out.read_text())["splits"][0]
     assert written["policies"] == json.loads(json.dumps(breakdown(fake_results(), "angle_deg", 20.0)["policies"]))
+    assert written["failures"] == failures(fake_results(), "angle_deg", 20.0)
+    src2 = tmp_path / "r2.json"
+    src2.write_text(json.dumps(fake_results(seed=1)))
+    two = subprocess.run(cmd[:4] + [str(src2)] + cmd[4:], cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    assert "all 2 files" in two.stdout
+    assert json.loads(out.read_text())["failures"] == add_failures(
+        [failures(fake_results(seed=k), "angle_deg", 20.0) for k in (0, 1)])
     missing = subprocess.run(cmd[:3] + [str(tmp_path / "none.json"), "--split", "angle_deg:20"], cwd=ROOT,
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no results file" in missing.stderr

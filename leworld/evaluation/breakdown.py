@@ -9,6 +9,11 @@ at the start (`start_errors`: Two-Room `agent_px`; Push-T `pose_px`, `agent_px`,
 in the file, and prints each policy's success on both groups with 95% Wilson intervals. For
 Push-T, `--split angle_deg:20` separates the goals that need the block turned by more than the
 success test's 20 degrees from those that do not. `--out` writes the split as JSON.
+
+It also says how each policy's failures end on the same quantity (`final_errors`): how many end
+above the threshold, and how many end further from the goal than they started (for Push-T's
+`angle_deg`: the block was turned the wrong way, or pushed without turning it back). With
+several files it adds the counts over all of them.
 """
 from __future__ import annotations
 
@@ -68,6 +73,40 @@ def breakdown(results: dict, key: str, threshold: float) -> dict:
             "policies": out}
 
 
+def failures(results: dict, key: str, threshold: float) -> list[dict]:
+    """Per policy, how its failed episodes end on `key`: [{"policy", "failures", "end_above",
+    "end_further"}], with end_above counting final errors > `threshold` and end_further those
+    whose final error is larger than the start error."""
+    out = []
+    for row in results.get("results") or []:
+        failed = [e for e in row.get("per_episode") or [] if not e["success"]]
+        if any("final_errors" not in e or key not in e["final_errors"] for e in failed):
+            raise ValueError(f"policy {row.get('policy')!r} has no per-episode final_errors[{key!r}]: "
+                             f"rerun plan.py")
+        end = np.array([e["final_errors"][key] for e in failed], dtype=float)
+        start = np.array([e["start_errors"][key] for e in failed], dtype=float)
+        out.append({"policy": row.get("policy"), "failures": len(failed),
+                    "end_above": int((end > threshold).sum()), "end_further": int((end > start).sum())})
+    return out
+
+
+def add_failures(counts: list[list[dict]]) -> list[dict]:
+    """Sum `failures` rows of several files, policy by policy (the files must list the same policies)."""
+    names = [r["policy"] for r in counts[0]]
+    if any([r["policy"] for r in c] != names for c in counts):
+        raise ValueError("the files do not list the same policies: give results of the same kind")
+    return [{"policy": name, **{k: sum(c[i][k] for c in counts) for k in ("failures", "end_above", "end_further")}}
+            for i, name in enumerate(names)]
+
+
+def print_failures(rows: list[dict], key: str, threshold: float) -> None:
+    head = f"{'policy':<16}{'failures':>10}{f'end {key} > {threshold:g}':>24}{'end further than start':>24}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['policy']:<16}{r['failures']:>10}{r['end_above']:>24}{r['end_further']:>24}")
+
+
 def print_breakdown(split: dict) -> None:
     key, t = split["key"], split["threshold"]
     n_low, n_high = split["pairs"]["at_most"], split["pairs"]["above"]
@@ -107,13 +146,26 @@ def main(argv: list[str] | None = None) -> int:
             split = breakdown(json.loads(p.read_text()), key, threshold)
         except ValueError as e:
             parser.error(f"{p}: {e}")
+        try:
+            fails = failures(json.loads(p.read_text()), key, threshold)
+        except ValueError as e:
+            parser.error(f"{p}: {e}")
         print(f"\n{p}")
         print_breakdown(split)
-        splits.append({"file": str(p), **split})
+        print(f"\nhow the failures end, on {key}")
+        print_failures(fails, key, threshold)
+        splits.append({"file": str(p), **split, "failures": fails})
+    if len(splits) > 1:
+        try:
+            total = add_failures([s["failures"] for s in splits])
+        except ValueError as e:
+            parser.error(str(e))
+        print(f"\nall {len(splits)} files: how the failures end, on {key}")
+        print_failures(total, key, threshold)
     if args.out:
         from leworld.results import write_json
 
-        write_json(args.out, {"splits": splits})
+        write_json(args.out, {"splits": splits, **({"failures": total} if len(splits) > 1 else {})})
         print(f"\nwritten: {args.out}")
     return 0
 
