@@ -142,12 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         p = Path(path)
         if not p.is_file():
             parser.error(f"no results file at {p}: give the JSON that plan.py printed after 'results:'")
+        results = json.loads(p.read_text())
         try:
-            split = breakdown(json.loads(p.read_text()), key, threshold)
-        except ValueError as e:
-            parser.error(f"{p}: {e}")
-        try:
-            fails = failures(json.loads(p.read_text()), key, threshold)
+            split, fails = breakdown(results, key, threshold), failures(results, key, threshold)
         except ValueError as e:
             parser.error(f"{p}: {e}")
         print(f"\n{p}")
