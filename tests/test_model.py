@@ -36,7 +36,7 @@ def perturb_adaln(model: LeWorldModel, std: float = 0.2) -> None:
 
 
 def make(encoder: str = "vit", perturbed: bool = True, **overrides) -> LeWorldModel:
-    if encoder.startswith("cnn-"):  # the CNN with another head: cnn-keypoints, cnn-hybrid
+    if encoder.startswith("cnn-"):  # the CNN with another head: cnn-keypoints, cnn-hybrid, cnn-moments
         encoder, overrides = "cnn", {"cnn_head": encoder[4:], **overrides}
     torch.manual_seed(0)
     model = LeWorldModel(tiny(encoder=encoder, **overrides))
@@ -49,7 +49,7 @@ def blocks(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, 10)  # frameskip 5 x action_dim 2
 
 
-@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints", "cnn-hybrid"])
+@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints", "cnn-hybrid", "cnn-moments"])
 def test_shapes(encoder):
     model = make(encoder)
     pixels = torch.randint(0, 256, (B, 3, 3, 32, 32), dtype=torch.uint8)
@@ -160,7 +160,7 @@ def test_rollout_is_differentiable_in_actions():
     assert future.grad is not None and future.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints", "cnn-hybrid"])
+@pytest.mark.parametrize("encoder", ["vit", "cnn", "cnn-keypoints", "cnn-hybrid", "cnn-moments"])
 def test_uint8_and_float_pixels_encode_the_same(encoder):
     model = make(encoder)
     pixels = torch.randint(0, 256, (B, 2, 3, 32, 32), dtype=torch.uint8)
@@ -224,6 +224,37 @@ def test_keypoints_are_the_expected_positions_under_a_spatial_softmax():
     peak = torch.full((1, 1, 8, 8), -1e4, dtype=torch.float64)
     peak[0, 0, 2, 6] = 0.0  # row 2, column 6
     torch.testing.assert_close(cnn.keypoints(peak), torch.tensor([[centre[6], centre[2]]], dtype=torch.float64))
+
+
+def test_moments_head_is_the_mean_and_covariance_of_each_spatial_softmax():
+    """The moments head against a float64 sum over every cell, and a uniform bar's moments
+    against the closed form (a line of n cells has variance (n^2 - 1) / 12 cells squared)."""
+    cnn = make("cnn-moments").encoder.double()
+    with torch.no_grad():
+        cnn.log_temperature.fill_(0.3)
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    got = cnn.moments(maps)
+    assert got.shape == (2, 15)
+    centre = torch.tensor([(j + 0.5) / 8 * 2 - 1 for j in range(8)], dtype=torch.float64)
+    cell = 2 / 8
+    for b in range(2):
+        for k in range(3):
+            w = torch.softmax(maps[b, k].flatten() / torch.exp(torch.tensor(0.3, dtype=torch.float64)), 0).view(8, 8)
+            x = sum(w[i, j] * centre[j] for i in range(8) for j in range(8))
+            y = sum(w[i, j] * centre[i] for i in range(8) for j in range(8))
+            vx = sum(w[i, j] * (centre[j] - x) ** 2 for i in range(8) for j in range(8)) / cell ** 2
+            vy = sum(w[i, j] * (centre[i] - y) ** 2 for i in range(8) for j in range(8)) / cell ** 2
+            cxy = sum(w[i, j] * (centre[j] - x) * (centre[i] - y) for i in range(8) for j in range(8)) / cell ** 2
+            want = torch.stack([x, y, vx, vy, cxy])
+            torch.testing.assert_close(got[b, k::3], want, rtol=0, atol=1e-12)
+    bar = torch.full((2, 1, 8, 8), -1e4, dtype=torch.float64)
+    bar[0, 0, 2, 1:6] = 0.0  # a horizontal bar of 5 cells in row 2
+    for d in range(4):  # a diagonal of 4 cells, going down and right
+        bar[1, 0, 3 + d, 2 + d] = 0.0
+    m = cnn.moments(bar)  # (2, 5): x, y, var x, var y, cov xy
+    torch.testing.assert_close(m[0, 2:], torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(m[1, 2:], torch.tensor([1.25, 1.25, 1.25], dtype=torch.float64), rtol=0, atol=1e-9)
 
 
 def test_hybrid_head_is_the_keypoints_beside_a_flattened_coarse_map():

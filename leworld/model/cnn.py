@@ -22,6 +22,11 @@ where: the keypoint branch's second map (before its last convolution) goes on th
 stride-2 convolutions to a map at a sixteenth of the image side, which is flattened. The keypoints give positions to a fraction
 of a cell; the coarse map gives the shapes around them (an object's outline, hence its
 orientation), as the flatten head does.
+
+`head="moments"` reads each keypoint map's spread as well as its mean: beside the expected
+(x, y), the second central moments (var x, var y, cov xy) of the same softmax, in cells
+squared. A map that covers an object gives its position from the mean and its orientation
+(modulo a half turn) from the covariance, both as near-linear features.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 
 
-HEADS = ("flatten", "keypoints", "hybrid")
+HEADS = ("flatten", "keypoints", "hybrid", "moments")
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -45,8 +50,9 @@ class CNN(nn.Module):
         channels: output channels of the three convolutions.
         width: size of the returned feature (the projector's input).
         in_channels: image channels.
-        head: "flatten" (the feature map, flattened), "keypoints" (a spatial softmax) or
-            "hybrid" (the keypoints and a flattened coarse map, side by side).
+        head: "flatten" (the feature map, flattened), "keypoints" (a spatial softmax),
+            "hybrid" (the keypoints and a flattened coarse map, side by side) or "moments"
+            (the keypoints with each map's covariance).
     """
 
     def __init__(
@@ -66,7 +72,7 @@ class CNN(nn.Module):
             raise ValueError(f"CNN image_size must be at least 16 pixels, got {image_size}.")
         c1, c2, c3 = channels
         self.width, self.head_kind = width, head
-        if head in ("keypoints", "hybrid"):
+        if head in ("keypoints", "hybrid", "moments"):
             self.convs = nn.Sequential(
                 nn.Conv2d(in_channels, c1, kernel_size=4, stride=4), nn.GELU(),  # (B, c1, Hp/4, Wp/4)
                 nn.Conv2d(c1, c2, kernel_size=3, padding=1), nn.GELU(),  # (B, c2, Hp/4, Wp/4)
@@ -76,7 +82,8 @@ class CNN(nn.Module):
             grid = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1  # cell centres in [-1, 1]
             self.register_buffer("grid", grid, persistent=False)
             self.log_temperature = nn.Parameter(torch.zeros(()))
-            features = 2 * c3
+            self.cell = 2.0 / side  # side of one cell in grid units
+            features = 5 * c3 if head == "moments" else 2 * c3
             if head == "hybrid":
                 self.coarse = nn.Sequential(  # from the second map (B, c2, Hp/4, Wp/4)
                     nn.Conv2d(c2, c3, kernel_size=3, stride=2, padding=1), nn.GELU(),  # (B, c3, Hp/8, Wp/8)
@@ -103,12 +110,29 @@ class CNN(nn.Module):
         maps = self.convs(images)
         if self.head_kind == "keypoints":
             return self.head(self.keypoints(maps))  # (B, 2*c3) -> (B, width)
+        if self.head_kind == "moments":
+            return self.head(self.moments(maps))  # (B, 5*c3) -> (B, width)
         return self.head(maps.flatten(1))  # (B, c3*s*s) -> (B, width)
+
+    def _softmax(self, maps: torch.Tensor) -> torch.Tensor:
+        b, k, s, _ = maps.shape
+        return torch.softmax(maps.flatten(2) / self.log_temperature.exp(), dim=-1).view(b, k, s, s)
 
     def keypoints(self, maps: torch.Tensor) -> torch.Tensor:
         """Spatial softmax: maps (B, K, S, S) -> (B, 2K), the expected (x, y) of each map, in [-1, 1]."""
-        b, k, s, _ = maps.shape
-        weights = torch.softmax(maps.flatten(2) / self.log_temperature.exp(), dim=-1).view(b, k, s, s)
+        weights = self._softmax(maps)
         x = (weights.sum(2) * self.grid).sum(-1)  # (B, K): marginal over rows, then mean column
         y = (weights.sum(3) * self.grid).sum(-1)  # (B, K)
         return torch.cat([x, y], dim=-1)
+
+    def moments(self, maps: torch.Tensor) -> torch.Tensor:
+        """maps (B, K, S, S) -> (B, 5K): per map the expected (x, y) in [-1, 1], then var x, var y
+        and cov xy under the same softmax, in cells squared (x: column, y: row)."""
+        weights = self._softmax(maps)
+        px, py = weights.sum(2), weights.sum(3)  # (B, K, S) marginals over rows / columns
+        x, y = (px * self.grid).sum(-1), (py * self.grid).sum(-1)  # (B, K)
+        dx, dy = self.grid - x[..., None], self.grid - y[..., None]  # (B, K, S) offsets from the mean
+        var_x, var_y = (px * dx.square()).sum(-1), (py * dy.square()).sum(-1)
+        cov = torch.einsum("bkij,bki,bkj->bk", weights, dy, dx)  # rows i carry y, columns j carry x
+        spread = torch.cat([var_x, var_y, cov], dim=-1) / self.cell ** 2
+        return torch.cat([x, y, spread], dim=-1)

@@ -49,7 +49,8 @@ class LeWMConfig:
         enc_mlp: ViT MLP hidden width.
         cnn_channels: channels of the CNN's three convolutions.
         cnn_head: how the CNN turns its maps into features: "flatten", "keypoints" (a spatial
-            softmax over a quarter-resolution map) or "hybrid" (both: `leworld.model.cnn`).
+            softmax over a quarter-resolution map), "hybrid" (both) or "moments" (the keypoints
+            with each map's covariance: `leworld.model.cnn`).
         embed_dim: embedding size D of one frame (after the projector).
         proj_hidden: hidden width of the projector and pred_proj (BatchNorm inside).
         history: frames the predictor sees (and positions it learns).
