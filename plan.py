@@ -2,6 +2,7 @@
 
 Example:
     python plan.py --model runs/tworoom_tiny/version_0/model --protocol paper-v3 --planner cem
+    python plan.py --model runs/pusht_a runs/pusht_b --protocol paper-v3   # two models planned as an ensemble
 
 Draws the protocol's start/goal pairs from the validation episodes of the model's training
 data (or from --data), runs every episode in parallel in one batched env with latent MPC, and
@@ -28,6 +29,7 @@ from leworld.checkpoint import find_model, load_model, model_extra, weights_file
 from leworld.data.store import DatasetError, EpisodeStore
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
 from leworld.evaluation.protocols import PROTOCOLS, heldout_path
+from leworld.model import ModelEnsemble
 from leworld.planning import PLANNERS, MPCPolicy, make_planner
 from leworld.results import package_version, sha256_file, write_json
 
@@ -36,8 +38,9 @@ DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # LEWM.md section 5: the pape
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", type=Path, help="exported model directory (runs/<run>/version_N/model), or a run "
-                   "directory (runs/<run>: its newest version), or a training .ckpt")
+    p.add_argument("--model", type=Path, nargs="+", help="exported model directory (runs/<run>/version_N/model), or a "
+                   "run directory (runs/<run>: its newest version), or a training .ckpt. Several: plan with their "
+                   "ensemble (the cost is the sum of the models' latent costs; leworld.model.ensemble)")
     p.add_argument("--env", choices=envs.ENV_NAMES, help="environment (default: the model's training env)")
     p.add_argument("--data", type=Path, help="dataset the pairs come from (default: the model's training data)")
     p.add_argument("--protocol", default="paper-v3", choices=sorted(PROTOCOLS), help="evaluation preset")
@@ -83,6 +86,29 @@ def model_info(path: Path) -> dict:
     """The model's `extra` record (config.json's, or rebuilt from a training .ckpt) and the sha256 of its weights."""
     weights = weights_file(path)
     return {"extra": model_extra(path), "sha256": sha256_file(weights) if weights.is_file() else None}
+
+
+def check_members(paths: list[Path], infos: list[dict]) -> None:
+    """The models of an ensemble must come from the same env and dataset split (the pairs are drawn from it)."""
+    def where(extra: dict) -> tuple:
+        data = extra.get("data") or {}
+        return ((extra.get("dataset") or {}).get("env"), data.get("path"), data.get("val_fraction"),
+                data.get("split_seed"))
+    first = where(infos[0]["extra"])
+    for path, info in zip(paths[1:], infos[1:]):
+        if where(info["extra"]) != first:
+            raise SystemExit(f"error: ensemble mismatch: {path} was trained on (env, data, val_fraction, split_seed) = "
+                             f"{where(info['extra'])}, {paths[0]} on {first}; ensemble models trained on the same data")
+
+
+def model_record(paths: list[Path] | None, infos: list[dict], model) -> dict:
+    """What the results JSON says of the model: path, weights sha256 and config (lists for an ensemble)."""
+    if not paths:
+        return {"path": None, "sha256": None, "config": None}
+    if len(paths) == 1:
+        return {"path": str(paths[0]), "sha256": infos[0]["sha256"], "config": model.config.to_dict()}
+    return {"path": [str(p) for p in paths], "sha256": [i["sha256"] for i in infos],
+            "config": [c.to_dict() for c in model.members_config], "ensemble": len(paths)}
 
 
 def resolve(args, extra: dict) -> tuple[str, Path, dict]:
@@ -201,15 +227,25 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.policy == "model" and args.model is None:
         raise SystemExit("error: --model is required with --policy model (or pick a baseline with --policy)")
-    model, info = None, {"extra": {}, "sha256": None}
+    model, info, infos = None, {"extra": {}, "sha256": None}, []
     device = pick_device(args.device)
     if args.model is not None:
-        args.model = find_model(args.model)
-        if not args.model.exists():
-            raise SystemExit(f"error: no model at {args.model}: train one with `python train.py fit --config "
-                             "configs/tworoom_tiny.yaml`, then pass its runs/<name>/version_N/model directory")
-        model = load_model(args.model, map_location=device)
-        info = model_info(args.model)
+        args.model = [find_model(m) for m in args.model]
+        for path in args.model:
+            if not path.exists():
+                raise SystemExit(f"error: no model at {path}: train one with `python train.py fit --config "
+                                 "configs/tworoom_tiny.yaml`, then pass its runs/<name>/version_N/model directory")
+        models = [load_model(path, map_location=device) for path in args.model]
+        infos = [model_info(path) for path in args.model]
+        info = infos[0]
+        if len(models) == 1:
+            model = models[0]
+        else:
+            check_members(args.model, infos)
+            try:
+                model = ModelEnsemble(models)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}")
     protocol = get_protocol(args.protocol)
     if args.num_episodes is not None:
         protocol = protocol.replace(num_episodes=args.num_episodes)
@@ -258,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "env_params": store.metadata.get("env_params"),
         "data": {"path": str(data_path), **split, "dataset": {k: store.metadata.get(k) for k in
                                                               ("env", "policy", "noise", "seed", "episodes", "steps")}},
-        "model": {"path": str(args.model) if args.model else None, "sha256": info["sha256"],
-                  "config": model.config.to_dict() if model is not None else None},
+        "model": model_record(args.model, infos, model),
         "policy": args.policy,
         "planner": settings,
         "seed": args.seed,

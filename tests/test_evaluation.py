@@ -253,6 +253,29 @@ def test_plan_cli_writes_complete_results(tmp_path, tiny_model_dir):
     assert res2["results"][0]["per_episode"] == model_row["per_episode"] and res2["pairs"] == res["pairs"]
 
 
+def test_plan_cli_plans_an_ensemble_of_models(tmp_path, tiny_model_dir, tworoom_data):
+    torch.manual_seed(1)
+    second = load_model(tiny_model_dir)
+    for p in second.parameters():  # another model of the same data
+        p.data.add_(0.1 * torch.randn_like(p))
+    extra = {"dataset": {"env": "tworoom"}, "data": {"path": str(tworoom_data), "val_fraction": 0.1, "split_seed": 0}}
+    export_model(second, tmp_path / "second", extra=extra)
+    out = tmp_path / "ens.json"
+    proc = run_plan("--model", str(tiny_model_dir), str(tmp_path / "second"), "--num-episodes", "2", "--iterations",
+                    "2", "--num-samples", "16", "--topk", "4", "--no-baselines", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["model"]["ensemble"] == 2 and len(res["model"]["path"]) == 2
+    assert res["model"]["sha256"][0] == hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert res["model"]["sha256"][0] != res["model"]["sha256"][1]
+    assert [c["embed_dim"] for c in res["model"]["config"]] == [16, 16]
+    assert res["results"][0]["planning"]["plans"] == 4
+    # a model of other data cannot join: the pairs are drawn from its training split
+    export_model(second, tmp_path / "other", extra={**extra, "data": {**extra["data"], "split_seed": 1}})
+    proc = run_plan("--model", str(tiny_model_dir), str(tmp_path / "other"), "--num-episodes", "2", cwd=tmp_path)
+    assert proc.returncode != 0 and "ensemble mismatch" in proc.stderr and "split_seed" in proc.stderr
+
+
 def test_plan_cli_baseline_without_a_model(tmp_path, tworoom_data):
     out = tmp_path / "b.json"
     proc = run_plan("--policy", "expert", "--env", "tworoom", "--data", str(tworoom_data), "--num-episodes", "4",

@@ -8,8 +8,9 @@ Example:
 """
 
 from .cnn import CNN
+from .ensemble import ModelEnsemble
 from .lewm import LeWMConfig, LeWorldModel, Projector
 from .predictor import Predictor
 from .vit import ViT
 
-__all__ = ["CNN", "LeWMConfig", "LeWorldModel", "Predictor", "Projector", "ViT"]
+__all__ = ["CNN", "LeWMConfig", "LeWorldModel", "ModelEnsemble", "Predictor", "Projector", "ViT"]
