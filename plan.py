@@ -97,8 +97,9 @@ def check_members(paths: list[Path], infos: list[dict]) -> None:
     first = where(infos[0]["extra"])
     for path, info in zip(paths[1:], infos[1:]):
         if where(info["extra"]) != first:
-            raise SystemExit(f"error: ensemble mismatch: {path} was trained on (env, data, val_fraction, split_seed) = "
-                             f"{where(info['extra'])}, {paths[0]} on {first}; an ensemble takes only models trained on the same data")
+            raise SystemExit(f"error: ensemble mismatch: {path} was trained on (env, data, val_fraction, split_seed) "
+                             f"= {where(info['extra'])}, {paths[0]} on {first}; an ensemble takes only models "
+                             "trained on the same data")
 
 
 def model_record(paths: list[Path] | None, infos: list[dict], model) -> dict:
