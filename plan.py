@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import envs
-from leworld.checkpoint import find_model, load_model, model_extra, weights_file
+from leworld.checkpoint import find_model, load_model, model_extra, model_name, weights_file
 from leworld.data.store import DatasetError, EpisodeStore
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
 from leworld.evaluation.protocols import PROTOCOLS, heldout_path
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="plan under bfloat16 autocast (CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs and the planner")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--out", type=Path, help="results JSON (default runs/plan/<env>-<protocol>-<policy>-seed<seed>.json)")
+    p.add_argument("--out", type=Path, help="results JSON (default runs/plan/<model>-<protocol>-seed<seed>.json, the model named after its run; "
+                   "with a baseline policy runs/plan/<env>-<protocol>-<policy>-seed<seed>.json)")
     p.add_argument("--video", action="store_true", help="write one GIF per episode next to the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -223,6 +224,15 @@ def print_table(protocol, rows: list[dict], seed: int, out: Path) -> None:
     print(f"results: {out}")
 
 
+def default_out_name(args, env_name: str, protocol_name: str) -> str:
+    """The results file's name when --out is not given: one per model (an ensemble joins its
+    members' names with `+`), protocol and seed, so planning another model does not overwrite it."""
+    if args.policy != "model":
+        return f"{env_name}-{protocol_name}-{args.policy}-seed{args.seed}.json"
+    members = "+".join(model_name(m) for m in args.model)
+    return f"{members}-{protocol_name}-seed{args.seed}.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
@@ -266,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     policies = [args.policy] + ([b for b in BASELINES if b != args.policy] if args.baselines else [])
     rows, settings, videos = [], None, None
-    out = args.out or Path("runs/plan") / f"{env_name}-{protocol.name}-{args.policy}-seed{args.seed}.json"
+    out = args.out or Path("runs/plan") / default_out_name(args, env_name, protocol.name)
     for name in policies:
         if name == "model":
             planner = make_planner(args.planner, **planner_kwargs(args, env_name))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -219,6 +220,27 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             raise FileNotFoundError(f"{needed} is missing: {_HOW_TO_MAKE}.")
     config = _read_config(config_path)
     return _build(config, load_file(str(weights), device="cpu"), weights, map_location)
+
+
+def model_name(path: str | os.PathLike) -> str:
+    """A short name for a model location, used to name result files that default to one.
+
+    `runs/pusht_tiny`, `runs/pusht_tiny/version_0/model` and the `model.safetensors` in it are all
+    "pusht_tiny"; a training checkpoint adds its file's stem ("pusht_tiny-last"); an exported
+    directory outside a run is named after itself. So evaluating two models with the same command
+    writes two files, not one over the other. Characters other than letters, digits and `._+-`
+    become `_`.
+    """
+    path = Path(os.path.abspath(path))
+    suffix = ""
+    if path.suffix == ".ckpt":
+        suffix, path = "-" + path.stem, path.parent
+    elif path.name == WEIGHTS_NAME:
+        path = path.parent
+    generic = ("model", "checkpoints")
+    parts = [p for p in path.parts[1:] if p not in generic and not re.fullmatch(r"version_\d+", p)]
+    name = parts[-1] if parts else "model"
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name + suffix)
 
 
 def find_model(path: str | os.PathLike) -> Path:

@@ -1,7 +1,7 @@
 """Probing (LEWM.md section 10): how much physical state one frame's embedding holds.
 
 Example:
-    python -m leworld.probe --model runs/tworoom_tiny/version_0/model --out runs/probe/tworoom.json
+    python -m leworld.probe --model runs/tworoom_tiny/version_0/model --out runs/probe/tworoom_tiny.json
 
 The same from Python:
     >>> from leworld import load_model
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from leworld.checkpoint import find_model, load_model, model_extra, weights_file
+from leworld.checkpoint import find_model, load_model, model_extra, model_name, weights_file
 from leworld.results import package_version, sha256_file, write_json
 from leworld.data.clips import split_episodes
 from leworld.data.store import DatasetError, EpisodeStore
@@ -342,7 +342,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json), a "
                    "run directory (its newest model), or a training .ckpt (probed with the data settings saved in it)")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
-    p.add_argument("--out", default=None, help="result JSON (default runs/probe/<env>.json)")
+    p.add_argument("--out", default=None, help="result JSON (default runs/probe/<model>.json, the model named after its run)")
     p.add_argument("--val-fraction", type=float, default=None, help="episode split (default: the model's)")
     p.add_argument("--split-seed", type=int, default=None, help="episode split seed (default: the model's)")
     p.add_argument("--frames-per-episode", type=int, default=8, help="random frames drawn from each episode")
@@ -430,7 +430,7 @@ def main(argv=None) -> dict:
         "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
         **result, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
     }
-    out = Path(args.out or Path("runs") / "probe" / f"{result['env']}.json")
+    out = Path(args.out or Path("runs") / "probe" / f"{model_name(args.model)}.json")
     write_json(out, result)
     f = result["frames"]
     print(f"{result['env']}: {f['train']} training frames ({f['train_episodes']} episodes), {f['val']} validation "

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,19 @@ def test_find_model_follows_the_newest_version_of_a_run(tmp_path):
     exported = tmp_path / "run" / "version_2" / "model"
     assert find_model(exported) == exported
     assert find_model(tmp_path / "missing") == tmp_path / "missing"
+
+
+def test_model_name_names_the_run_whatever_part_of_it_is_given(tmp_path, monkeypatch):
+    from leworld.checkpoint import model_name
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs") / "pusht_tiny"
+    for given in (run, run / "version_3", run / "version_3" / "model", run / "version_3" / "model" / "model.safetensors",
+                  tmp_path / run / "version_3" / "model"):
+        assert model_name(given) == "pusht_tiny", given
+    # checkpoints of one run differ, so each keeps its stem
+    assert model_name(run / "version_0" / "checkpoints" / "last.ckpt") == "pusht_tiny-last"
+    assert model_name(run / "version_0" / "checkpoints" / "epoch=2-step=3000.ckpt") == "pusht_tiny-epoch_2-step_3000"
+    assert model_name("exports/lam0.3 final") == "lam0.3_final"  # a directory outside a run: its own name
+    assert model_name(".") == tmp_path.name  # relative paths are named where they point
+    assert model_name(Path("runs") / "a") != model_name(Path("runs") / "b")

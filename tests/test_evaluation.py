@@ -260,10 +260,12 @@ def test_plan_cli_plans_an_ensemble_of_models(tmp_path, tiny_model_dir, tworoom_
         p.data.add_(0.1 * torch.randn_like(p))
     extra = {"dataset": {"env": "tworoom"}, "data": {"path": str(tworoom_data), "val_fraction": 0.1, "split_seed": 0}}
     export_model(second, tmp_path / "second", extra=extra)
-    out = tmp_path / "ens.json"
     proc = run_plan("--model", str(tiny_model_dir), str(tmp_path / "second"), "--num-episodes", "2", "--iterations",
-                    "2", "--num-samples", "16", "--topk", "4", "--no-baselines", "--out", str(out), cwd=tmp_path)
+                    "2", "--num-samples", "16", "--topk", "4", "--no-baselines", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    # without --out the file is named after the members, so planning another model does not overwrite it
+    out = tmp_path / "runs" / "plan" / f"{tiny_model_dir.name}+second-paper-v3+num_episodes=2-seed0.json"
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
     res = json.loads(out.read_text())
     assert res["model"]["ensemble"] == 2 and len(res["model"]["path"]) == 2
     assert res["model"]["sha256"][0] == hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
@@ -277,10 +279,10 @@ def test_plan_cli_plans_an_ensemble_of_models(tmp_path, tiny_model_dir, tworoom_
 
 
 def test_plan_cli_baseline_without_a_model(tmp_path, tworoom_data):
-    out = tmp_path / "b.json"
     proc = run_plan("--policy", "expert", "--env", "tworoom", "--data", str(tworoom_data), "--num-episodes", "4",
-                    "--no-baselines", "--out", str(out), cwd=tmp_path)
+                    "--no-baselines", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "runs" / "plan" / "tworoom-paper-v3+num_episodes=4-expert-seed0.json"  # no model: the policy
     res = json.loads(out.read_text())
     assert res["results"][0]["policy"] == "expert" and res["results"][0]["rate"] == 1.0
 

@@ -1,7 +1,7 @@
 """Success split by how far each goal was at the start, from a `plan.py` results JSON.
 
 Example:
-    python -m leworld.evaluation.breakdown runs/plan/pusht-paper-v3-model-seed0.json --split angle_deg:20
+    python -m leworld.evaluation.breakdown runs/plan/pusht_tiny-paper-v3-seed0.json --split angle_deg:20
 
 A protocol's pairs mix easy and hard goals. `plan.py` records, per episode, the env's goal errors
 at the start (`start_errors`: Two-Room `agent_px`; Push-T `pose_px`, `agent_px`, `block_px`,
