@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="plan under bfloat16 autocast (CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs and the planner")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--out", type=Path, help="results JSON (default runs/plan/<model>-<protocol>-seed<seed>.json, the model named after its run; "
-                   "with a baseline policy runs/plan/<env>-<protocol>-<policy>-seed<seed>.json)")
+    p.add_argument("--out", type=Path, help="results JSON (default runs/plan/<run name>-<protocol>-seed<seed>.json; "
+                   "for a baseline runs/plan/<env>-<protocol>-<policy>-seed<seed>.json)")
     p.add_argument("--video", action="store_true", help="write one GIF per episode next to the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

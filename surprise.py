@@ -12,7 +12,7 @@ conditions that share the seed, so they are identical until the perturbation ste
 nominal; colour (Two-Room: agent, Push-T: block); teleport (Two-Room: agent, Push-T: agent and
 block, to a reset-distribution state). Frame p is the first perturbed frame. Separate nominal
 runs (another seed) calibrate per-step z-scores and the threshold (`--false-alarm-rate`).
-Written to `--out` (default runs/surprise/<model>, named after the model's run): surprise.png and surprise.json (protocol
+Written to `--out` (default runs/surprise/<the model's run name>): surprise.png and surprise.json (protocol
 `surprise-v1`, settings, model sha256, every statistic); the table is printed.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--false-alarm-rate", type=float, default=0.01, help="target fraction of nominal steps flagged")
     p.add_argument("--window", type=int, default=3, help="a detection counts in frames p .. p+window-1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output directory (default runs/surprise/<model>, the model named after its run)")
+    p.add_argument("--out", default=None, help="output directory (default runs/surprise/<run name>)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)

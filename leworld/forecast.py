@@ -241,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="exported model directory, a run directory (its newest model), or a training .ckpt")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
-    p.add_argument("--out", default=None, help="result JSON (default runs/forecast/<model>.json, the model named after its run)")
+    p.add_argument("--out", default=None, help="result JSON (default runs/forecast/<run name>.json)")
     p.add_argument("--horizon", type=int, default=5, help="action blocks rolled out")
     p.add_argument("--num-clips", type=int, default=2000, help="validation clips forecast")
     p.add_argument("--frames-per-episode", type=int, default=8, help="training frames per episode for the probes")

@@ -342,7 +342,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json), a "
                    "run directory (its newest model), or a training .ckpt (probed with the data settings saved in it)")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
-    p.add_argument("--out", default=None, help="result JSON (default runs/probe/<model>.json, the model named after its run)")
+    p.add_argument("--out", default=None, help="result JSON (default runs/probe/<run name>.json)")
     p.add_argument("--val-fraction", type=float, default=None, help="episode split (default: the model's)")
     p.add_argument("--split-seed", type=int, default=None, help="episode split seed (default: the model's)")
     p.add_argument("--frames-per-episode", type=int, default=8, help="random frames drawn from each episode")

@@ -189,7 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="exported model directory, a run directory (its newest model), or a training .ckpt")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
-    p.add_argument("--out", default=None, help="result JSON (default runs/separation/<model>.json, the model named after its run)")
+    p.add_argument("--out", default=None, help="result JSON (default runs/separation/<run name>.json)")
     p.add_argument("--num-goals", type=int, default=2000, help="goal frames drawn")
     p.add_argument("--band", type=float, default=3.0, help="a near miss fails one threshold by less than this factor")
     p.add_argument("--stride", type=int, default=1, help="every stride-th frame of the validation episodes")

@@ -163,8 +163,8 @@ def test_model_name_names_the_run_whatever_part_of_it_is_given(tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     run = Path("runs") / "pusht_tiny"
-    for given in (run, run / "version_3", run / "version_3" / "model", run / "version_3" / "model" / "model.safetensors",
-                  tmp_path / run / "version_3" / "model"):
+    exported = run / "version_3" / "model"
+    for given in (run, run / "version_3", exported, exported / "model.safetensors", tmp_path / exported):
         assert model_name(given) == "pusht_tiny", given
     # checkpoints of one run differ, so each keeps its stem
     assert model_name(run / "version_0" / "checkpoints" / "last.ckpt") == "pusht_tiny-last"
