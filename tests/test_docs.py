@@ -4,7 +4,8 @@ README.md, docs/*.md, the configs' header comments and the scripts' docstrings q
 hundred commands (`python plan.py ...`, `python -m leworld.probe ...`, `python train.py fit ...`).
 Each one is parsed here and every `--option` it passes is looked up in the parser of the script
 it calls: argparse parsers for the scripts, the LightningCLI's resolved config for `train.py`.
-Config files a command names must exist. A renamed or removed option then fails this test
+Config files a command names, and repository paths the docs name, must exist. A renamed or removed
+option or file then fails this test
 instead of a reader's run.
 """
 from __future__ import annotations
@@ -162,3 +163,20 @@ def test_the_check_catches_a_renamed_option(monkeypatch):
     options = argparse_options("plan.py", monkeypatch)
     assert "--receding-horizon" in options and "--model" in options
     assert "--receding-horizons" not in options
+
+
+def test_every_repository_path_the_docs_name_exists():
+    """Files and folders named in backticks (`leworld/probe.py`) and linked images exist."""
+    missing = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        named = re.findall(r"`((?:leworld|envs|configs|bench|docs|tests|\.ci)/[\w./-]+)`", text)
+        for name in named:
+            if re.fullmatch(r"leworld/\w+-v\d+", name):  # a gymnasium id, not a path
+                continue
+            if not (ROOT / name).exists():
+                missing.append(f"{path.relative_to(ROOT)}: `{name}`")
+        for link in re.findall(r"\]\(([\w./-]+\.(?:png|gif|jpg|md))\)", text):
+            if not (path.parent / link).exists():
+                missing.append(f"{path.relative_to(ROOT)}: link {link}")
+    assert not missing, "\n".join(missing)
