@@ -4,9 +4,8 @@ README.md, docs/*.md, the configs' header comments and the scripts' docstrings q
 hundred commands (`python plan.py ...`, `python -m leworld.probe ...`, `python train.py fit ...`).
 Each one is parsed here and every `--option` it passes is looked up in the parser of the script
 it calls: argparse parsers for the scripts, the LightningCLI's resolved config for `train.py`.
-Config files a command names, and repository paths the docs name, must exist. A renamed or removed
-option or file then fails this test
-instead of a reader's run.
+Config files a command names, and repository paths the docs name, must exist. A renamed or
+removed option or file then fails this test instead of a reader's run.
 """
 from __future__ import annotations
 
