@@ -179,3 +179,12 @@ def test_every_repository_path_the_docs_name_exists():
             if not (path.parent / link).exists():
                 missing.append(f"{path.relative_to(ROOT)}: link {link}")
     assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("path", SCRIPT_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_script_docstring_opens_with_a_runnable_example(path):
+    """A summary line, then `Example:` and the command (checked for its options above)."""
+    lines = (ast.get_docstring(ast.parse(path.read_text())) or "").splitlines()
+    assert len(lines) >= 4 and lines[0].strip(), f"{path.name}: no docstring with a summary line"
+    assert lines[2].strip() == "Example:", f"{path.name}: the docstring's third line should be 'Example:'"
+    assert COMMAND.search(lines[3]), f"{path.name}: no `python ...` command under 'Example:'"
