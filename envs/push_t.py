@@ -148,6 +148,17 @@ class PushTBatch:
         out[:, 4] = wrap_angle(out[:, 4])
         return out
 
+    def clone_sim(self, index: int) -> PushTSim:
+        """A fresh copy of env `index`'s world (for a privileged planner that searches the true physics).
+
+        It has the env's state and damping and also the block's velocity and spin, which the 7-number
+        state leaves out; only the solver's contact memory is not copied.
+        """
+        src = self._sims[int(self._indices(index)[0])]
+        sim = PushTSim(src.state(), self.damping)
+        sim.block.velocity, sim.block.angular_velocity = src.block.velocity, src.block.angular_velocity
+        return sim
+
     def set_goal(self, states, index=None) -> None:
         """Set the goal states (n, 7) of envs `index` (default all); success compares against them."""
         idx = self._indices(index)
