@@ -11,6 +11,10 @@ table (success with a 95% Wilson interval, the rate without already-successful s
 plan, env steps/s) and writes a results JSON with the protocol, planner settings, model hash,
 seed and package version. `--video` also writes one GIF per episode (start | goal | trajectory)
 named after its outcome. `--policy straight` (or random, expert) evaluates a baseline alone.
+Two privileged bounds run only when asked for: `--policy replay` replays the dataset's recorded
+actions from each start, and `--policy oracle` (Push-T) plans with CEM in the env's own physics
+with the success test as its cost (leworld/evaluation/oracle.py):
+    python plan.py --policy oracle --env pusht --data data/pusht_64_ss4.h5 --deadline --no-baselines
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import envs
 from leworld.checkpoint import find_model, load_model, model_extra, model_name, weights_file
 from leworld.data.store import DatasetError, EpisodeStore
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
+from leworld.evaluation.baselines import ReplayBaseline
 from leworld.evaluation.oracle import SimulatorOracle
 from leworld.evaluation.protocols import PROTOCOLS, heldout_path
 from leworld.model import ModelEnsemble
@@ -46,11 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="dataset the pairs come from (default: the model's training data)")
     p.add_argument("--protocol", default="paper-v3", choices=sorted(PROTOCOLS), help="evaluation preset")
     p.add_argument("--num-episodes", type=int, help="override the protocol's episode count (renames the protocol)")
-    p.add_argument("--policy", default="model", choices=("model", *BASELINES, "oracle"),
-                   help="what acts in the env. oracle (Push-T): privileged CEM-MPC in the true physics with the\n"
+    p.add_argument("--policy", default="model", choices=("model", *BASELINES, "replay", "oracle"),
+                   help="what acts in the env. replay: privileged, the dataset's recorded actions from each start\n"
+                        "(how reachable the pairs are). oracle (Push-T): privileged CEM-MPC in the true physics with the\n"
                         "success test as its cost, an upper bound for the search (leworld.evaluation.oracle);\n"
                         "its CEM defaults to 100 samples, 10 elites, 5 iterations (--num-samples, --topk,\n"
-                        "--iterations, --init-std, --horizon and --deadline apply); never run by --baselines"),
+                        "--iterations, --init-std, --horizon and --deadline apply). --baselines never runs either"),
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also run random/straight/expert on the same pairs (default: on)")
     p.add_argument("--planner", default="cem", choices=sorted(PLANNERS))
@@ -296,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                                seed=args.seed, compile_mode=args.compile_mode,
                                deadline=protocol.budget if args.deadline else None)
             settings, label = policy.settings(), f"model ({args.planner})"
+        elif name == "replay":
+            steps = pairs.goal - pairs.start  # (N,), the protocol's goal offset
+            at = store.episode_offset[pairs.episode][:, None] + pairs.start[:, None] + np.arange(steps.max())
+            actions = store.read("action", at.ravel()).reshape(len(at), steps.max(), -1)
+            policy, label = ReplayBaseline(actions), name
         elif name == "oracle":
             policy = SimulatorOracle(args.num_samples or 100, args.topk or 10, args.iterations or 5, args.init_std,
                                      args.horizon, model.config.frameskip if model is not None else 5, protocol.budget if args.deadline else None,

@@ -127,3 +127,33 @@ def test_plan_cli_runs_the_oracle(tmp_path):
     assert [r["policy"] for r in res["results"]] == ["oracle"]
     assert res["planner"]["planner"] == "cem-simulator" and res["planner"]["num_samples"] == 8
     assert res["planner"]["deadline"] == 50 and res["results"][0]["planning"]["plans"] >= 1
+
+
+@pytest.mark.parametrize("env_name", ["tworoom", "pusht"])
+def test_replay_of_the_recorded_actions_reaches_the_goals(tmp_path, env_name):
+    """Two-Room's state is all there is, so a replay is exact; Push-T's reset puts the block at rest."""
+    path = tmp_path / f"{env_name}.h5"
+    policy = "expert" if env_name == "tworoom" else "mix"
+    collect(env_name, episodes=20, steps=60, resolution=32, policy=policy, seed=0, out=path, workers=1, progress=False)
+    out = tmp_path / "replay.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "plan.py"), "--policy", "replay", "--env", env_name,
+                           "--data", str(path), "--no-progress", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    rows = {r["policy"]: r for r in res["results"]}
+    assert list(rows) == ["replay", "random", "straight", "expert"]  # the baselines ran beside it
+    if env_name == "tworoom":
+        firsts = [e["first_success_step"] for e in rows["replay"]["per_episode"]]
+        assert rows["replay"]["rate"] == 1.0 and max(firsts) <= 25  # reached by the goal step at the latest
+    else:
+        assert rows["replay"]["rate"] >= 0.8 and rows["replay"]["rate"] > rows["random"]["rate"]  # 20 pairs
+
+
+def test_replay_checks_its_shapes():
+    from leworld.evaluation.baselines import ReplayBaseline
+
+    with pytest.raises(ValueError, match=r"\(N, K, A\)"):
+        ReplayBaseline(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="copies"):
+        ReplayBaseline(np.zeros((3, 5, 2))).reset(envs.make_batch("pusht", num_envs=2, resolution=32))

@@ -12,6 +12,8 @@ same `reset(env)` / `act(env, obs)` interface as `leworld.planning.MPCPolicy`.
 - `expert`: privileged upper bound; Two-Room: the noiseless scripted expert (door-aware);
   Push-T: the scripted pusher driving the block to the goal pose (the agent position is not
   part of its objective, so it may miss the agent half of Push-T's success test).
+- `replay` (`ReplayBaseline`, not in `BASELINES`): privileged; replays the dataset's recorded
+  actions from each start to its goal, which says how reachable the pairs are from the reset.
 """
 from __future__ import annotations
 
@@ -69,6 +71,30 @@ class ExpertBaseline:
 
     def act(self, env, obs: dict) -> np.ndarray:
         return self.policy.act(env)
+
+
+class ReplayBaseline:
+    """Replays each pair's recorded actions (N, K, A) from its start, then holds still (action 0).
+
+    The env is reset to the start state alone (Push-T: the block at rest, no contact memory), so a
+    replay can drift from the recording; how often it still reaches the goal says how reachable
+    the pairs are from the reset. `plan.py --policy replay` reads the actions from the dataset.
+    """
+
+    def __init__(self, actions):
+        self.actions = np.asarray(actions, dtype=np.float32)
+        if self.actions.ndim != 3:
+            raise ValueError(f"ReplayBaseline expects actions (N, K, A), got shape {self.actions.shape}")
+
+    def reset(self, env) -> None:
+        if env.num_envs != len(self.actions) or env.action_dim != self.actions.shape[2]:
+            raise ValueError(f"ReplayBaseline holds actions {self.actions.shape} for (N, K, A), but the env has "
+                             f"{env.num_envs} copies with action dim {env.action_dim}")
+        self.step = 0
+
+    def act(self, env, obs: dict) -> np.ndarray:
+        k, self.step = self.step, self.step + 1
+        return self.actions[:, k] if k < self.actions.shape[1] else np.zeros_like(self.actions[:, 0])
 
 
 def make_baseline(name: str, env_name: str, seed: int = 0):
