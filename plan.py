@@ -33,7 +33,7 @@ from leworld.checkpoint import find_model, load_model, model_extra, model_name, 
 from leworld.data.store import DatasetError, EpisodeStore
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
 from leworld.evaluation.baselines import ReplayBaseline
-from leworld.evaluation.oracle import SimulatorOracle
+from leworld.evaluation.oracle import COSTS as ORACLE_COSTS, SimulatorOracle
 from leworld.evaluation.protocols import PROTOCOLS, heldout_path
 from leworld.model import ModelEnsemble
 from leworld.planning import PLANNERS, MPCPolicy, make_planner
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "success test as its cost, an upper bound for the search (leworld.evaluation.oracle);\n"
                         "its CEM defaults to 100 samples, 10 elites, 5 iterations (--num-samples, --topk,\n"
                         "--iterations, --init-std, --horizon and --deadline apply). --baselines never runs either"),
+    p.add_argument("--oracle-cost", default="margin", choices=ORACLE_COSTS,
+                   help="--policy oracle's cost: margin (the success test's, lowest over the rollout), terminal\n"
+                        "(its value at the end) or latent (the --model's embedding distance of the last frame\n"
+                        "to the goal image: true dynamics with the model's cost)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also run random/straight/expert on the same pairs (default: on)")
     p.add_argument("--planner", default="cem", choices=sorted(PLANNERS))
@@ -244,6 +248,9 @@ def print_table(protocol, rows: list[dict], seed: int, out: Path) -> None:
 def default_out_name(args, env_name: str, protocol_name: str) -> str:
     """The results file's name when --out is not given: one per model (an ensemble joins its
     members' names with `+`), protocol and seed, so planning another model does not overwrite it."""
+    if args.policy == "oracle" and args.oracle_cost != "margin":  # one file per cost (and per model for latent)
+        members = "".join(f"-{model_name(m)}" for m in args.model or [])
+        return f"{env_name}-{protocol_name}-oracle-{args.oracle_cost}{members}-seed{args.seed}.json"
     if args.policy != "model":
         return f"{env_name}-{protocol_name}-{args.policy}-seed{args.seed}.json"
     members = "+".join(model_name(m) for m in args.model)
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: dataset {data_path} does not exist: generate it (the training command does) or pass --data")
     except DatasetError as e:
         raise SystemExit(f"error: {e}")
-    check_dataset(store, env_name, model if args.policy == "model" else None)
+    check_dataset(store, env_name, model if args.policy in ("model", "oracle") else None)
 
     pairs = sample_pairs(store, protocol, seed=args.seed, **split)
     torch.manual_seed(args.seed)
@@ -308,9 +315,13 @@ def main(argv: list[str] | None = None) -> int:
             actions = store.read("action", at.ravel()).reshape(len(at), steps.max(), -1)
             policy, label = ReplayBaseline(actions), name
         elif name == "oracle":
+            if (args.oracle_cost == "latent") != (model is not None):
+                raise SystemExit("error: --oracle-cost latent plans with a model's cost and needs --model; the other "
+                                 "oracle costs use none")
             policy = SimulatorOracle(args.num_samples or 100, args.topk or 10, args.iterations or 5, args.init_std,
-                                     args.horizon, model.config.frameskip if model is not None else 5, protocol.budget if args.deadline else None,
-                                     seed=args.seed)
+                                     args.horizon, model.config.frameskip if model is not None else 5,
+                                     protocol.budget if args.deadline else None, seed=args.seed,
+                                     cost=args.oracle_cost, model=model)
             settings, label = policy.settings(), name
         else:
             policy, label = make_baseline(name, env_name, seed=args.seed), name

@@ -148,6 +148,14 @@ class PushTBatch:
         out[:, 4] = wrap_angle(out[:, 4])
         return out
 
+    def render_states(self, states) -> np.ndarray:
+        """Frames (n, R, R, 3) uint8 of any states (n, 7), drawn as this env draws (default colours)."""
+        states = np.asarray(states, dtype=np.float64).reshape(-1, self.state_dim)
+        frames = np.empty((len(states), self.resolution, self.resolution, 3), dtype=np.uint8)
+        for i, s in enumerate(states.tolist()):
+            self.renderer.draw(s, LIGHT_SLATE_GRAY, ROYAL_BLUE, None, out=frames[i])
+        return frames
+
     def clone_sim(self, index: int) -> PushTSim:
         """A fresh copy of env `index`'s world (for a privileged planner that searches the true physics).
 

@@ -157,3 +157,74 @@ def test_replay_checks_its_shapes():
         ReplayBaseline(np.zeros((4, 2)))
     with pytest.raises(ValueError, match="copies"):
         ReplayBaseline(np.zeros((3, 5, 2))).reset(envs.make_batch("pusht", num_envs=2, resolution=32))
+
+
+def test_terminal_cost_is_the_margin_at_the_last_step():
+    starts, goals = _pushed_pairs(2)
+    env = envs.make_batch("pusht", num_envs=2, resolution=32)
+    env.reset_to(starts, goals)
+    actions = torch.from_numpy(np.random.default_rng(2).uniform(-1, 1, (2, 3, 2, 10)))
+    terminal = SimulatorProblem(env.clone_sim, goals, horizon=2, cost="terminal").cost(actions)
+    lowest = SimulatorProblem(env.clone_sim, goals, horizon=2).cost(actions)
+    for s in range(3):
+        ref = envs.make_batch("pusht", num_envs=2, resolution=32)
+        ref.reset_to(starts, goals)
+        for a in actions[:, s].reshape(2, 10, 2).numpy().transpose(1, 0, 2):
+            ref.step(a)
+        end = [success_margin(x, g) for x, g in zip(ref.get_state(), goals)]
+        np.testing.assert_allclose(terminal[:, s].numpy(), end, rtol=1e-12)
+    assert (lowest <= terminal).all() and (lowest < terminal).any()
+
+
+def test_render_states_draws_like_the_env():
+    env = envs.make_batch("pusht", num_envs=3, resolution=32, seed=4, supersample=2)
+    np.testing.assert_array_equal(env.render_states(env.get_state()), env.render())
+
+
+def _tiny_pusht_model():
+    from leworld.model import LeWMConfig, LeWorldModel
+
+    torch.manual_seed(0)
+    cfg = LeWMConfig(encoder="cnn", image_size=32, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=16,
+                     proj_hidden=32, history=2, pred_depth=1, pred_heads=2, pred_head_dim=8, pred_mlp=32,
+                     action_hidden=16, action_dim=2, frameskip=5)
+    return LeWorldModel(cfg).eval()
+
+
+def test_latent_cost_is_the_models_distance_between_rendered_frames():
+    """The latent oracle scores a true rollout's last state by the model's embedding distance to the goal image."""
+    model = _tiny_pusht_model()
+    starts, goals = _pushed_pairs(2)
+    env = envs.make_batch("pusht", num_envs=2, resolution=32)
+    env.reset_to(starts, goals)
+    oracle = SimulatorOracle(num_samples=4, topk=2, iterations=1, horizon=1, cost="latent", model=model)
+    oracle.reset(env)
+    rows = np.array([1])  # the cost of env 1's samples only, as when env 0 has already succeeded
+    problem = SimulatorProblem(lambda i: env.clone_sim(int(rows[i])), goals[rows], horizon=1, cost="latent",
+                               final_cost=oracle._latent_cost(env, rows))
+    actions = torch.from_numpy(np.random.default_rng(3).uniform(-1, 1, (1, 3, 1, 10)))
+    cost = problem.cost(actions)
+    with torch.no_grad():  # brute force: step a fresh env, draw it, encode both frames
+        goal_frame = env.goal_pixels()[1]
+        for s in range(3):
+            ref = envs.make_batch("pusht", num_envs=2, resolution=32)
+            ref.reset_to(starts, goals)
+            for a in actions[0, s].reshape(5, 2).numpy():
+                ref.step(np.stack([a, a]))
+            frames = torch.from_numpy(np.stack([ref.render()[1], goal_frame])).permute(0, 3, 1, 2)[:, None]
+            emb = model.encode(frames)[:, 0].double()
+            np.testing.assert_allclose(cost[0, s].item(), (emb[0] - emb[1]).square().sum().item(), rtol=1e-5)
+    assert cost.std() > 0  # the samples differ
+
+
+def test_oracle_cost_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs a model"):
+        SimulatorOracle(cost="latent")
+    with pytest.raises(ValueError, match="unknown oracle cost"):
+        SimulatorOracle(cost="sum")
+    path = tmp_path / "pusht.h5"
+    collect("pusht", episodes=4, steps=40, resolution=32, policy="mix", seed=0, out=path, workers=1, progress=False)
+    proc = subprocess.run([sys.executable, str(ROOT / "plan.py"), "--policy", "oracle", "--oracle-cost", "latent",
+                           "--env", "pusht", "--data", str(path), "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "needs --model" in proc.stderr
