@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-std", type=float, default=1.0, help="initial sampling std in z-scored action space")
     p.add_argument("--horizon", type=int, default=5, help="action blocks per plan")
     p.add_argument("--receding-horizon", type=int, help="blocks executed before replanning (default: horizon)")
-    p.add_argument("--cost", default="terminal", choices=("terminal", "sum"))
+    p.add_argument("--cost", default="terminal", choices=("terminal", "sum", "min"),
+                   help="the latent cost over a plan's predicted blocks: the last one's distance to the goal\n"
+                        "(paper), their sum, or their minimum (the goal reached at any block)")
     p.add_argument("--warm-start", action="store_true", help="start each plan from the rest of the previous one")
     p.add_argument("--deadline", action="store_true",
                    help="shrink plans toward the protocol's budget: each plan ends at the goal by the last step "

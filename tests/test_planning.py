@@ -103,13 +103,15 @@ def test_cem_with_predrawn_noise_equals_drawing_each_iteration():
         planner.plan(problem, noise=noise[:3])
 
 
-def test_latent_cost_terminal_and_sum():
+def test_latent_cost_terminal_sum_and_min():
     pred = torch.randn(2, 3, 4, 5, dtype=torch.float64)  # (B, S, T, D)
     goal = torch.randn(2, 5, dtype=torch.float64)
     brute = torch.tensor([[[float(((pred[b, s, t] - goal[b]) ** 2).sum()) for t in range(4)] for s in range(3)]
                           for b in range(2)], dtype=torch.float64)
     assert torch.allclose(latent_cost(pred, goal, "terminal"), brute[..., -1])
     assert torch.allclose(latent_cost(pred, goal, "sum"), brute.sum(-1))
+    lowest = torch.tensor([[min(brute[b, s].tolist()) for s in range(3)] for b in range(2)], dtype=torch.float64)
+    assert torch.allclose(latent_cost(pred, goal, "min"), lowest)
     with pytest.raises(ValueError, match="unknown cost"):
         latent_cost(pred, goal, "max")
 

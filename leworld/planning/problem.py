@@ -11,7 +11,7 @@ A planner sees only the `PlanningProblem` protocol: `batch_size` rows B, `horizo
 `action_dim` A (for a world model: one action block, frameskip * env action dim), the box
 `low`/`high` (A,) in the planner's action space, and `cost(actions (B, S, T, A)) -> (B, S)`.
 `LatentProblem` is the one for a LeWM: actions are z-scored blocks, the cost is the squared L2
-distance between predicted and goal embeddings (terminal by default, or summed over the horizon).
+distance between predicted and goal embeddings (terminal by default, summed over the horizon, or its minimum over the horizon).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
-COSTS = ("terminal", "sum")
+COSTS = ("terminal", "sum", "min")
 
 
 class PlanningProblem(Protocol):
@@ -34,13 +34,15 @@ class PlanningProblem(Protocol):
 
 
 def latent_cost(pred: torch.Tensor, goal: torch.Tensor, kind: str = "terminal") -> torch.Tensor:
-    """pred (B, S, T, D), goal (B, D) -> (B, S): squared L2 to the goal at the end or summed over T."""
+    """pred (B, S, T, D), goal (B, D) -> (B, S): squared L2 to the goal at the end, summed over T, or its minimum over T."""
     dtype = torch.promote_types(pred.dtype, torch.float32)  # at least float32, also under autocast
     sq = (pred.to(dtype) - goal.to(dtype)[:, None, None]).square().sum(-1)  # (B, S, T)
     if kind == "terminal":
         return sq[..., -1]
     if kind == "sum":
         return sq.sum(-1)
+    if kind == "min":  # the closest the plan comes to the goal at any block boundary
+        return sq.amin(-1)
     raise ValueError(f"unknown cost {kind!r}: choose one of {', '.join(COSTS)}")
 
 
@@ -55,7 +57,7 @@ class LatentProblem:
         context_actions: (B, H-1, frameskip*A) normalised blocks executed between context frames.
         action_low, action_high: the env's raw action bounds (A,), default [-1, 1]; turned into
             bounds on normalised blocks, so every evaluated sample is an executable action.
-        cost: "terminal" (paper) or "sum".
+        cost: "terminal" (paper), "sum" or "min".
         rollout: the rollout function to call (e.g. a torch.compile'd `model.rollout`).
     """
 
