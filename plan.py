@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-std", type=float, default=1.0, help="initial sampling std in z-scored action space")
     p.add_argument("--horizon", type=int, default=5, help="action blocks per plan")
     p.add_argument("--receding-horizon", type=int, help="blocks executed before replanning (default: horizon)")
+    p.add_argument("--replan-every", type=int, help="env steps executed before replanning, instead of\n"
+                   "--receding-horizon blocks; below the frameskip it replans inside a block (step-level MPC)")
+    p.add_argument("--hold-actions", action="store_true",
+                   help="search one action per block, held for its frameskip steps (a 2-d search per block\n"
+                        "for Push-T and Two-Room instead of 10-d white noise over its steps)")
     p.add_argument("--cost", default="terminal", choices=("terminal", "sum", "min"),
                    help="the latent cost over a plan's predicted blocks: the last one's distance to the goal\n"
                         "(paper), their sum, or their minimum (the goal reached at any block)")
@@ -309,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             policy = MPCPolicy(model, planner, args.horizon, args.receding_horizon, args.cost,
                                warm_start=args.warm_start, compile=args.compile, amp=args.amp, device=device,
                                seed=args.seed, compile_mode=args.compile_mode,
-                               deadline=protocol.budget if args.deadline else None)
+                               deadline=protocol.budget if args.deadline else None, replan_every=args.replan_every,
+                               hold_actions=args.hold_actions)
             settings, label = policy.settings(), f"model ({args.planner})"
         elif name == "replay":
             steps = pairs.goal - pairs.start  # (N,), the protocol's goal offset

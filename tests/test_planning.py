@@ -7,6 +7,7 @@ import torch
 
 from leworld.model import LeWMConfig, LeWorldModel
 from leworld.planning import CEM, ICEM, MPPI, GradientPlanner, LatentProblem, MPCPolicy, latent_cost, make_planner
+from leworld.planning.problem import HeldActions
 
 PLANNER_KW = {
     "cem": dict(num_samples=200, topk=20, iterations=30),
@@ -231,6 +232,135 @@ def test_mpc_deadline_shrinks_each_plan_to_the_blocks_left():
     with pytest.raises(ValueError, match="deadline"):
         MPCPolicy(model, CEM(), deadline=0)
     assert MPCPolicy(model, CEM(), horizon=4).plan_horizon() == 4  # no deadline: the paper's full horizon
+
+
+def test_mpc_replans_inside_a_block_from_frames_a_frameskip_apart():
+    """frameskip 3, history 3, horizon 2 blocks, replanning every 2 env steps: plans at steps 0, 2, 4,
+    ...; the context of the plan at step t is the frames seen at t, t-3, t-6 (those that exist) and
+    the actions executed between them, and the warm start is the previous plan moved on 2 steps."""
+    model = tiny_model(history=3)
+    calls, plans = [], []
+
+    class Recorder(CEM):
+        def plan(self, problem, init=None, g=None):
+            calls.append((problem.context.clone(), None if problem.context_actions is None
+                          else problem.context_actions.clone(), None if init is None else init.clone()))
+            out = super().plan(problem, init, g)
+            plans.append(out.clone())
+            return out
+
+    env = FakeEnv(4)
+    policy = MPCPolicy(model, Recorder(num_samples=8, topk=2, iterations=1), horizon=2, replan_every=2,
+                       warm_start=True)
+    assert policy.settings()["replan_every"] == 2
+    policy.reset(env)
+    frames, actions = [], []
+    for _ in range(12):
+        obs = env.obs()
+        frames.append(obs["pixels"])
+        a = policy.act(env, obs)
+        assert a.shape == (4, 2) and np.abs(a).max() <= 1.0
+        actions.append(a)
+    assert len(calls) == 6 and policy.plans == 24
+    with torch.no_grad():
+        emb = [model.encode(torch.as_tensor(f).permute(0, 3, 1, 2)[:, None])[:, 0] for f in frames]
+    for k, t in enumerate(range(0, 12, 2)):
+        ctx, acts, init = calls[k]
+        seen = [s for s in (t - 6, t - 3, t) if s >= 0]
+        assert torch.allclose(ctx, torch.stack([emb[s] for s in seen], 1), atol=1e-6)
+        if len(seen) == 1:
+            assert acts is None
+        else:  # the raw actions executed from each context frame to the next, one block each
+            executed = torch.as_tensor(np.stack(actions[seen[0]:t], 1).reshape(4, len(seen) - 1, 6))
+            assert torch.allclose(model.denormalize_actions(acts), executed, atol=1e-5)
+        if k == 0:
+            assert init is None
+        else:  # the previous plan's last 4 of its 6 steps, then 2 steps of zeros
+            rest = plans[k - 1].reshape(4, 6, 2)[:, 2:]
+            assert torch.equal(init.reshape(4, 6, 2)[:, :4], rest)
+            assert torch.equal(init.reshape(4, 6, 2)[:, 4:], torch.zeros(4, 2, 2))
+        # the first 2 planned steps are the ones executed, de-normalised and clipped
+        raw = model.denormalize_actions(plans[k].reshape(4, 6, 2)[:, :2]).clamp(-1, 1)
+        assert torch.allclose(raw, torch.as_tensor(np.stack(actions[t:t + 2], 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_mpc_replan_every_whole_blocks_equals_the_receding_horizon(blocks):
+    """replan_every = k * frameskip env steps is exactly receding_horizon = k blocks."""
+    model = tiny_model(history=2)
+    out = []
+    for kw in ({"receding_horizon": blocks}, {"replan_every": 3 * blocks}):
+        env = FakeEnv(3, seed=5)
+        policy = MPCPolicy(model, CEM(num_samples=8, topk=2, iterations=2), horizon=3, warm_start=True,
+                           deadline=20, **kw)
+        policy.reset(env)
+        out.append(np.stack([policy.act(env, env.obs()) for _ in range(21)]))
+        assert policy.settings()["receding_horizon"] == blocks and policy.settings()["replan_every"] == 3 * blocks
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_mpc_refuses_a_replan_interval_outside_the_plan():
+    model = tiny_model()
+    for bad in (0, 10):  # horizon 3 blocks of 3 steps: 1 .. 9
+        with pytest.raises(ValueError, match="replan_every"):
+            MPCPolicy(model, CEM(), horizon=3, replan_every=bad)
+
+
+def test_held_actions_score_each_action_repeated_over_its_block():
+    """HeldActions.cost(a) is the block problem's cost of the blocks that repeat a, built step by step."""
+    model = tiny_model(history=2)
+    g = torch.Generator().manual_seed(3)
+    problem = LatentProblem(model, torch.randn(2, 2, 16, generator=g), torch.randn(2, 16, generator=g), horizon=4,
+                            context_actions=torch.randn(2, 1, 6, generator=g))
+    held = HeldActions(problem, repeats=3)
+    assert (held.action_dim, held.horizon, held.batch_size) == (2, 4, 2)
+    assert torch.equal(held.low.repeat(3), problem.low) and torch.equal(held.high.repeat(3), problem.high)
+    a = torch.randn(2, 5, 4, 2, generator=g)  # (B, S, T, A)
+    blocks = torch.zeros(2, 5, 4, 6)
+    for step in range(3):  # block layout: step-major, A numbers per step
+        blocks[..., 2 * step:2 * step + 2] = a
+    assert torch.equal(held.expand(a), blocks)
+    assert torch.allclose(held.reduce(blocks), a, atol=1e-6)
+    assert torch.allclose(held.cost(a), problem.cost(blocks))
+    # a CEM plan of the held problem is a held plan: its expansion is within the block bounds
+    plan = held.expand(CEM(num_samples=32, topk=4, iterations=3).plan(held))
+    assert plan.shape == (2, 4, 6)
+    assert torch.equal(plan.view(2, 4, 3, 2), plan.view(2, 4, 3, 2)[:, :, :1].expand(2, 4, 3, 2))
+    assert (plan >= problem.low).all() and (plan <= problem.high).all()
+    with pytest.raises(ValueError, match="multiple"):
+        HeldActions(problem, repeats=4)
+
+
+def test_mpc_with_held_actions_drives_each_block_one_way():
+    """--hold-actions: every executed block repeats one raw action over its frameskip steps, the
+    warm start is the rest of the previous held plan, and the settings say so."""
+    model = tiny_model(history=2)
+    inits = []
+
+    class Recorder(CEM):
+        def plan(self, problem, init=None, g=None):
+            assert isinstance(problem, HeldActions) and problem.action_dim == 2
+            inits.append(None if init is None else init.clone())
+            out = super().plan(problem, init, g)
+            plans.append(out.clone())
+            return out
+
+    plans = []
+    env = FakeEnv(3)
+    policy = MPCPolicy(model, Recorder(num_samples=16, topk=4, iterations=2), horizon=3, receding_horizon=1,
+                       warm_start=True, hold_actions=True)
+    assert policy.settings()["hold_actions"] is True
+    policy.reset(env)
+    actions = np.stack([policy.act(env, env.obs()) for _ in range(12)], 1)  # (N, 12, 2)
+    blocks = actions.reshape(3, 4, 3, 2)
+    np.testing.assert_array_equal(blocks, np.broadcast_to(blocks[:, :, :1], blocks.shape))
+    assert len(plans) == 4 and inits[0] is None
+    for init, previous in zip(inits[1:], plans[:-1]):
+        assert torch.allclose(init[:, :2], previous[:, 1:], atol=1e-6)
+        assert torch.equal(init[:, 2:], torch.zeros_like(init[:, 2:]))
+    for k, plan in enumerate(plans):  # the first held action of each plan, de-normalised and clipped, is executed
+        raw = model.denormalize_actions(plan[:, 0]).clamp(-1, 1)
+        assert torch.allclose(raw, torch.as_tensor(blocks[:, k, 0]), atol=1e-6)
 
 
 def test_planning_loop_does_not_sync_with_the_host(monkeypatch):

@@ -12,12 +12,17 @@ Example:
     >>> for _ in range(50):
     ...     obs = env.step(policy.act(env, obs))  # (N, A) raw actions, one env step at a time
 
-The policy is called every env step. At every `frameskip`-th step (a kept frame, as in the
-training clips) it encodes the frame and appends it to the history; when the queue of planned
-blocks is empty it plans `horizon` blocks from the last `history` frames and the blocks executed
-between them, queues the first `receding_horizon` (default: all of them, as the paper), and
-hands them out one env step at a time, de-normalised and clipped to the action bounds.
-All envs of the batch are planned together in one call.
+The policy is called every env step. When the queue of planned steps is empty it plans
+`horizon` blocks from the last `history` frames, `frameskip` steps apart and ending with the
+current one (as in the training clips), and the blocks executed between them; it queues the first
+`replan_every` env steps of the plan (default: `receding_horizon` blocks, by default all of them,
+as the paper), and hands them out one env step at a time, de-normalised and clipped to the action
+bounds. All envs of the batch are planned together in one call.
+
+`replan_every` below `frameskip` replans inside a block (step-level MPC): the plan still consists
+of whole blocks, but only its first few env steps run before the next plan, whose context frames
+are the current one and those `frameskip`, 2 `frameskip`, ... steps before it. The training clips
+start at every env step, so such a context is no different from the one at a block boundary.
 
 With a `deadline` (env steps, e.g. the protocol's budget) the plans shrink toward it: each plan
 covers min(horizon, ceil(steps left / frameskip)) blocks, so its terminal cost asks for the goal
@@ -31,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from leworld.planning.problem import LatentProblem
+from leworld.planning.problem import HeldActions, LatentProblem
 
 
 class MPCPolicy:
@@ -42,6 +47,10 @@ class MPCPolicy:
         planner: a planner with `plan(problem, init, g)` (CEM, MPPI, ICEM, GradientPlanner).
         horizon: T, action blocks per plan (paper 5).
         receding_horizon: blocks executed before replanning (default: horizon).
+        replan_every: env steps executed before replanning, instead of `receding_horizon` blocks:
+            any of 1 .. horizon * frameskip (below `frameskip`: replanning inside a block).
+        hold_actions: search one action per block, held for its `frameskip` steps
+            (`HeldActions`), instead of a free action at every step.
         cost: "terminal" (paper) or "sum".
         action_low, action_high: the env's raw action bounds.
         warm_start: start each plan from the unexecuted rest of the previous plan (zeros otherwise).
@@ -58,17 +67,26 @@ class MPCPolicy:
     def __init__(self, model, planner, horizon: int = 5, receding_horizon: int | None = None,
                  cost: str = "terminal", action_low: float = -1.0, action_high: float = 1.0,
                  warm_start: bool = False, compile: bool = False, amp: bool = False, device=None, seed: int = 0,
-                 compile_mode: str | None = None, deadline: int | None = None):
+                 compile_mode: str | None = None, deadline: int | None = None, replan_every: int | None = None,
+                 hold_actions: bool = False):
         if deadline is not None and int(deadline) < 1:
             raise ValueError(f"deadline must be a positive number of env steps or None, got {deadline}")
         self.deadline = None if deadline is None else int(deadline)
         receding_horizon = horizon if receding_horizon is None else int(receding_horizon)
         if not 1 <= receding_horizon <= horizon:
             raise ValueError(f"need 1 <= receding_horizon <= horizon, got {receding_horizon} and {horizon}")
+        fs = model.config.frameskip
+        if replan_every is not None and not 1 <= int(replan_every) <= horizon * fs:
+            raise ValueError(f"replan_every counts env steps: need 1 <= replan_every <= horizon * frameskip = "
+                             f"{horizon * fs}, got {replan_every}")
+        self.replan_every = receding_horizon * fs if replan_every is None else int(replan_every)
+        if replan_every is not None:
+            receding_horizon = max(1, self.replan_every // fs)
         self.model, self.planner = model.eval().requires_grad_(False), planner
         self.horizon, self.receding_horizon, self.cost = int(horizon), receding_horizon, cost
         self.action_low, self.action_high = action_low, action_high
         self.warm_start, self.amp, self.seed = bool(warm_start), bool(amp), int(seed)
+        self.hold_actions = bool(hold_actions)
         self.compile, self.compile_mode = bool(compile) or compile_mode is not None, compile_mode
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
@@ -78,7 +96,8 @@ class MPCPolicy:
         self.plans = 0  # plans made (envs x calls)
 
     def settings(self) -> dict:
-        return {"horizon": self.horizon, "receding_horizon": self.receding_horizon, "cost": self.cost,
+        return {"horizon": self.horizon, "receding_horizon": self.receding_horizon,
+                "replan_every": self.replan_every, "hold_actions": self.hold_actions, "cost": self.cost,
                 "warm_start": self.warm_start, "compile": self.compile,
                 "compile_mode": self.compile_mode, "amp": self.amp, "seed": self.seed,
                 "deadline": self.deadline, **self.planner.settings()}
@@ -91,11 +110,10 @@ class MPCPolicy:
     def reset(self, env) -> None:
         """Start new episodes: encode the env's goal images and clear the history."""
         self.goal = self._encode(env.goal_pixels())  # (N, D)
-        self.frames: list[torch.Tensor] = []  # kept-frame embeddings, each (N, D)
-        self.blocks: list[torch.Tensor] = []  # executed normalised blocks, block i after frame i
-        self.queue: list[torch.Tensor] = []  # planned blocks still to execute
-        self.rest: torch.Tensor | None = None  # the unexecuted tail of the last plan
-        self.step_in_block = 0
+        self.frames: dict[int, torch.Tensor] = {}  # env step -> embedding (N, D) of the frame seen then
+        self.executed: list[torch.Tensor] = []  # normalised actions (N, A) of the last env steps, oldest first
+        self.queue: list[torch.Tensor] = []  # planned normalised actions (N, A) still to execute
+        self.rest: torch.Tensor | None = None  # the unexecuted tail of the last plan (N, steps, A)
         self.steps = 0  # env steps since reset
         self.g = torch.Generator(self.device).manual_seed(self.seed)
 
@@ -106,48 +124,69 @@ class MPCPolicy:
         left = max(self.deadline - self.steps, 1)
         return max(1, min(self.horizon, -(-left // self.model.config.frameskip)))
 
+    def context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The predictor's context now: embeddings (N, h, D) of the frames `frameskip` steps apart that
+        end with the current one, and the normalised blocks (N, h-1, frameskip*A) executed between them."""
+        c = self.model.config
+        fs = c.frameskip
+        h = min(c.history, self.steps // fs + 1)
+        context = torch.stack([self.frames[self.steps - (h - 1 - j) * fs] for j in range(h)], dim=1)
+        if h == 1:
+            return context, None
+        acts = torch.stack(self.executed[len(self.executed) - (h - 1) * fs:], dim=1)  # (N, (h-1)*fs, A)
+        return context, acts.reshape(acts.shape[0], h - 1, fs * c.action_dim)
+
     @torch.no_grad()
     def plan(self) -> torch.Tensor:
         """Plan from the current history; returns normalised blocks (N, T, frameskip*A), T = `plan_horizon()`."""
         horizon = self.plan_horizon()
-        h = min(len(self.frames), self.model.config.history)
-        context = torch.stack(self.frames[-h:], dim=1)  # (N, h, D)
-        context_actions = torch.stack(self.blocks[-(h - 1):], dim=1) if h > 1 else None  # (N, h-1, fs*A)
+        context, context_actions = self.context()
         problem = LatentProblem(self.model, context, self.goal, horizon, context_actions,
                                 self.action_low, self.action_high, self.cost, self._rollout)
         init = None
         if self.warm_start and self.rest is not None:
-            rest = self.rest[:, :horizon]
-            pad = horizon - rest.shape[1]
-            init = torch.cat([rest, rest.new_zeros(rest.shape[0], pad, rest.shape[2])], 1)
+            fs, A = self.model.config.frameskip, self.model.config.action_dim
+            rest = self.rest[:, : horizon * fs]
+            pad = rest.new_zeros(rest.shape[0], horizon * fs - rest.shape[1], A)
+            init = torch.cat([rest, pad], 1).reshape(rest.shape[0], horizon, fs * A)
+        if self.hold_actions:
+            problem = HeldActions(problem, self.model.config.frameskip)
+            init = None if init is None else problem.reduce(init)
         sync = self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda"):
-            blocks = self.planner.plan(problem, init, self.g)  # (N, T, fs*A)
+            blocks = self.planner.plan(problem, init, self.g)  # (N, T, fs*A), or (N, T, A) held
+        if self.hold_actions:
+            blocks = problem.expand(blocks)
         if sync:
             torch.cuda.synchronize(self.device)
         self.plan_seconds.append(time.perf_counter() - t0)
         self.plans += blocks.shape[0]
         return blocks
 
+    def _needs_frame(self) -> bool:
+        """Whether the frame of this step can be a context frame of some plan."""
+        return self.replan_every % self.model.config.frameskip != 0 or self.steps % self.model.config.frameskip == 0
+
     @torch.no_grad()
     def act(self, env, obs: dict) -> np.ndarray:
         """obs["pixels"] (N, Hp, Wp, C) uint8 -> raw actions (N, A) for the next env step."""
         c = self.model.config
-        if self.step_in_block == 0:  # a kept frame
-            self.frames.append(self._encode(obs["pixels"]))
-            self.frames = self.frames[-c.history:]
-            if not self.queue:
-                blocks = self.plan()
-                self.queue = list(blocks[:, : self.receding_horizon].unbind(1))
-                self.rest = blocks[:, self.receding_horizon:]
-            self.block = self.queue.pop(0)  # (N, fs*A) normalised
-            self.blocks = (self.blocks + [self.block])[-c.history:]
-            raw = self.model.denormalize_actions(self.block).clamp(self.action_low, self.action_high)
-            self.raw_block = raw.view(-1, c.frameskip, c.action_dim).cpu().numpy()  # (N, fs, A)
-        action = self.raw_block[:, self.step_in_block]
-        self.step_in_block = (self.step_in_block + 1) % c.frameskip
+        fs = c.frameskip
+        if self._needs_frame():
+            self.frames[self.steps] = self._encode(obs["pixels"])
+            oldest = self.steps - (c.history - 1) * fs
+            for step in [k for k in self.frames if k < oldest]:
+                del self.frames[step]
+        if not self.queue:
+            blocks = self.plan()  # (N, T, fs*A)
+            steps = blocks.reshape(blocks.shape[0], -1, c.action_dim)  # (N, T*fs, A), step-major
+            self.queue = list(steps[:, : self.replan_every].unbind(1))
+            self.rest = steps[:, self.replan_every:]
+        step = self.queue.pop(0)  # (N, A) normalised
+        self.executed = (self.executed + [step])[-(c.history - 1) * fs:] if c.history > 1 else []
+        raw = self.model.denormalize_actions(step).clamp(self.action_low, self.action_high)
         self.steps += 1
-        return action
+        return raw.cpu().numpy()

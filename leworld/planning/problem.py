@@ -89,3 +89,43 @@ class LatentProblem:
     def cost(self, actions: torch.Tensor) -> torch.Tensor:
         """actions (B, S, T, A) -> (B, S)."""
         return latent_cost(self.predict(actions), self.goal, self.kind)
+
+
+class HeldActions:
+    """A block problem searched over one action per block, held for the block's `repeats` steps.
+
+    The planner sees actions (B, S, T, A) with A = the env's action size; `cost` repeats each of
+    them `repeats` times into the wrapped problem's blocks (B, S, T, repeats*A), step-major as the
+    blocks are. The search space shrinks by `repeats`, and every sample is a block in which the
+    agent is driven one way throughout, as by the scripted data policies, instead of white noise
+    that changes direction at every env step.
+
+    Args:
+        problem: a `PlanningProblem` whose action blocks are `repeats` steps of equal size with
+            the same bounds at every step (a `LatentProblem`: frameskip steps of the env's action).
+        repeats: steps per block (the model's frameskip).
+    """
+
+    def __init__(self, problem: PlanningProblem, repeats: int):
+        if repeats < 1 or problem.action_dim % repeats:
+            raise ValueError(f"HeldActions needs blocks of `repeats` equal steps: action_dim "
+                             f"{problem.action_dim} is not a multiple of {repeats}")
+        A = problem.action_dim // repeats
+        low, high = problem.low.view(repeats, A), problem.high.view(repeats, A)
+        if not (torch.equal(low, low[:1].expand_as(low)) and torch.equal(high, high[:1].expand_as(high))):
+            raise ValueError("HeldActions needs the same action bounds at every step of a block")
+        self.problem, self.repeats = problem, int(repeats)
+        self.batch_size, self.horizon, self.action_dim = problem.batch_size, problem.horizon, A
+        self.low, self.high = low[0], high[0]
+
+    def expand(self, actions: torch.Tensor) -> torch.Tensor:
+        """(..., T, A) held actions -> (..., T, repeats*A) blocks."""
+        return actions.repeat(*([1] * (actions.ndim - 1)), self.repeats)
+
+    def reduce(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(..., T, repeats*A) blocks -> (..., T, A): each block's mean step (exact for held blocks)."""
+        return blocks.unflatten(-1, (self.repeats, self.action_dim)).mean(-2)
+
+    def cost(self, actions: torch.Tensor) -> torch.Tensor:
+        """actions (B, S, T, A) -> (B, S)."""
+        return self.problem.cost(self.expand(actions))
