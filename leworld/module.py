@@ -12,6 +12,12 @@ Teacher-forced next-embedding prediction on clips of T frames: the encoder embed
 frame, the predictor predicts z_2..z_T from z_1..z_{T-1} and the action blocks, and SIGReg
 pushes the embeddings of each time step towards an isotropic Gaussian. No stop-gradient and
 no EMA target: gradients flow through prediction and target alike.
+
+With `open_loop_frames` = k the prediction term also scores the clip's last k frames predicted
+open loop, as a planner predicts them: from the first T-k frames and the recorded action blocks,
+each prediction fed back in as the next step's input (`LeWorldModel.rollout`). The term is then the
+mean squared error over the T-1 teacher-forced and the k open-loop predictions together; the loss
+still has its two terms.
 """
 from __future__ import annotations
 
@@ -77,7 +83,7 @@ class LeWMModule(L.LightningModule):
                  num_knots: int = 17, t_max: float = 3.0, sigreg_seed: int = 0,
                  collapse_rank_fraction: float = 0.05, compile: bool | str = False,
                  lambda_schedule: list[tuple[int, float]] | None = None, fused: bool | None = None,
-                 bn_recalibration_batches: int = 0):
+                 bn_recalibration_batches: int = 0, open_loop_frames: int = 0):
         """
         Args:
             model: architecture of the world model (defaults: the paper's ViT-Tiny LeWM).
@@ -112,16 +118,24 @@ class LeWMModule(L.LightningModule):
                 re-estimated ones. It matters where the weights still move fast when training stops
                 (evaluation-mode losses far above training-mode ones); after a cosine schedule has
                 decayed to zero the running averages have caught up (README, "Training").
+            open_loop_frames: k > 0 also predicts the last k frames of each clip open loop, from its
+                first T-k frames (the predictions fed back, as in planning), and averages their
+                squared errors into the prediction term with the T-1 teacher-forced ones. Needs
+                1 <= k <= T-1 for clips of T frames (`data.num_frames`); k = T-1 rolls out from
+                the first frame alone. 0: teacher forcing only (the paper).
         """
         super().__init__()
         if bn_recalibration_batches < 0:
             raise ValueError(f"bn_recalibration_batches must be >= 0, got {bn_recalibration_batches}")
+        if open_loop_frames < 0:
+            raise ValueError(f"open_loop_frames must be >= 0, got {open_loop_frames}")
         self._lambda_steps, self._lambda_values = _check_lambda_schedule(lambda_schedule)
         self.config = model if isinstance(model, LeWMConfig) else LeWMConfig.from_dict(model)
         self.save_hyperparameters(ignore=["model"])
         self.hparams["model"] = self.config.to_dict()  # plain data: checkpoints load without unpickling objects
         self.model = LeWorldModel(self.config)
         self._collapse_warned = False
+        self._open_loop_mse = None  # the open-loop part of the last prediction term (open_loop_frames)
         self._bad_step = self._bad_values = self._grad_norm = None
         # Check for a NaN loss after every step (True), only on logging steps and before a
         # checkpoint or the export (False), or None: every step on the CPU, where the check costs
@@ -157,6 +171,10 @@ class LeWMModule(L.LightningModule):
         if hp.num_frames - 1 > c.history:
             problems.append(f"clips of {hp.num_frames} frames need a history of {hp.num_frames - 1}, the model has "
                             f"{c.history}: set data.num_frames = model.history + 1")
+        k = self.hparams.get("open_loop_frames", 0)
+        if k > hp.num_frames - 1:
+            problems.append(f"open_loop_frames {k} needs clips of at least {k + 1} frames, data.num_frames is "
+                            f"{hp.num_frames}: lower model.open_loop_frames or raise data.num_frames")
         if problems:
             raise ValueError("config does not match the dataset:\n  " + "\n  ".join(problems))
         if stage == "fit" and self.trainer.ckpt_path is None:
@@ -168,7 +186,20 @@ class LeWMModule(L.LightningModule):
         actions = self.model.normalize_actions(batch["action"].float())  # (B, T-1, frameskip*A)
         emb = self.model.encode(pixels)  # (B, T, D)
         pred = self.model.predict(emb[:, :-1], self.model.encode_actions(actions))  # (B, T-1, D)
-        pred_loss = F.mse_loss(pred.float(), emb[:, 1:].float())
+        target = emb[:, 1:]
+        self._open_loop_mse = None
+        k = self.hparams.get("open_loop_frames", 0)
+        if k:
+            T = emb.shape[1]
+            if not 1 <= k <= T - 1:
+                raise ValueError(f"open_loop_frames {k} needs clips of at least {k + 1} frames, got {T}: "
+                                 f"lower model.open_loop_frames or raise data.num_frames")
+            c = T - k  # context frames of the open-loop rollout
+            rolled = self.model.rollout(emb[:, :c], actions[:, None, c - 1:],
+                                        actions[:, : c - 1] if c > 1 else None)[:, 0]  # (B, k, D)
+            self._open_loop_mse = F.mse_loss(rolled.float(), emb[:, c:].float()).detach()
+            pred, target = torch.cat([pred, rolled], 1), torch.cat([target, emb[:, c:]], 1)
+        pred_loss = F.mse_loss(pred.float(), target.float())
         reg = sigreg(emb, step=self.global_step, num_directions=self.hparams.num_directions,
                      num_knots=self.hparams.num_knots, t_max=self.hparams.t_max, seed=self.hparams.sigreg_seed)
         return pred_loss, reg, emb
@@ -220,7 +251,11 @@ class LeWMModule(L.LightningModule):
     def _log_train(self, loss, pred_loss, reg, emb, weight: float) -> None:
         stats = self._embedding_stats(emb)
         names = ["loss", "pred_loss", "sigreg", *stats]
-        values = torch.stack([t.detach().float() for t in (loss, pred_loss, reg, *stats.values())]).cpu()
+        tensors = [loss, pred_loss, reg, *stats.values()]
+        if self._open_loop_mse is not None:
+            names.append("pred_loss_open_loop")
+            tensors.append(self._open_loop_mse)
+        values = torch.stack([t.detach().float() for t in tensors]).cpu()
         logged = dict(zip(names, values))
         logged["lr"] = torch.tensor(self.lr_schedulers().get_last_lr()[0])
         if self._lambda_steps:
@@ -236,6 +271,8 @@ class LeWMModule(L.LightningModule):
 
     def _log_val(self, loss, pred_loss, reg, emb) -> None:
         metrics = {"loss": loss, "pred_loss": pred_loss, "sigreg": reg, **self._embedding_stats(emb)}
+        if self._open_loop_mse is not None:
+            metrics["pred_loss_open_loop"] = self._open_loop_mse
         for name, value in metrics.items():
             self.log(f"val/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(emb))
 
