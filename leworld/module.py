@@ -122,7 +122,9 @@ class LeWMModule(L.LightningModule):
                 first T-k frames (the predictions fed back, as in planning), and averages their
                 squared errors into the prediction term with the T-1 teacher-forced ones. Needs
                 1 <= k <= T-1 for clips of T frames (`data.num_frames`); k = T-1 rolls out from
-                the first frame alone. 0: teacher forcing only (the paper).
+                the first frame alone. k = 1 feeds nothing back (its one prediction has the inputs
+                of the last teacher-forced one, so it only weighs that frame twice); forecasts are
+                fed back from k = 2 on. 0: teacher forcing only (the paper).
         """
         super().__init__()
         if bn_recalibration_batches < 0:
