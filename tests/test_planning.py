@@ -164,19 +164,30 @@ class FakeEnv:
         return {"pixels": self.rng.integers(0, 256, (self.n, self.size, self.size, 3), dtype=np.uint8)}
 
 
+class RecordingCEM(CEM):
+    """CEM that keeps every call's problem, a copy of its warm start and a copy of the plan it returned."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.problems, self.inits, self.plans = [], [], []
+
+    def plan(self, problem, init=None, g=None):
+        self.problems.append(problem)
+        self.inits.append(None if init is None else init.clone())
+        out = super().plan(problem, init, g)
+        self.plans.append(out.clone())
+        return out
+
+    def contexts(self):
+        """(context, context actions, warm start) of every call."""
+        return [(p.context, p.context_actions, init) for p, init in zip(self.problems, self.inits)]
+
+
 def test_mpc_keeps_history_and_replans_every_receding_horizon():
     model = tiny_model(history=2)
-    calls = []
-
-    class Recorder(CEM):
-        def plan(self, problem, init=None, g=None):
-            calls.append((problem.context.clone(), None if problem.context_actions is None
-                          else problem.context_actions.clone(), None if init is None else init.clone()))
-            return super().plan(problem, init, g)
-
+    planner = RecordingCEM(num_samples=8, topk=2, iterations=1)
     env = FakeEnv(4)
-    policy = MPCPolicy(model, Recorder(num_samples=8, topk=2, iterations=1), horizon=3, receding_horizon=2,
-                       warm_start=True)
+    policy = MPCPolicy(model, planner, horizon=3, receding_horizon=2, warm_start=True)
     policy.reset(env)
     frames, actions = [], []
     for step in range(13):
@@ -187,6 +198,7 @@ def test_mpc_keeps_history_and_replans_every_receding_horizon():
         assert a.shape == (4, 2) and np.abs(a).max() <= 1.0
         actions.append(a)
     # kept frames at steps 0, 3, 6, 9, 12; plans at kept frames 0, 2, 4 (every 2 blocks)
+    calls = planner.contexts()
     assert len(calls) == 3 and len(policy.plan_seconds) == 3 and policy.plans == 12
     with torch.no_grad():
         emb = [model.encode(torch.as_tensor(f).permute(0, 3, 1, 2)[:, None])[:, 0] for f in frames]
@@ -205,25 +217,16 @@ def test_mpc_deadline_shrinks_each_plan_to_the_blocks_left():
     0, 3, 6, 9, 12 have ceil((14 - step) / 3) blocks, capped at 3: 3, 3, 3, 2, 1; the warm start
     is the rest of the previous plan, cut or padded with zeros to the new horizon."""
     model = tiny_model(history=2)
-    calls = []
-
-    class Recorder(CEM):
-        def plan(self, problem, init=None, g=None):
-            calls.append((problem.horizon, None if init is None else init.clone()))
-            out = super().plan(problem, init, g)
-            plans.append(out.clone())
-            return out
-
-    plans = []
+    planner = RecordingCEM(num_samples=8, topk=2, iterations=1)
     env = FakeEnv(2)
-    policy = MPCPolicy(model, Recorder(num_samples=8, topk=2, iterations=1), horizon=3, receding_horizon=1,
-                       warm_start=True, deadline=14)
+    policy = MPCPolicy(model, planner, horizon=3, receding_horizon=1, warm_start=True, deadline=14)
     assert policy.settings()["deadline"] == 14
     policy.reset(env)
     for _ in range(16):  # past the deadline, plans keep one block
         policy.act(env, env.obs())
-    assert [c[0] for c in calls] == [3, 3, 3, 2, 1, 1]
-    for (horizon, init), previous in zip(calls[1:], plans[:-1]):
+    assert [p.horizon for p in planner.problems] == [3, 3, 3, 2, 1, 1]
+    for problem, init, previous in zip(planner.problems[1:], planner.inits[1:], planner.plans[:-1]):
+        horizon = problem.horizon
         rest = previous[:, 1:1 + horizon]  # the unexecuted tail, cut to the new horizon
         assert torch.equal(init[:, : rest.shape[1]], rest)
         assert torch.equal(init[:, rest.shape[1]:], torch.zeros_like(init[:, rest.shape[1]:]))
@@ -239,19 +242,9 @@ def test_mpc_replans_inside_a_block_from_frames_a_frameskip_apart():
     ...; the context of the plan at step t is the frames seen at t, t-3, t-6 (those that exist) and
     the actions executed between them, and the warm start is the previous plan moved on 2 steps."""
     model = tiny_model(history=3)
-    calls, plans = [], []
-
-    class Recorder(CEM):
-        def plan(self, problem, init=None, g=None):
-            calls.append((problem.context.clone(), None if problem.context_actions is None
-                          else problem.context_actions.clone(), None if init is None else init.clone()))
-            out = super().plan(problem, init, g)
-            plans.append(out.clone())
-            return out
-
+    planner = RecordingCEM(num_samples=8, topk=2, iterations=1)
     env = FakeEnv(4)
-    policy = MPCPolicy(model, Recorder(num_samples=8, topk=2, iterations=1), horizon=2, replan_every=2,
-                       warm_start=True)
+    policy = MPCPolicy(model, planner, horizon=2, replan_every=2, warm_start=True)
     assert policy.settings()["replan_every"] == 2
     policy.reset(env)
     frames, actions = [], []
@@ -261,6 +254,7 @@ def test_mpc_replans_inside_a_block_from_frames_a_frameskip_apart():
         a = policy.act(env, obs)
         assert a.shape == (4, 2) and np.abs(a).max() <= 1.0
         actions.append(a)
+    calls, plans = planner.contexts(), planner.plans
     assert len(calls) == 6 and policy.plans == 24
     with torch.no_grad():
         emb = [model.encode(torch.as_tensor(f).permute(0, 3, 1, 2)[:, None])[:, 0] for f in frames]
@@ -335,25 +329,16 @@ def test_mpc_with_held_actions_drives_each_block_one_way():
     """--hold-actions: every executed block repeats one raw action over its frameskip steps, the
     warm start is the rest of the previous held plan, and the settings say so."""
     model = tiny_model(history=2)
-    inits = []
-
-    class Recorder(CEM):
-        def plan(self, problem, init=None, g=None):
-            assert isinstance(problem, HeldActions) and problem.action_dim == 2
-            inits.append(None if init is None else init.clone())
-            out = super().plan(problem, init, g)
-            plans.append(out.clone())
-            return out
-
-    plans = []
+    planner = RecordingCEM(num_samples=16, topk=4, iterations=2)
     env = FakeEnv(3)
-    policy = MPCPolicy(model, Recorder(num_samples=16, topk=4, iterations=2), horizon=3, receding_horizon=1,
-                       warm_start=True, hold_actions=True)
+    policy = MPCPolicy(model, planner, horizon=3, receding_horizon=1, warm_start=True, hold_actions=True)
     assert policy.settings()["hold_actions"] is True
     policy.reset(env)
     actions = np.stack([policy.act(env, env.obs()) for _ in range(12)], 1)  # (N, 12, 2)
     blocks = actions.reshape(3, 4, 3, 2)
     np.testing.assert_array_equal(blocks, np.broadcast_to(blocks[:, :, :1], blocks.shape))
+    inits, plans = planner.inits, planner.plans
+    assert all(isinstance(p, HeldActions) and p.action_dim == 2 for p in planner.problems)
     assert len(plans) == 4 and inits[0] is None
     for init, previous in zip(inits[1:], plans[:-1]):
         assert torch.allclose(init[:, :2], previous[:, 1:], atol=1e-6)

@@ -22,6 +22,7 @@ from leworld.data.datamodule import CollectSpec, LeWMDataModule, frames_to_devic
 from leworld.data.store import EpisodeStore
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule, effective_rank, recalibrate_batchnorm
+from test_model import perturb_adaln
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(encoder="cnn", image_size=32, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=32, proj_hidden=64,
@@ -319,6 +320,7 @@ def test_open_loop_prediction_term_against_a_frame_by_frame_rollout(data_path, k
     dm.setup("fit")
     module.model.set_action_stats(dm.action_mean, dm.action_std)
     module.eval()  # no dropout: the two computations must agree exactly
+    perturb_adaln(module.model)  # AdaLN-zero starts blind to the actions: make them count
     batch = next(iter(dm.train_dataloader()))
     with torch.no_grad():
         pred_loss, _, emb = module.losses(batch)
@@ -327,6 +329,9 @@ def test_open_loop_prediction_term_against_a_frame_by_frame_rollout(data_path, k
         z = m.encode(batch["pixels"].permute(0, 1, 4, 2, 3)).double()
         T, W, c = z.shape[1], m.config.history, z.shape[1] - k
         teacher = m.predict(z[:, :-1].float(), m.encode_actions(actions)).double()
+        # the actions matter, so a rollout fed the wrong blocks would not match below
+        assert not torch.allclose(m.predict(z[:, :-1].float(), m.encode_actions(actions.flip(1))).double(),
+                                  teacher, atol=1e-4)
         frames = [z[:, j] for j in range(c)]
         for j in range(c, T):  # predict frame j from the (at most W) frames before it, predictions included
             lo = max(0, j - W)
