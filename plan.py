@@ -13,7 +13,9 @@ seed and package version. `--video` also writes one GIF per episode (start | goa
 named after its outcome. `--policy straight` (or random, expert) evaluates a baseline alone.
 Two privileged bounds run only when asked for: `--policy replay` replays the dataset's recorded
 actions from each start, and `--policy oracle` (Push-T) plans with CEM in the env's own physics
-with the success test as its cost (leworld/evaluation/oracle.py):
+(leworld/evaluation/oracle.py), with the success test as its cost (`--oracle-cost margin`, the
+default), that test at the plan's end only (`terminal`) or a model's embedding distance
+(`latent`, with `--model`):
     python plan.py --policy oracle --env pusht --data data/pusht_64_ss4.h5 --deadline --no-baselines
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 import envs
+from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import find_model, load_model, model_extra, model_name, weights_file
 from leworld.data.store import DatasetError, EpisodeStore
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
@@ -266,6 +269,7 @@ def default_out_name(args, env_name: str, protocol_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # faster CPU rollouts on Linux (leworld/allocator.py)
     t_start = time.perf_counter()
     if args.policy == "model" and args.model is None:
         raise SystemExit("error: --model is required with --policy model (or pick a baseline with --policy)")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import envs
 from envs.policies import make_policy
+from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import find_model, load_model, model_name
 from leworld.results import atomic_write, finite, package_version, sha256_file, write_json
 from leworld.surprise import (
@@ -46,7 +47,8 @@ CANDIDATES = 4  # reset-distribution draws per teleport; the first at least MIN_
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")
+    p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json), or a run "
+                   "directory (runs/<name>: its newest model)")
     p.add_argument("--env", choices=envs.ENV_NAMES, default=None,
                    help="env; default: the one in the model's config.json (extra.dataset.env)")
     p.add_argument("--num-trajectories", type=int, default=100, help="N trajectories per condition")
@@ -214,6 +216,7 @@ def figure(path: Path, z: dict, pixels: dict, cal, p: int, title: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()  # faster CPU steps on Linux (leworld/allocator.py)
     start = time.perf_counter()
     model_dir = find_model(args.model)  # a run directory (runs/<name>) means its newest model
     if model_dir.exists() and not model_dir.is_dir():

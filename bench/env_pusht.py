@@ -4,7 +4,7 @@ Example:
     python bench/env_pusht.py --steps 2000
     python bench/env_pusht.py --steps 500 --no-gym-pusht    # ours only
 
-Ours: `envs.PushTBatch` (`--num-envs` copies per process) stepped with random actions and with the
+Ours: `envs.push_t.PushTBatch` (`--num-envs` copies per process) stepped with random actions and with the
 `contact` data policy (random targets near the block: frequent contact; its time is included),
 frames rendered at each resolution. gym-pusht: `gym_pusht/PushT-v0` with pixel observations at
 the same resolution and random actions, run in its own virtual environment (default under

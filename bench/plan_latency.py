@@ -23,6 +23,7 @@ import time
 import torch
 import yaml
 
+from leworld.allocator import keep_freed_memory
 from leworld.model import LeWMConfig, LeWorldModel
 from leworld.planning import LatentProblem, make_planner
 
@@ -131,6 +132,7 @@ def main() -> None:
     p.add_argument("--profile", help="write one plan's per-kernel time table here (last batch size)")
     p.add_argument("--json", help="append results as JSON lines to this file")
     args = p.parse_args()
+    keep_freed_memory()  # as train.py and plan.py do (leworld/allocator.py)
     for b in args.batch:
         r = run(args.config, b, args.planner, args.num_samples, args.topk, args.iterations, args.horizon,
                 args.repeats, args.warmup, args.device, args.compile or bool(args.compile_mode), args.amp,

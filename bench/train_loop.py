@@ -26,6 +26,7 @@ import lightning as L
 import torch
 import yaml
 
+from leworld.allocator import keep_freed_memory
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule
 
@@ -144,6 +145,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="append the result as a JSON line to this file")
     p.add_argument("--root", default="bench/out", help="where the run's CSV log and exported model go")
     a = p.parse_args()
+    keep_freed_memory()  # as train.py and plan.py do (leworld/allocator.py)
     if a.steps < 1 or a.warmup < 1:
         p.error("--steps and --warmup must be at least 1")
     result = run(a.config, a.steps, a.warmup, a.device, a.batch_size, a.log_every, a.compile, a.data, a.count_syncs,

@@ -20,6 +20,7 @@ import time
 import torch
 import yaml
 
+from leworld.allocator import keep_freed_memory
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule
 
@@ -117,7 +118,11 @@ def main() -> None:
     p.add_argument("--profile", default=None, help="write a per-kernel time table of 3 extra steps to this file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="append the result as a JSON line to this file")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="leave glibc's thresholds alone (freed memory goes back to the kernel), as before "
+                        "leworld.allocator; to measure what keeping it saves")
     args = p.parse_args()
+    kept = False if args.return_freed_memory else keep_freed_memory()
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -130,11 +135,13 @@ def main() -> None:
     r = run(args.config, args.steps, args.warmup, args.batch_size,
             args.compile or args.compile_parts or bool(args.compile_mode), args.device, args.compile_mode, args.profile,
             args.compile_parts)
-    r["coordinate_descent"], r["cudnn_sdp"] = args.coordinate_descent, not args.no_cudnn_sdp
+    r["coordinate_descent"], r["cudnn_sdp"], r["keep_freed_memory"] = (args.coordinate_descent, not args.no_cudnn_sdp,
+                                                                       kept)
     mem = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
     print(f"{r['config']}: {r['params_M']}M params, batch {r['batch_size']}x{r['frames']} on {r['device']}"
           f"{' (compiled' + (', ' + r['compile_mode'] if r['compile_mode'] else '') + (', parts in place' if r['compile_parts'] else '') + (', coordinate descent' if args.coordinate_descent else '') + (', no cuDNN attention' if args.no_cudnn_sdp else '') + ')' if r['compile'] else ''}: {r['step_s'] * 1000:.1f} ms/step, "
-          f"{r['clips_per_s']:,.1f} clips/s, {mem} {r['peak_memory_GiB']:.2f} GiB")
+          f"{r['clips_per_s']:,.1f} clips/s, {mem} {r['peak_memory_GiB']:.2f} GiB"
+          f"{'' if kept else ' (freed memory returned to the kernel)'}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(r) + "\n")

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import model_name
 from leworld.data.clips import ClipDataset, split_episodes
 from leworld.probe import (
@@ -259,6 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()  # faster CPU steps on Linux (leworld/allocator.py)
     start = time.perf_counter()
     model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
     val_fraction, split_seed = data.get("val_fraction", 0.1), data.get("split_seed", 0)
