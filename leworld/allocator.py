@@ -40,6 +40,8 @@ OPT_OUT = "LEWORLD_KEEP_FREED_MEMORY"
 
 def keep_freed_memory(threshold: int = THRESHOLD) -> bool:
     """Raise glibc's mmap and trim thresholds to `threshold` bytes; True when applied."""
+    if not 0 < threshold < 2**31:
+        raise ValueError(f"threshold must be a positive int below 2**31 bytes (mallopt takes an int), got {threshold}")
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     if os.environ.get(OPT_OUT, "1") == "0":
@@ -48,8 +50,6 @@ def keep_freed_memory(threshold: int = THRESHOLD) -> bool:
         return False
     if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
         return False
-    if not 0 < threshold < 2**31:
-        raise ValueError(f"threshold must be a positive int below 2**31 bytes (mallopt takes an int), got {threshold}")
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -44,10 +44,15 @@ json.dump({"default": default, "applied": applied, "kept": kept}, sys.stdout)
 """
 
 
-@glibc_linux
-def test_freed_blocks_are_reused_instead_of_faulted_in_again(monkeypatch):
+@pytest.fixture(autouse=True)
+def no_user_choice(monkeypatch):
+    """No opt-out, no malloc settings and no preloaded allocator in the environment."""
     for name in (OPT_OUT, "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
+
+
+@glibc_linux
+def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True, timeout=120)
     r = json.loads(out.stdout)
     pages = 4 * 1024 * 128 * 17 * 4 // 4096  # of one (T, K, B, J) array
@@ -62,17 +67,12 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again(monkeypatch):
 @pytest.mark.parametrize("env", [{OPT_OUT: "0"}, {"MALLOC_MMAP_THRESHOLD_": "65536"},
                                  {"MALLOC_TRIM_THRESHOLD_": "65536"}, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
 def test_leaves_the_allocator_alone_when_the_user_chose(monkeypatch, env):
-    for name in (OPT_OUT, "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD"):
-        monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert keep_freed_memory() is False
 
 
-@glibc_linux
-def test_threshold_must_fit_mallopt(monkeypatch):
-    for name in (OPT_OUT, "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD"):
-        monkeypatch.delenv(name, raising=False)
+def test_threshold_must_fit_mallopt():
     for bad in (0, 2**31):
         with pytest.raises(ValueError, match="below 2\\*\\*31"):
             keep_freed_memory(bad)
