@@ -64,6 +64,28 @@ def knots_and_weights(num_knots: int = 17, t_max: float = 3.0) -> tuple[torch.Te
     return t, trapezoid * torch.exp(-0.5 * t**2)
 
 
+class _CosSinSums(torch.autograd.Function):
+    """(cos x).sum(1) and (sin x).sum(1) of x (T, B, K, J), keeping cos x and sin x for backward.
+
+    Autograd's own graph for `x.cos().sum(1), x.sin().sum(1)` saves x and evaluates sin and cos
+    again in backward; here the forward's values are reused. The backward is the same
+    arithmetic in the same order (d cos = -sin, d sin = cos), so gradients are bit-identical to
+    autograd's (tested). It keeps one more (T, B, K, J) tensor and makes a Push-T tiny training
+    step 3-4% faster on a 2-core CPU (docs/benchmarks.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = x.cos(), x.sin()
+        ctx.save_for_backward(cos, sin)
+        return cos.sum(1), sin.sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_cos: torch.Tensor, grad_sin: torch.Tensor) -> torch.Tensor:
+        cos, sin = ctx.saved_tensors
+        return grad_cos.unsqueeze(1) * -sin + grad_sin.unsqueeze(1) * cos
+
+
 def _world_size(group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
@@ -101,7 +123,7 @@ def sigreg(
         t, w = (x.to(z.device) for x in knots_and_weights(num_knots, t_max))  # (J,), (J,)
         proj = torch.einsum("btd,dk->tbk", z, u)  # (T, B, K)
         x = proj[..., None] * t  # (T, B, K, J)
-        cos_sum, sin_sum = x.cos().sum(1), x.sin().sum(1)  # (T, K, J) each
+        cos_sum, sin_sum = _CosSinSums.apply(x)  # (T, K, J) each
         count = z.new_full((1,), float(B))  # a device fill, not a host-to-device copy
         if _world_size(group) > 1:
             from torch.distributed.nn.functional import all_reduce

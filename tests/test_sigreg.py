@@ -122,6 +122,42 @@ def test_time_steps_are_separate_then_averaged():
         sigreg(torch.zeros(2, 3, 4, 5), step=0)
 
 
+def test_gradient_matches_float64_autograd():
+    torch.manual_seed(3)
+    z = (torch.randn(48, 3, 16) * torch.linspace(0.5, 1.5, 16)).requires_grad_()
+    sigreg(z, step=7, num_directions=32).backward()
+    # independent float64 statistic, differentiated by autograd through complex exponentials
+    z64 = z.detach().double().requires_grad_()
+    u = sample_directions(16, 32, step=7).double()
+    dt = 3.0 / 16
+    t = torch.arange(17, dtype=torch.float64) * dt
+    w = torch.full((17,), 2 * dt, dtype=torch.float64)
+    w[0] = w[-1] = dt
+    w = w * torch.exp(-(t**2) / 2)
+    s = torch.einsum("btd,dk->btk", z64, u)  # (N, T, K)
+    ecf = torch.exp(1j * s[..., None] * t).mean(0)  # (T, K, J)
+    ep = 48 * ((ecf - torch.exp(-(t**2) / 2)).abs() ** 2 * w).sum(-1)  # (T, K)
+    ep.mean().backward()
+    torch.testing.assert_close(z.grad, z64.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_cos_sin_sums_backward_is_autograds_exactly():
+    from leworld.sigreg import _CosSinSums
+
+    x64 = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_CosSinSums.apply, (x64,))
+    x = (torch.randn(3, 64, 32, 17) * 4).requires_grad_()
+    grad_cos, grad_sin = torch.randn(3, 32, 17), torch.randn(3, 32, 17)
+    plain = x.cos().sum(1), x.sin().sum(1)
+    (plain_grad,) = torch.autograd.grad(plain, x, (grad_cos, grad_sin))
+    fused = _CosSinSums.apply(x)
+    (fused_grad,) = torch.autograd.grad(fused, x, (grad_cos, grad_sin))
+    assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1], fused[1])
+    assert torch.equal(plain_grad, fused_grad)  # bit-identical: training is unchanged
+    with torch.no_grad():  # no graph: nothing kept
+        assert torch.equal(_CosSinSums.apply(x)[0], plain[0])
+
+
 def test_float32_under_bf16_autocast():
     torch.manual_seed(0)
     layer, x = nn.Linear(16, 16), torch.randn(64, 2, 16)
