@@ -154,7 +154,7 @@ def test_cos_sin_sums_backward_is_autograds_exactly():
     (fused_grad,) = torch.autograd.grad(fused, x, (grad_cos, grad_sin))
     assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1], fused[1])
     assert torch.equal(plain_grad, fused_grad)  # bit-identical: training is unchanged
-    with torch.no_grad():  # no graph: nothing kept
+    with torch.no_grad():  # evaluation: the same values without a graph
         assert torch.equal(_CosSinSums.apply(x)[0], plain[0])
 
 
