@@ -40,6 +40,7 @@ from leworld.evaluation.oracle import COSTS as ORACLE_COSTS, SimulatorOracle
 from leworld.evaluation.protocols import PROTOCOLS, heldout_path
 from leworld.model import ModelEnsemble
 from leworld.planning import PLANNERS, MPCPolicy, make_planner
+from leworld.planning.problem import COSTS
 from leworld.results import package_version, sha256_file, write_json
 
 DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # LEWM.md section 5: the paper used 10 outside Push-T
@@ -78,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold-actions", action="store_true",
                    help="search one action per block, held for its frameskip steps (a 2-d search per block\n"
                         "for Push-T and Two-Room instead of 10-d white noise over its steps)")
-    p.add_argument("--cost", default="terminal", choices=("terminal", "sum", "min"),
+    p.add_argument("--cost", default="terminal", choices=COSTS,
                    help="the latent cost over a plan's predicted blocks: the last one's distance to the goal\n"
-                        "(paper), their sum, or their minimum (the goal reached at any block)")
+                        "(paper), their sum, their minimum (the goal reached at any block), or that minimum\n"
+                        "plus the last one's (reach the goal, then stay)")
     p.add_argument("--warm-start", action="store_true", help="start each plan from the rest of the previous one")
     p.add_argument("--deadline", action="store_true",
                    help="shrink plans toward the protocol's budget: each plan ends at the goal by the last step "

@@ -104,7 +104,7 @@ def test_cem_with_predrawn_noise_equals_drawing_each_iteration():
         planner.plan(problem, noise=noise[:3])
 
 
-def test_latent_cost_terminal_sum_and_min():
+def test_latent_cost_terminal_sum_min_and_min_terminal():
     pred = torch.randn(2, 3, 4, 5, dtype=torch.float64)  # (B, S, T, D)
     goal = torch.randn(2, 5, dtype=torch.float64)
     brute = torch.tensor([[[float(((pred[b, s, t] - goal[b]) ** 2).sum()) for t in range(4)] for s in range(3)]
@@ -113,6 +113,13 @@ def test_latent_cost_terminal_sum_and_min():
     assert torch.allclose(latent_cost(pred, goal, "sum"), brute.sum(-1))
     lowest = torch.tensor([[min(brute[b, s].tolist()) for s in range(3)] for b in range(2)], dtype=torch.float64)
     assert torch.allclose(latent_cost(pred, goal, "min"), lowest)
+    assert torch.allclose(latent_cost(pred, goal, "min_terminal"), lowest + brute[..., -1])
+    # a plan through the goal that then leaves it costs more than one that stays: only min_terminal says so
+    leaves = torch.stack([torch.zeros(2), torch.full((2,), 3.0)])[None, None]  # (1, 1, T=2, D=2)
+    stays = torch.stack([torch.ones(2), torch.zeros(2)])[None, None]
+    both, origin = torch.cat([leaves, stays], 1), torch.zeros(1, 2)
+    assert latent_cost(both, origin, "min")[0, 0] == latent_cost(both, origin, "min")[0, 1]
+    assert latent_cost(both, origin, "min_terminal")[0, 0] > latent_cost(both, origin, "min_terminal")[0, 1]
     with pytest.raises(ValueError, match="unknown cost"):
         latent_cost(pred, goal, "max")
 

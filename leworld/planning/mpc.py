@@ -51,7 +51,8 @@ class MPCPolicy:
             any of 1 .. horizon * frameskip (below `frameskip`: replanning inside a block).
         hold_actions: search one action per block, held for its `frameskip` steps
             (`HeldActions`), instead of a free action at every step.
-        cost: "terminal" (paper) or "sum".
+        cost: "terminal" (paper), "sum", "min" (the goal reached at any block of the plan) or
+            "min_terminal" (reached, then kept); see `latent_cost`.
         action_low, action_high: the env's raw action bounds.
         warm_start: start each plan from the unexecuted rest of the previous plan (zeros otherwise).
         compile: plan with a torch.compile'd rollout.

@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
-COSTS = ("terminal", "sum", "min")
+COSTS = ("terminal", "sum", "min", "min_terminal")
 
 
 class PlanningProblem(Protocol):
@@ -34,7 +34,9 @@ class PlanningProblem(Protocol):
 
 
 def latent_cost(pred: torch.Tensor, goal: torch.Tensor, kind: str = "terminal") -> torch.Tensor:
-    """pred (B, S, T, D), goal (B, D) -> (B, S): squared L2 to the goal at the end, summed over T, or its minimum over T."""
+    """pred (B, S, T, D), goal (B, D) -> (B, S): the squared L2 distance to the goal at the last block
+    ("terminal"), summed over the T blocks ("sum"), its minimum over them ("min": the goal reached at
+    any block) or that minimum plus the last block's ("min_terminal": reach the goal, then stay)."""
     dtype = torch.promote_types(pred.dtype, torch.float32)  # at least float32, also under autocast
     sq = (pred.to(dtype) - goal.to(dtype)[:, None, None]).square().sum(-1)  # (B, S, T)
     if kind == "terminal":
@@ -43,6 +45,8 @@ def latent_cost(pred: torch.Tensor, goal: torch.Tensor, kind: str = "terminal") 
         return sq.sum(-1)
     if kind == "min":  # the closest the plan comes to the goal at any block boundary
         return sq.amin(-1)
+    if kind == "min_terminal":  # a plan that passes the goal and leaves it costs more than one that stays
+        return sq.amin(-1) + sq[..., -1]
     raise ValueError(f"unknown cost {kind!r}: choose one of {', '.join(COSTS)}")
 
 
@@ -57,7 +61,7 @@ class LatentProblem:
         context_actions: (B, H-1, frameskip*A) normalised blocks executed between context frames.
         action_low, action_high: the env's raw action bounds (A,), default [-1, 1]; turned into
             bounds on normalised blocks, so every evaluated sample is an executable action.
-        cost: "terminal" (paper), "sum" or "min".
+        cost: "terminal" (paper), "sum", "min" or "min_terminal" (`latent_cost`).
         rollout: the rollout function to call (e.g. a torch.compile'd `model.rollout`).
     """
 
