@@ -243,6 +243,16 @@ def model_name(path: str | os.PathLike) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name + suffix)
 
 
+def result_path(kind: str, model: str | os.PathLike, seed: int = 0) -> Path:
+    """The default result file of an analysis command: `runs/<kind>/<model name>.json`.
+
+    A seed other than 0 adds `-seed<N>` (`runs/probe/pusht_tiny-seed1.json`), as `plan.py` names
+    its files, so a second draw lands beside the first instead of replacing it.
+    """
+    name = model_name(model) + ("" if seed == 0 else f"-seed{seed}")
+    return Path("runs") / kind / f"{name}.json"
+
+
 def find_model(path: str | os.PathLike) -> Path:
     """Resolve a model location: an exported directory, a weights or .ckpt file, or a run directory.
 

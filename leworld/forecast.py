@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from leworld.allocator import keep_freed_memory
-from leworld.checkpoint import model_name
+from leworld.checkpoint import result_path
 from leworld.data.clips import ClipDataset, split_episodes
 from leworld.probe import (
     QUANTITIES, LinearProbe, command_record, embed_frames, fit_linear, open_model_and_data, pearson, select_frames,
@@ -242,7 +242,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="exported model directory, a run directory (its newest model), or a training .ckpt")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
-    p.add_argument("--out", default=None, help="result JSON (default runs/forecast/<run name>.json)")
+    p.add_argument("--out", default=None, help="result JSON (default runs/forecast/<run name>.json; with a --seed other than 0, <run name>-seed<N>.json)")
     p.add_argument("--horizon", type=int, default=5, help="action blocks rolled out")
     p.add_argument("--num-clips", type=int, default=2000, help="validation clips forecast")
     p.add_argument("--frames-per-episode", type=int, default=8, help="training frames per episode for the probes")
@@ -273,7 +273,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {e}") from None
     result = {**command_record(PROTOCOL, args, model_path, data_path, val_fraction, split_seed), **result,
               "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start}
-    out = Path(args.out or Path("runs") / "forecast" / f"{model_name(args.model)}.json")
+    out = Path(args.out or result_path("forecast", args.model, args.seed))
     write_json(out, result)
     print(f"{result['env']}: {result['clips']} validation clips ({result['val_episodes']} episodes), history "
           f"{result['history']}, {result['horizon']} blocks of {result['frameskip']} steps; protocol {PROTOCOL}")

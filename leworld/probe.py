@@ -38,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from leworld.allocator import keep_freed_memory
-from leworld.checkpoint import find_model, load_model, model_extra, model_name, weights_file
+from leworld.checkpoint import find_model, load_model, model_extra, result_path, weights_file
 from leworld.results import package_version, sha256_file, write_json
 from leworld.data.clips import split_episodes
 from leworld.data.store import DatasetError, EpisodeStore
@@ -343,7 +343,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json), a "
                    "run directory (its newest model), or a training .ckpt (probed with the data settings saved in it)")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
-    p.add_argument("--out", default=None, help="result JSON (default runs/probe/<run name>.json)")
+    p.add_argument("--out", default=None, help="result JSON (default runs/probe/<run name>.json; with a --seed other than 0, <run name>-seed<N>.json)")
     p.add_argument("--val-fraction", type=float, default=None, help="episode split (default: the model's)")
     p.add_argument("--split-seed", type=int, default=None, help="episode split seed (default: the model's)")
     p.add_argument("--frames-per-episode", type=int, default=8, help="random frames drawn from each episode")
@@ -432,7 +432,7 @@ def main(argv=None) -> dict:
         "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
         **result, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
     }
-    out = Path(args.out or Path("runs") / "probe" / f"{model_name(args.model)}.json")
+    out = Path(args.out or result_path("probe", args.model, args.seed))
     write_json(out, result)
     f = result["frames"]
     print(f"{result['env']}: {f['train']} training frames ({f['train_episodes']} episodes), {f['val']} validation "

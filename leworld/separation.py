@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from leworld.allocator import keep_freed_memory
-from leworld.checkpoint import model_name
+from leworld.checkpoint import result_path
 from leworld.data.clips import split_episodes
 from leworld.probe import command_record, embed_frames, open_model_and_data
 from leworld.results import write_json
@@ -190,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="exported model directory, a run directory (its newest model), or a training .ckpt")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
-    p.add_argument("--out", default=None, help="result JSON (default runs/separation/<run name>.json)")
+    p.add_argument("--out", default=None, help="result JSON (default runs/separation/<run name>.json; with a --seed other than 0, <run name>-seed<N>.json)")
     p.add_argument("--num-goals", type=int, default=2000, help="goal frames drawn")
     p.add_argument("--band", type=float, default=3.0, help="a near miss fails one threshold by less than this factor")
     p.add_argument("--stride", type=int, default=1, help="every stride-th frame of the validation episodes")
@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {e}") from None
     result = {**command_record(PROTOCOL, args, model_path, data_path, val_fraction, split_seed), **result,
               "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start}
-    out = Path(args.out or Path("runs") / "separation" / f"{model_name(args.model)}.json")
+    out = Path(args.out or result_path("separation", args.model, args.seed))
     write_json(out, result)
     print(f"{result['env']}: {result['frames']} validation frames ({result['val_episodes']} episodes), "
           f"{result['goals']} goals, near misses up to {result['band']:g}x a threshold; protocol {PROTOCOL}")

@@ -172,3 +172,13 @@ def test_model_name_names_the_run_whatever_part_of_it_is_given(tmp_path, monkeyp
     assert model_name("exports/lam0.3 final") == "lam0.3_final"  # a directory outside a run: its own name
     assert model_name(".") == tmp_path.name  # relative paths are named where they point
     assert model_name(Path("runs") / "a") != model_name(Path("runs") / "b")
+
+
+def test_result_path_adds_a_seed_other_than_zero(tmp_path):
+    from leworld.checkpoint import result_path
+    run = tmp_path / "runs" / "pusht_tiny" / "version_0" / "model"
+    assert result_path("probe", run) == Path("runs") / "probe" / "pusht_tiny.json"
+    assert result_path("probe", run, seed=2) == Path("runs") / "probe" / "pusht_tiny-seed2.json"
+    ckpt = run.parent / "checkpoints" / "last.ckpt"
+    assert result_path("forecast", ckpt, seed=1) == Path("runs") / "forecast" / "pusht_tiny-last-seed1.json"
+    assert result_path("probe", run, seed=1) != result_path("probe", run, seed=0)

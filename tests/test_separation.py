@@ -197,3 +197,13 @@ def test_cli_clear_errors(tmp_path, dataset, case, message):
     with pytest.raises(SystemExit, match=message):
         sep_mod.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out.json"), "--no-progress"])
     assert not (tmp_path / "out.json").exists()
+
+
+def test_default_result_files_keep_each_seed(tmp_path, dataset, monkeypatch):
+    _, model_dir = export_tiny(tmp_path / "runs" / "sep_tiny" / "version_0" / "model", dataset)
+    monkeypatch.chdir(tmp_path)
+    for seed in (0, 1):
+        sep_mod.main(["--model", str(model_dir), "--seed", str(seed), "--num-goals", "20", "--no-progress"])
+    first = json.loads((tmp_path / "runs" / "separation" / "sep_tiny.json").read_text())
+    second = json.loads((tmp_path / "runs" / "separation" / "sep_tiny-seed1.json").read_text())
+    assert (first["settings"]["seed"], second["settings"]["seed"]) == (0, 1)
