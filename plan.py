@@ -21,9 +21,12 @@ default), that test at the plan's end only (`terminal`) or a model's embedding d
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +37,7 @@ import envs
 from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import find_model, load_model, model_extra, model_name, weights_file
 from leworld.data.store import DatasetError, EpisodeStore
+from leworld.device import resolve_device
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
 from leworld.evaluation.baselines import ReplayBaseline
 from leworld.evaluation.oracle import COSTS as ORACLE_COSTS, SimulatorOracle
@@ -41,7 +45,7 @@ from leworld.evaluation.protocols import PROTOCOLS, heldout_path
 from leworld.model import ModelEnsemble
 from leworld.planning import PLANNERS, MPCPolicy, make_planner
 from leworld.planning.problem import COSTS
-from leworld.results import package_version, sha256_file, write_json
+from leworld.results import check_writable, package_version, sha256_file, write_json
 
 DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # LEWM.md section 5: the paper used 10 outside Push-T
 
@@ -53,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "ensemble (the cost is the sum of the models' latent costs; leworld.model.ensemble)")
     p.add_argument("--env", choices=envs.ENV_NAMES, help="environment (default: the model's training env)")
     p.add_argument("--data", type=Path, help="dataset the pairs come from (default: the model's training data)")
-    p.add_argument("--protocol", default="paper-v3", choices=sorted(PROTOCOLS), help="evaluation preset")
+    p.add_argument("--protocol", default="paper-v3", choices=sorted(PROTOCOLS),
+                   help="evaluation preset (paper-v1-tworoom and far-tworoom-v1: Two-Room only). A held-out preset\n"
+                        "(far-tworoom-v1) collects its own episodes once, into data/eval/ under the working\n"
+                        "directory, unless --data gives that set")
     p.add_argument("--num-episodes", type=int, help="override the protocol's episode count (renames the protocol)")
     p.add_argument("--policy", default="model", choices=("model", *BASELINES, "replay", "oracle"),
                    help="what acts in the env. replay: privileged, the dataset's recorded actions from each start\n"
@@ -100,14 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Reject option values no run can use before any work starts (argparse's usage error, exit 2)."""
+    for flag in ("num_episodes", "num_samples", "topk", "iterations", "horizon", "receding_horizon", "replan_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if not (math.isfinite(args.init_std) and args.init_std > 0):
+        parser.error(f"--init-std must be a positive number, got {args.init_std}")
+    if args.receding_horizon is not None and args.receding_horizon > args.horizon:
+        parser.error(f"--receding-horizon ({args.receding_horizon}) executes blocks of a plan of --horizon "
+                     f"{args.horizon} blocks: it can be at most {args.horizon}")
+    if args.topk is not None and args.num_samples is not None and args.topk > args.num_samples:
+        parser.error(f"--topk ({args.topk}) elites are chosen among --num-samples ({args.num_samples}): "
+                     "it can be at most that")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.model is not None and len({os.path.abspath(find_model(m)) for m in args.model}) < len(args.model):
+        parser.error("the same model is given twice to --model: an ensemble takes different models")
+
+
 def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def model_info(path: Path) -> dict:
@@ -144,12 +168,18 @@ def resolve(args, extra: dict) -> tuple[str, Path, dict]:
     """Env name, dataset path and split settings, checked against the model's training data."""
     trained = (extra.get("dataset") or {}).get("env")
     env_name = args.env or trained
+    if env_name is None and args.model is None:
+        raise SystemExit(f"error: --policy {args.policy} without --model: pass --env and --data to say which "
+                         "env and dataset the pairs come from")
     if env_name is None:
         raise SystemExit("error: pass --env: the model does not record its training env")
     if trained and args.env and args.env != trained:
         raise SystemExit(f"error: env/model mismatch: the model was trained on {trained!r} data, --env is {args.env!r}")
     data = extra.get("data") or {}
     path = args.data or (Path(data["path"]) if "path" in data else None)
+    if path is None and args.model is None:
+        raise SystemExit(f"error: --policy {args.policy} without --model: pass --data, the dataset the pairs "
+                         "come from")
     if path is None:
         raise SystemExit("error: pass --data: the model does not record its training dataset")
     split = {"val_fraction": float(data.get("val_fraction", 0.1)), "split_seed": int(data.get("split_seed", 0))}
@@ -171,6 +201,23 @@ def heldout(protocol, env_name: str, resolution: int | None) -> Path:
     return path
 
 
+def check_heldout_data(store: EpisodeStore, protocol) -> None:
+    """A held-out protocol given --data must get its own dataset (however generated, wherever
+    kept): the same env, policy, noise, seed, episode count and env settings. Otherwise its name
+    would be printed beside numbers measured on other episodes."""
+    spec = dict(protocol.dataset)
+    meta = store.metadata
+    want = {"env": spec.pop("env"), **{k: spec[k] for k in ("policy", "noise", "seed", "episodes", "steps") if k in spec}}
+    want.update({f"env_params.{k}": v for k, v in (spec.get("env_kwargs") or {}).items()})
+    have = {k: (meta.get("env_params") or {}).get(k.split(".", 1)[1]) if k.startswith("env_params.") else meta.get(k)
+            for k in want}
+    differ = [f"{k} {have[k]!r} (the protocol's: {v!r})" for k, v in want.items() if have[k] != v]
+    if differ:
+        raise SystemExit(f"error: {store.path} is not the held-out set of {protocol.name}: {', '.join(differ)}. "
+                         f"Leave out --data: it is generated once at {heldout_path(protocol, store.resolution)}; "
+                         "or pick a protocol that draws from the model's data (paper-v3)")
+
+
 def check_dataset(store: EpisodeStore, env_name: str, model) -> None:
     data_env = store.metadata.get("env")
     if data_env != env_name:
@@ -190,7 +237,8 @@ def make_env(store: EpisodeStore, env_name: str, n: int):
 
 
 def planner_kwargs(args, env_name: str) -> dict:
-    kw = {"seed": args.seed, "iterations": args.iterations or DEFAULT_ITERATIONS[env_name], "init_std": args.init_std}
+    iterations = DEFAULT_ITERATIONS[env_name] if args.iterations is None else args.iterations
+    kw = {"seed": args.seed, "iterations": iterations, "init_std": args.init_std}
     if args.num_samples is not None:
         kw["num_samples"] = args.num_samples
     if args.topk is not None:
@@ -270,7 +318,9 @@ def default_out_name(args, env_name: str, protocol_name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     keep_freed_memory()  # faster CPU rollouts on Linux (leworld/allocator.py)
     t_start = time.perf_counter()
     if args.policy == "model" and args.model is None:
@@ -283,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
             if not path.exists():
                 raise SystemExit(f"error: no model at {path}: train one with `python train.py fit --config "
                                  "configs/tworoom_tiny.yaml`, then pass its runs/<name>/version_N/model directory")
-        models = [load_model(path, map_location=device) for path in args.model]
-        infos = [model_info(path) for path in args.model]
+        try:
+            models = [load_model(path, map_location=device) for path in args.model]
+            infos = [model_info(path) for path in args.model]
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
         info = infos[0]
         if len(models) == 1:
             model = models[0]
@@ -298,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_episodes is not None:
         protocol = protocol.replace(num_episodes=args.num_episodes)
     env_name, data_path, split = resolve(args, info["extra"])
+    if protocol.env is not None and protocol.env != env_name:
+        raise SystemExit(f"error: protocol {protocol.name} is for {protocol.env}, not {env_name}: choose one of "
+                         f"{', '.join(n for n, p in PROTOCOLS.items() if p.env in (None, env_name))}")
     if protocol.dataset is not None and args.data is None:  # a held-out set: generate it once
         data_path = heldout(protocol, env_name, model.config.image_size if model is not None else None)
     try:
@@ -307,14 +363,71 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as e:
         raise SystemExit(f"error: {e}")
     check_dataset(store, env_name, model if args.policy in ("model", "oracle") else None)
+    if protocol.dataset is not None and args.data is not None:
+        check_heldout_data(store, protocol)
+    if args.policy == "oracle" and env_name != "pusht":
+        raise SystemExit(f"error: --policy oracle plans in Push-T's physics; it has no {env_name} version")
+    if args.amp and device.type != "cuda":
+        print(f"note: --amp applies on CUDA only; planning on {device.type} in float32", file=sys.stderr)
 
     pairs = sample_pairs(store, protocol, seed=args.seed, **split)
     torch.manual_seed(args.seed)
 
     policies = [args.policy] + ([b for b in BASELINES if b != args.policy] if args.baselines else [])
-    rows, settings, videos = [], None, None
+    rows, settings = [], None
     out = args.out or Path("runs/plan") / default_out_name(args, env_name, protocol.name)
-    for name in policies:
+    try:  # a bad --out fails now, not after the episodes have run
+        check_writable(out)
+    except ValueError as e:
+        raise SystemExit(f"error: --out: {e}") from None
+    videos = out.with_suffix("").with_name(out.stem + "_videos") if args.video else None
+    videos_tmp = None  # GIFs go here first, replacing `videos` only once the results are written
+    try:
+        for name in policies:
+            row, videos_tmp = run_one(name, args, model, store, env_name, protocol, pairs, device, out, videos_tmp)
+            if name == args.policy:
+                settings = row.pop("_settings", None)
+            row.pop("_settings", None)
+            rows.append(row)
+        results = {
+            "protocol": protocol.to_dict(),
+            "env": env_name,
+            "env_params": store.metadata.get("env_params"),
+            "data": {"path": str(data_path), **split, "dataset": {k: store.metadata.get(k) for k in
+                                                                  ("env", "policy", "noise", "seed", "episodes", "steps")}},
+            "model": model_record(args.model, infos, model),
+            "policy": args.policy,
+            "planner": settings,
+            "seed": args.seed,
+            "pairs": pairs.to_records(),
+            "results": rows,
+            "videos": str(videos) if videos else None,
+            "leworld_version": package_version(),
+            "torch_version": torch.__version__,
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "wall_seconds": time.perf_counter() - t_start,
+        }
+        write_json(out, results)
+        if videos_tmp is not None:  # this run's GIFs replace any earlier run's, never mix with them
+            if videos.exists():
+                shutil.rmtree(videos)
+            os.replace(videos_tmp, videos)
+            videos_tmp = None
+    finally:
+        if videos_tmp is not None:
+            shutil.rmtree(videos_tmp, ignore_errors=True)
+    print_table(protocol, rows, args.seed, out)
+    return 0
+
+
+def run_one(name: str, args, model, store, env_name: str, protocol, pairs, device, out: Path, videos_tmp):
+    """Run one policy (the model's MPC, a baseline or a privileged bound) on the pairs. Returns its
+    results row (with the policy's settings under `_settings`) and the folder its GIFs went to."""
+    settings = None
+    try:
         if name == "model":
             planner = make_planner(args.planner, **planner_kwargs(args, env_name))
             policy = MPCPolicy(model, planner, args.horizon, args.receding_horizon, args.cost,
@@ -332,49 +445,30 @@ def main(argv: list[str] | None = None) -> int:
             if (args.oracle_cost == "latent") != (model is not None):
                 raise SystemExit("error: --oracle-cost latent plans with a model's cost and needs --model; the other "
                                  "oracle costs use none")
-            policy = SimulatorOracle(args.num_samples or 100, args.topk or 10, args.iterations or 5, args.init_std,
+            policy = SimulatorOracle(100 if args.num_samples is None else args.num_samples,
+                                     10 if args.topk is None else args.topk,
+                                     5 if args.iterations is None else args.iterations, args.init_std,
                                      args.horizon, model.config.frameskip if model is not None else 5,
                                      protocol.budget if args.deadline else None, seed=args.seed,
                                      cost=args.oracle_cost, model=model)
             settings, label = policy.settings(), name
         else:
             policy, label = make_baseline(name, env_name, seed=args.seed), name
-        record = args.video and name == args.policy
-        row, result = run_policy(label, policy, make_env(store, env_name, protocol.num_episodes), pairs,
-                                 protocol.budget, record, not args.no_progress)
-        rows.append(row)
-        if record:
-            from leworld.viz import write_episode_gif
+    except ValueError as e:  # a planner setting that does not fit the others (e.g. --topk above the samples)
+        raise SystemExit(f"error: {name}: {e}") from None
+    record = args.video and name == args.policy
+    row, result = run_policy(label, policy, make_env(store, env_name, protocol.num_episodes), pairs,
+                             protocol.budget, record, not args.no_progress)
+    row["_settings"] = settings
+    if record:
+        from leworld.viz import write_episode_gif
 
-            videos = out.with_suffix("").with_name(out.stem + "_videos")
-            for i in range(protocol.num_episodes):
-                tag = "success" if result.success[i] else "failure"
-                write_episode_gif(videos / f"ep{i:03d}_{tag}.gif", result.frames[i], result.goal_frames[i])
-
-    results = {
-        "protocol": protocol.to_dict(),
-        "env": env_name,
-        "env_params": store.metadata.get("env_params"),
-        "data": {"path": str(data_path), **split, "dataset": {k: store.metadata.get(k) for k in
-                                                              ("env", "policy", "noise", "seed", "episodes", "steps")}},
-        "model": model_record(args.model, infos, model),
-        "policy": args.policy,
-        "planner": settings,
-        "seed": args.seed,
-        "pairs": pairs.to_records(),
-        "results": rows,
-        "videos": str(videos) if videos else None,
-        "leworld_version": package_version(),
-        "torch_version": torch.__version__,
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "wall_seconds": time.perf_counter() - t_start,
-    }
-    write_json(out, results)
-    print_table(protocol, rows, args.seed, out)
-    return 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        videos_tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.stem}_videos."))
+        for i in range(protocol.num_episodes):
+            tag = "success" if result.success[i] else "failure"
+            write_episode_gif(videos_tmp / f"ep{i:03d}_{tag}.gif", result.frames[i], result.goal_frames[i])
+    return row, videos_tmp
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ conditions that share the seed, so they are identical until the perturbation ste
 nominal; colour (Two-Room: agent, Push-T: block); teleport (Two-Room: agent, Push-T: agent and
 block, to a reset-distribution state). Frame p is the first perturbed frame. Separate nominal
 runs (another seed) calibrate per-step z-scores and the threshold (`--false-alarm-rate`).
-Written to `--out` (default runs/surprise/<the model's run name>): surprise.png and surprise.json (protocol
-`surprise-v1`, settings, model sha256, every statistic); the table is printed.
+Written to `--out` (default runs/surprise/<the model's run name>, with `-seed<N>` for a seed other
+than 0): surprise.png and surprise.json (protocol `surprise-v1`, settings, model sha256, every
+statistic); the table is printed.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import envs
 from envs.policies import make_policy
 from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import find_model, load_model, model_name
-from leworld.results import atomic_write, finite, package_version, sha256_file, write_json
+from leworld.device import resolve_device
+from leworld.results import atomic_write, check_writable, finite, package_version, sha256_file, write_json
 from leworld.surprise import (
     auroc, calibrate, detection_rate, false_alarm_rate, mean_latency, paired_t_test, trajectory_surprise,
 )
@@ -47,8 +49,9 @@ CANDIDATES = 4  # reset-distribution draws per teleport; the first at least MIN_
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json), or a run "
-                   "directory (runs/<name>: its newest model)")
+    p.add_argument("--model", required=True, default=argparse.SUPPRESS,
+                   help="exported model directory (model.safetensors + config.json), or a run directory "
+                   "(runs/<name>: its newest model)")
     p.add_argument("--env", choices=envs.ENV_NAMES, default=None,
                    help="env; default: the one in the model's config.json (extra.dataset.env)")
     p.add_argument("--num-trajectories", type=int, default=100, help="N trajectories per condition")
@@ -58,13 +61,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--horizon", type=int, default=1, help="k: surprise of a k-step rollout prediction")
     p.add_argument("--false-alarm-rate", type=float, default=0.01, help="target fraction of nominal steps flagged")
     p.add_argument("--window", type=int, default=3, help="a detection counts in frames p .. p+window-1")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output directory (default runs/surprise/<run name>)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trajectories (scored and calibration runs)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default runs/surprise/<run name>, plus -seed<N> for a seed other than 0)")
+    p.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     if args.num_trajectories < 2 or (args.num_calibration is not None and args.num_calibration < 2):
         p.error("need at least 2 trajectories and 2 calibration runs (the t-test and z-scores need a spread)")
+    if args.horizon < 1:
+        p.error(f"--horizon must be at least 1 (a 1-step prediction), got {args.horizon}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
     if not args.horizon <= args.perturb_step < args.num_frames:
         p.error(f"need horizon <= perturb-step < num-frames, got {args.horizon}, {args.perturb_step}, "
                 f"{args.num_frames}: the perturbed frame must exist and have a prediction")
@@ -220,15 +228,19 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     model_dir = find_model(args.model)  # a run directory (runs/<name>) means its newest model
     if model_dir.exists() and not model_dir.is_dir():
-        raise SystemExit(f"error: --model must be the exported model directory, got the file {model_dir}")
-    try:
+        raise SystemExit(f"error: --model must be the exported model directory, got the file {model_dir} (a training "
+                         ".ckpt does not record the env's settings; training exports runs/<name>/version_N/model)")
+    out = Path(args.out or Path("runs") / "surprise" / (model_name(args.model) + (f"-seed{args.seed}" if args.seed else "")))
+    try:  # a bad --out fails now, not after the trajectories have run
+        args.device = str(resolve_device(args.device))
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file: it names the output directory (surprise.json, surprise.png)")
+        check_writable(out / "surprise.json")
         model = load_model(model_dir, map_location=args.device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     cfg = model.config
     setup = resolve_env(model_dir, cfg, args.env)
-    out = Path(args.out or Path("runs") / "surprise" / model_name(args.model))
-    out.mkdir(parents=True, exist_ok=True)
     n, L, p = args.num_trajectories, args.num_frames, args.perturb_step
     n_cal = args.num_calibration or n
     progress = not args.no_progress

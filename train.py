@@ -12,23 +12,96 @@ Every run writes TensorBoard logs, the resolved config, Lightning checkpoints (f
 and, at the end, an exported model (`model.safetensors` + `config.json`) to
 `<default_root_dir>/<name>/version_N/`; load it with `leworld.load_model(path)`.
 Multi-GPU: `--trainer.devices 4 --trainer.strategy ddp` (SIGReg stays exact across processes).
+
+A resumed run (`--ckpt_path`) trains with the settings of its config and command line, not
+those saved in the checkpoint, so `--model.lambda_sigreg 0.003` switches the SIGReg weight from
+the resumed step on. It prints every setting that differs from the checkpoint's, and stops
+before training when one cannot apply: the architecture (`model.model.*`: the weights would not
+fit) or the optimiser's `lr` and `weight_decay` (the optimiser state, learning rates included,
+is restored from the checkpoint). To resume a run as it was: `--config runs/NAME/version_N/config.yaml`.
 """
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
 from leworld.allocator import keep_freed_memory
+from leworld.checkpoint import read_checkpoint
 from leworld.data.datamodule import LeWMDataModule
 from leworld.module import LeWMModule
 
+# Settings restored with the optimiser's state on resume: a new value would not take effect.
+FIXED_ON_RESUME = ("lr", "weight_decay")
+
+
+def _plain(value):
+    """JSON-comparable form (tuples -> lists, Namespaces -> dicts) of a config value."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    return json.loads(json.dumps(value, default=str))
+
+
+def resume_differences(saved: dict, current: dict) -> dict[str, tuple]:
+    """{key: (checkpoint value, config value)} for the module settings that differ, architecture
+    keys as `model.<name>`; keys that only one side has are skipped (older checkpoints)."""
+    diffs = {}
+    for key, old in saved.items():
+        if key.startswith("_") or key not in current:
+            continue
+        if key == "model":
+            new_model = _plain(current["model"]) or {}
+            for k, v in _plain(old).items():
+                if k in new_model and new_model[k] != v:
+                    diffs[f"model.{k}"] = (v, new_model[k])
+        elif _plain(old) != _plain(current[key]):
+            diffs[key] = (_plain(old), _plain(current[key]))
+    return diffs
+
 
 class LeWMCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Resume with the config's and command line's settings (Lightning >= 2.5.4 would replace
+        them with the checkpoint's, silently dropping e.g. `--model.lambda_sigreg`): print what
+        differs from the checkpoint, and stop on what cannot change on resume."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        try:
+            saved = read_checkpoint(Path(ckpt_path)).get("hyper_parameters") or {}
+        except ValueError as e:
+            self.parser.error(str(e))
+        diffs = resume_differences(saved, _plain(self.config[sub]["model"]))
+        if not diffs:
+            return
+        lines = [f"  {k}: {new!r} (the checkpoint: {old!r})" for k, (old, new) in diffs.items()]
+        fixed = [k for k in diffs if k.startswith("model.") or k in FIXED_ON_RESUME]
+        if fixed:
+            run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+            hint = f" (the run's own: --config {run_config})" if run_config.is_file() else ""
+            self.parser.error(
+                f"cannot resume {ckpt_path} with these settings:\n" + "\n".join(
+                    line for k, line in zip(diffs, lines) if k in fixed) +
+                "\nthe architecture must match the saved weights, and lr / weight_decay are restored with the "
+                f"optimiser's state. Use the checkpoint's values{hint}, or start a new run without --ckpt_path.")
+        print(f"resuming {ckpt_path} with settings that differ from the checkpoint's; they apply from its step "
+              "on:\n" + "\n".join(lines), file=sys.stderr)
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is not None and config.trainer.precision is None:
             # bf16 mixed precision on GPU (SIGReg still runs in float32), plain float32 elsewhere
             config.trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+        if config is not None:  # before a dataset is generated at a size the model cannot take
+            generate = _plain(config.data.get("generate")) or {}
+            model = _plain(config.model.get("model")) or {}
+            if generate.get("resolution") and model.get("image_size") and generate["resolution"] != model["image_size"]:
+                self.parser.error(f"data.generate.resolution is {generate['resolution']} px but "
+                                  f"model.model.image_size is {model['image_size']} px: make them equal")
 
 
 def main(args=None) -> LeWMCLI:

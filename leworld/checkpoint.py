@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from leworld.model import LeWMConfig, LeWorldModel
@@ -138,7 +140,7 @@ def _config_from_hparams(hparams) -> LeWMConfig | None:
 
 
 def _load_lightning(path: Path, map_location) -> LeWorldModel:
-    ckpt = _read_ckpt(path)
+    ckpt = read_checkpoint(path)
     config = _config_from_hparams(ckpt.get("hyper_parameters", {}))
     if config is None or "state_dict" not in ckpt:
         raise ValueError(
@@ -154,9 +156,15 @@ def _load_lightning(path: Path, map_location) -> LeWorldModel:
 DATA_SETTINGS = ("path", "val_fraction", "split_seed", "num_frames", "frameskip")
 
 
-def _read_ckpt(path: Path) -> dict:
-    with torch.serialization.safe_globals([LeWMConfig]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path: Path) -> dict:
+    """A Lightning .ckpt as a dict, loaded weights-only (never unpickling code). ValueError, naming
+    the file, for one that is truncated, corrupt or not a checkpoint."""
+    try:
+        with torch.serialization.safe_globals([LeWMConfig]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]}): it may be truncated "
+                         "or corrupt; use another checkpoint of the run (checkpoints/*.ckpt) or train again") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a Lightning checkpoint: {_HOW_TO_MAKE}.")
     return ckpt
@@ -172,13 +180,14 @@ def model_extra(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".ckpt":
-        ckpt = _read_ckpt(path)
+        ckpt = read_checkpoint(path)
         dm = ckpt.get("datamodule_hyper_parameters") or {}
         module = ckpt.get("hyper_parameters") or {}
         generate = dm.get("generate") if isinstance(dm.get("generate"), dict) else {}
         return {
             "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"),
-            "hparams": {k: v for k, v in module.items() if k != "model" and not isinstance(v, LeWMConfig)},
+            "hparams": {k: v for k, v in module.items()
+                        if k != "model" and not k.startswith("_") and not isinstance(v, LeWMConfig)},
             "dataset": {"env": generate["env"]} if generate.get("env") else None,
             "data": {k: (str(dm[k]) if k == "path" else dm[k]) for k in DATA_SETTINGS if k in dm} or None,
         }
@@ -203,8 +212,9 @@ def weights_file(path: str | os.PathLike) -> Path:
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LeWorldModel:
-    """Load a LeWorldModel in eval mode from an exported directory, its .safetensors file, or a .ckpt."""
-    path = Path(path)
+    """Load a LeWorldModel in eval mode from an exported directory, its .safetensors file, a .ckpt,
+    or a run directory (`runs/<name>`: its newest exported model, as `find_model` resolves it)."""
+    path = find_model(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: {_HOW_TO_MAKE}.")
     if path.is_file() and path.suffix == ".ckpt":
@@ -219,7 +229,13 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing: {_HOW_TO_MAKE}.")
     config = _read_config(config_path)
-    return _build(config, load_file(str(weights), device="cpu"), weights, map_location)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}): it may be truncated or corrupt; "
+                         "export it again from a checkpoint of its run (leworld.checkpoint.export_model) or train "
+                         "again") from None
+    return _build(config, state, weights, map_location)
 
 
 def model_name(path: str | os.PathLike) -> str:

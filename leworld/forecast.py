@@ -48,7 +48,7 @@ from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import result_path
 from leworld.data.clips import ClipDataset, split_episodes
 from leworld.probe import (
-    QUANTITIES, LinearProbe, command_record, embed_frames, fit_linear, open_model_and_data, pearson, select_frames,
+    QUANTITIES, LinearProbe, check_common_args, command_record, embed_frames, fit_linear, open_model_and_data, pearson, select_frames,
     targets,
 )
 from leworld.results import write_json
@@ -92,6 +92,9 @@ def fit_probes(model, store, env: str, train_episodes: np.ndarray, frames_per_ep
     """Linear probes {quantity: LinearProbe} on encoder embeddings of training-episode frames."""
     rng = np.random.default_rng(seed)
     rows, owner = select_frames(store, train_episodes, frames_per_episode, max_frames, rng)
+    if len(np.unique(owner)) < 2:
+        raise ValueError(f"the probes need training frames from at least 2 episodes, got {len(rows)} frames from "
+                         f"{len(np.unique(owner))}: raise --max-train-frames (at least 2 x --frames-per-episode)")
     z = embed_frames(model, store, rows, batch_size, progress)  # (N, D)
     y = targets(env, store.read("state", rows))
     return {name: fit_linear(z, y[name], ridge, owner, seed=seed) for name in QUANTITIES[env]}
@@ -255,6 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.horizon, args.num_clips, args.batch_size, args.frames_per_episode) < 1:
         p.error("horizon, num-clips, batch-size and frames-per-episode must be positive")
+    check_common_args(p, args)
     return args
 
 

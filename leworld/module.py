@@ -127,6 +127,13 @@ class LeWMModule(L.LightningModule):
                 fed back from k = 2 on. 0: teacher forcing only (the paper).
         """
         super().__init__()
+        if not (math.isfinite(lambda_sigreg) and lambda_sigreg >= 0):
+            raise ValueError(f"lambda_sigreg weighs SIGReg in the loss: a finite number >= 0, got {lambda_sigreg}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction is the part of the steps spent warming up: in [0, 1), "
+                             f"got {warmup_fraction}")
+        if not (math.isfinite(lr) and lr > 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
         if bn_recalibration_batches < 0:
             raise ValueError(f"bn_recalibration_batches must be >= 0, got {bn_recalibration_batches}")
         if open_loop_frames < 0:
@@ -358,20 +365,41 @@ class LeWMModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._raise_if_nonfinite()  # never write weights that a NaN step has already spoiled
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}  # dropout continues identically on resume
+        state = {"torch": torch.get_rng_state()}  # dropout continues identically on resume
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()  # dropout on the GPU draws from these
+        checkpoint["rng_state"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["rng_state"]["torch"])
+        state = checkpoint.get("rng_state") or {}
+        if "torch" in state:
+            torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def _export_dir(self) -> Path:
+        # log_dir is a collective: every rank asks. A logger without a directory gives None: then the
+        # Trainer's default_root_dir, never the working directory.
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
+
+    def on_fit_start(self) -> None:
+        """Refuse, before any step, a run whose export would replace another run's model: without a
+        versioning logger (`logger: false`) every run exports to `<default_root_dir>/model`. A run
+        resumed from a checkpoint may replace it (it continues the run that wrote it)."""
+        from leworld.checkpoint import WEIGHTS_NAME
+
+        directory = self._export_dir()
+        if (directory / WEIGHTS_NAME).exists() and self.trainer.ckpt_path is None:
+            raise FileExistsError(
+                f"{directory} already holds the exported model of an earlier run, and this run would replace it "
+                "when it ends: give it another trainer.default_root_dir, keep the logger on (it versions runs as "
+                "<name>/version_N), or move that model away first")
 
     def on_train_end(self) -> None:
         self._raise_if_nonfinite()
         if self.hparams.get("bn_recalibration_batches", 0):
             self._recalibrate_batchnorm(self.hparams.bn_recalibration_batches)
-        # log_dir is a collective: every rank asks. A logger without a directory gives None: then the
-        # Trainer's default_root_dir, never the working directory.
-        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
-        self._export(directory)
+        self._export(self._export_dir())
 
     def _recalibrate_batchnorm(self, num_batches: int) -> None:
         """`recalibrate_batchnorm` over the first `num_batches` training batches (the loader's
@@ -405,7 +433,7 @@ class LeWMModule(L.LightningModule):
 
         dm = getattr(self.trainer, "datamodule", None)
         extra = {"global_step": int(self.global_step), "epoch": int(self.current_epoch),
-                 "hparams": {k: v for k, v in self.hparams.items() if k != "model"},
+                 "hparams": {k: v for k, v in self.hparams.items() if k != "model" and not k.startswith("_")},
                  "dataset": getattr(dm, "metadata", None), "data": _data_settings(dm)}
         export_model(self.model, directory, extra=extra)
         print(f"exported the model to {directory}")

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import find_model, load_model, model_extra, result_path, weights_file
-from leworld.results import package_version, sha256_file, write_json
+from leworld.device import resolve_device
+from leworld.results import check_writable, package_version, sha256_file, write_json
 from leworld.data.clips import split_episodes
 from leworld.data.store import DatasetError, EpisodeStore
 
@@ -131,6 +132,8 @@ def fit_linear(x: np.ndarray, y: np.ndarray, ridge: float | None = None, groups:
     ridge None: the strength in RIDGES with the least held-out MSE (held-out rows: whole
     `groups`, a `holdout_fraction` of them), then refitted on all rows; a number fixes it (0: least squares).
     """
+    if ridge is not None and not (np.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"the ridge strength must be a finite number >= 0 (0: least squares), got {ridge}")
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     fx, fy = Standardiser.fit(x), Standardiser.fit(y)
     xs, ys = fx(x), fy(y)  # (N, D), (N, K), both centred
@@ -363,7 +366,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("frames-per-episode, batch-size, mlp-epochs and mlp-hidden must be positive")
     if not 0.0 < args.holdout_fraction < 1.0:
         p.error(f"holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
+    check_common_args(p, args)
     return args
+
+
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks of the options `leworld.probe`, `leworld.forecast` and `leworld.separation` share,
+    before any work: the ridge strength, the seed, the device and the result path."""
+    ridge = getattr(args, "ridge", None)
+    if ridge is not None and not (np.isfinite(ridge) and ridge >= 0):
+        p.error(f"--ridge must be a finite number >= 0 (0: least squares), got {ridge}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        args.device = str(resolve_device(args.device))
+        if args.out is not None:
+            check_writable(args.out)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def open_model_and_data(model_arg, data_arg=None, device: str = "cpu"):

@@ -37,9 +37,24 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Raise ValueError, naming the problem, when a file cannot be written at `path`: it is a
+    directory, or a parent of it is a file. Commands call it before their work, so a bad `--out`
+    fails at once instead of after the computation; `atomic_write` calls it too."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give a file name for the result (e.g. {path / 'result.json'})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot write {path}: {parent} is a file, not a directory")
+            break
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp)` on a temporary file next to `path`, then rename it to `path`."""
-    path = Path(path)
+    path = check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -45,7 +45,7 @@ import torch
 from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import result_path
 from leworld.data.clips import split_episodes
-from leworld.probe import command_record, embed_frames, open_model_and_data
+from leworld.probe import check_common_args, command_record, embed_frames, open_model_and_data
 from leworld.results import write_json
 
 PROTOCOL = "separation-v1"
@@ -202,6 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.num_goals, args.stride, args.max_frames, args.batch_size) < 1 or args.band <= 1:
         p.error("num-goals, stride, max-frames and batch-size must be positive, and band above 1")
+    check_common_args(p, args)
     return args
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,31 @@ def test_bad_input_is_a_clear_error():
         breakdown(other, "angle_deg", 20.0)
     with pytest.raises(ValueError, match="no policy rows"):
         breakdown({}, "angle_deg", 20.0)
+    with pytest.raises(ValueError, match="JSON list, not an object"):
+        breakdown([1, 2], "angle_deg", 20.0)
+    no_success = fake_results()
+    del no_success["results"][0]["per_episode"][3]["success"]
+    for fn in (breakdown, failures):
+        with pytest.raises(ValueError, match="no per_episode records with 'success'"):
+            fn(no_success, "angle_deg", 20.0)
+
+
+def test_cli_bad_files_and_out_are_usage_errors(tmp_path, capsys):
+    from leworld.evaluation.breakdown import main
+
+    good = tmp_path / "r.json"
+    good.write_text(json.dumps(fake_results()))
+    (tmp_path / "not.json").write_text("not json")
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "adir").mkdir()
+    for args, message in (([str(tmp_path / "not.json")], "is not JSON"),
+                          ([str(tmp_path / "list.json")], "JSON list, not an object"),
+                          ([str(good), "--out", str(tmp_path / "adir")], "--out: .*is a directory")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--split", "angle_deg:20"])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err), message
+    assert list((tmp_path / "adir").iterdir()) == []
 
 
 def test_cli_prints_and_writes_the_split(tmp_path):

@@ -112,6 +112,22 @@ def test_action_stats_use_training_episodes_only(dataset):
     np.testing.assert_allclose(std, rows.std(0), rtol=1e-5)
 
 
+def test_non_finite_actions_inside_episodes_are_a_clear_error(dataset, tmp_path):
+    import shutil
+
+    spoiled = tmp_path / "spoiled.h5"
+    shutil.copy(dataset, spoiled)
+    store = EpisodeStore(spoiled)
+    row = int(store.episode_offset[5]) + 3
+    del store
+    with h5py.File(spoiled, "r+") as f:
+        f["action"][row] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite action row.*the first in episode 5"):
+        action_stats(EpisodeStore(spoiled), np.array([0, 2, 5]))
+    mean, _ = action_stats(EpisodeStore(spoiled), np.array([0, 2]))  # the other episodes are fine
+    assert np.isfinite(mean).all()
+
+
 def test_failed_collection_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "d.h5"
     calls = {"n": 0}
@@ -161,8 +177,64 @@ def test_killed_collection_leaves_no_valid_looking_file(tmp_path):
         EpisodeStore(leftovers[0])
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_that_python_would_drop_still_aborts_and_keeps_the_old_file(tmp_path, monkeypatch, sig):
+    """Python drops an exception raised inside a garbage-collection callback (h5py runs some),
+    so a Ctrl-C that lands there once let the run finish and replace the file. The signal is
+    raised here inside such a swallowing frame; the collector must abort all the same."""
+    path = tmp_path / "d.h5"
+    collect("tworoom", episodes=2, steps=5, resolution=RES, out=path, progress=False)
+    before = path.read_bytes()
+    real = collect_mod.EpisodeWriter.append
+    calls = {"n": 0}
+
+    def append_then_signal(self, block):
+        real(self, block)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            try:
+                signal.raise_signal(sig)
+            except KeyboardInterrupt:  # what a GC callback does with it
+                pass
+
+    monkeypatch.setattr(collect_mod.EpisodeWriter, "append", append_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        collect("tworoom", episodes=8, steps=5, resolution=RES, out=path, chunk_size=2, overwrite=True,
+                progress=False)
+    assert calls["n"] == 1 and path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_ctrl_c_to_the_process_group_stops_parallel_collection_at_once(tmp_path):
+    """Ctrl-C reaches the workers too; they leave it to the parent, which must stop the pool
+    and delete the partial file instead of hanging on workers killed mid-block."""
+    path = tmp_path / "p.h5"
+    cmd = [sys.executable, "-m", "leworld.data.collect", "--env", "pusht", "--episodes", "3000", "--steps", "30",
+           "--resolution", "64", "--workers", "2", "--out", str(path), "--quiet"]  # 6 MB blocks: long sends
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    time.sleep(1.0)  # blocks are being written while the workers run the next ones
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("collection hung after Ctrl-C")
+    assert proc.returncode == 130 and "interrupted: nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--env", "mars"], "unknown env 'mars'"),
+    (["--env", "tworoom", "--noise", "nan"], "finite number >= 0"),
+    (["--env", "tworoom", "--workers", "0"], "--workers must be a positive integer"),
+    (["--env", "tworoom", "--resolution", "100000"], "--resolution must be between 16 and 1024"),
     (["--env", "tworoom", "--episodes", "0"], "--episodes must be a positive integer"),
     (["--env", "tworoom", "--steps", "-3"], "--steps must be a positive integer"),
     (["--env", "tworoom", "--policy", "teleporter"], "unknown policy 'teleporter'"),
@@ -182,6 +254,8 @@ def test_existing_and_unwritable_outputs_are_refused(tmp_path, capsys):
     assert "episodes  2" in capsys.readouterr().out
     assert main([*args, "--out", str(path)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path)]) == 2  # a directory is refused as such, not as "exists"
+    assert "is a directory" in capsys.readouterr().err
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert main([*args, "--out", str(blocker / "sub" / "d.h5")]) == 2
@@ -195,6 +269,8 @@ def test_existing_and_unwritable_outputs_are_refused(tmp_path, capsys):
 def test_missing_dataset_error_says_how_to_make_it(tmp_path):
     with pytest.raises(DatasetError, match="python -m leworld.data.collect"):
         EpisodeStore(tmp_path / "nothing.h5")
+    with pytest.raises(DatasetError, match="is a directory: a dataset is one .h5 file"):
+        EpisodeStore(tmp_path)
 
 
 @pytest.mark.parametrize("policy", ["mix", "contact"])

@@ -301,6 +301,78 @@ def test_plan_cli_clear_errors(tmp_path, tiny_model_dir, tworoom_data):
     assert proc.returncode != 0 and "no dataset at" in proc.stderr
 
 
+def load_plan_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_script", ROOT / "plan.py")
+    plan_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_script)
+    return plan_script
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iterations", "0"], "--iterations must be at least 1, got 0"),  # was silently replaced by the default
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--topk", "8", "--num-samples", "4"], "--topk (8) elites are chosen among --num-samples (4)"),
+    (["--init-std", "-1"], "--init-std must be a positive number"),
+    (["--init-std", "inf"], "--init-std must be a positive number"),
+    (["--horizon", "2", "--receding-horizon", "3"], "it can be at most 2"),
+    (["--num-episodes", "-3"], "--num-episodes must be at least 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+])
+def test_plan_cli_rejects_option_values_before_any_work(tmp_path, tiny_model_dir, capsys, args, message):
+    plan_script = load_plan_script()
+    with pytest.raises(SystemExit) as exit_info:
+        plan_script.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "r.json"), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the same model twice is not an ensemble
+        plan_script.main(["--model", str(tiny_model_dir), str(tiny_model_dir)])
+    assert "the same model is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_plan_cli_refuses_what_would_mislabel_or_lose_results(tmp_path, tiny_model_dir, tworoom_data, monkeypatch):
+    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+    plan_script = load_plan_script()
+    small = ["--num-episodes", "2", "--iterations", "1", "--num-samples", "8", "--topk", "2", "--no-progress"]
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(SystemExit, match="--out: .*adir is a directory"):  # before planning, not after
+        plan_script.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "adir"), *small])
+    with pytest.raises(SystemExit, match="unknown device 'bogus'"):
+        plan_script.main(["--model", str(tiny_model_dir), "--device", "bogus", *small])
+    # a held-out protocol measured on other episodes would print its name beside the wrong numbers
+    with pytest.raises(SystemExit, match="is not the held-out set of far-tworoom-v1.*noise 2.0 .the protocol's: 0.5"):
+        plan_script.main(["--model", str(tiny_model_dir), "--protocol", "far-tworoom-v1", "--data",
+                          str(tworoom_data), *small])
+    # a Two-Room protocol does not apply to a Push-T model
+    pusht = tmp_path / "pusht_model"
+    export_model(load_model(tiny_model_dir), pusht, extra={"dataset": {"env": "pusht"},
+                                                           "data": {"path": str(tmp_path / "p.h5")}})
+    with pytest.raises(SystemExit, match="paper-v1-tworoom.* is for tworoom, not pusht: choose one of paper-v3"):
+        plan_script.main(["--model", str(pusht), "--protocol", "paper-v1-tworoom", *small])
+    with pytest.raises(SystemExit, match="without --model: pass --env and --data"):
+        plan_script.main(["--policy", "random", *small])
+    assert list((tmp_path / "adir").iterdir()) == []
+
+
+def test_plan_cli_videos_hold_only_the_last_run(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+    plan_script = load_plan_script()
+    out = tmp_path / "r.json"
+    small = ["--model", str(tiny_model_dir), "--num-episodes", "3", "--iterations", "1", "--num-samples", "8",
+             "--topk", "2", "--no-baselines", "--no-progress", "--video", "--out", str(out)]
+    assert plan_script.main([*small, "--amp"]) == 0
+    first = json.loads(out.read_text())
+    assert first["planner"]["amp"] is torch.cuda.is_available()  # recorded as it ran: bf16 on CUDA only
+    assert len(list(Path(first["videos"]).iterdir())) == 3
+    assert plan_script.main([*small, "--policy", "random", "--num-episodes", "2"]) == 0
+    res = json.loads(out.read_text())
+    outcome = ["success" if e["success"] else "failure" for e in res["results"][0]["per_episode"]]
+    gifs = sorted(p.name for p in Path(res["videos"]).iterdir())
+    assert len(outcome) == 2 and gifs == [f"ep{i:03d}_{o}.gif" for i, o in enumerate(outcome)]  # none of the first run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r_videos"]  # no temporary folder left
+
+
 @pytest.mark.parametrize("name", ["tworoom", "pusht"])
 def test_reset_to_replays_a_start_goal_pair(name):
     env = envs.make_batch(name, 3, resolution=32, seed=0)
@@ -366,11 +438,7 @@ def test_plan_cli_plans_a_training_checkpoint_like_the_exported_model(tmp_path, 
 
 def test_plan_env_draws_frames_like_the_data_it_plans_on(tmp_path):
     """plan.py's env takes its rendering (here Push-T's supersample) from the dataset's metadata."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("plan_script", ROOT / "plan.py")
-    plan_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plan_script)
+    plan_script = load_plan_script()
     path = tmp_path / "pusht.h5"
     collect("pusht", episodes=1, steps=6, resolution=RES, policy="mix", seed=0, out=path, workers=1,
             progress=False, supersample=4)

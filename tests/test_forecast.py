@@ -157,6 +157,9 @@ def test_forecast_is_seeded_and_checks_its_inputs(dataset):
         forecast(model, store, horizon=0, progress=False)
     with pytest.raises(ValueError, match="probes are missing"):
         forecast(model, store, val_fraction=0.34, probes={}, progress=False)
+    train, _ = split_episodes(store.num_episodes, 0.34, 0)
+    with pytest.raises(ValueError, match="at least 2 episodes"):  # a probe fitted on one episode's frames
+        fit_probes(model, store, "pusht", train[:1], frames_per_episode=4, progress=False)
 
 
 # ---- command line -------------------------------------------------------------------------------------

@@ -274,3 +274,22 @@ def test_a_training_checkpoint_is_probed_like_the_model_exported_from_it(tmp_pat
     assert results["ckpt"]["settings"]["val_fraction"] == 0.2
     assert results["ckpt"]["model_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert results["export"]["model_sha256"] != results["ckpt"]["model_sha256"]
+
+
+def test_a_negative_ridge_or_device_or_out_that_cannot_work_is_refused_before_any_work(tmp_path, capsys):
+    x, y = np.random.default_rng(0).normal(size=(20, 3)), np.random.default_rng(1).normal(size=(20, 2))
+    for ridge in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            fit_linear(x, y, ridge=ridge)
+    (tmp_path / "adir").mkdir()
+    from leworld import forecast as forecast_mod, separation as separation_mod
+
+    cases = [(probe_mod, ["--ridge", "-1"], "--ridge must be a finite number >= 0"),
+             (forecast_mod, ["--ridge", "-0.5"], "--ridge must be a finite number >= 0"),
+             (separation_mod, ["--seed", "-1"], "--seed must be >= 0"),
+             (probe_mod, ["--device", "bogus"], "unknown device 'bogus'"),
+             (forecast_mod, ["--out", str(tmp_path / "adir")], "is a directory")]
+    for module, args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            module.parse_args(["--model", str(tmp_path / "model"), *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, (module.__name__, args)

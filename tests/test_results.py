@@ -32,3 +32,41 @@ def test_sha256_file_matches_hashlib(tmp_path):
     data = bytes(range(256)) * 5000  # 1.28 MB: two 1 MiB chunks
     (tmp_path / "w.bin").write_bytes(data)
     assert sha256_file(tmp_path / "w.bin") == hashlib.sha256(data).hexdigest()
+
+
+def test_a_result_path_that_cannot_be_a_file_is_a_clear_error_before_any_write(tmp_path):
+    from leworld.results import check_writable
+
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("keep")
+    assert check_writable(tmp_path / "new" / "deeper" / "r.json") == tmp_path / "new" / "deeper" / "r.json"
+    with pytest.raises(ValueError, match="is a directory"):
+        check_writable(tmp_path / "adir")
+    with pytest.raises(ValueError, match="afile is a file, not a directory"):
+        check_writable(tmp_path / "afile" / "sub" / "r.json")
+    with pytest.raises(ValueError, match="is a directory"):
+        write_json(tmp_path / "adir", {"x": 1})
+    assert list((tmp_path / "adir").iterdir()) == [] and (tmp_path / "afile").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no temp file, no new folder
+
+
+def test_resolve_device_names_what_is_missing():
+    import torch
+
+    from leworld.device import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert resolve_device("auto").type == expected
+    for bad, message in (("bogus", "unknown device"), ("meta", "runs on cpu, cuda or mps")):
+        with pytest.raises(ValueError, match=message):
+            resolve_device(bad)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ValueError, match="no CUDA GPU is usable"):
+            resolve_device("cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="MPS is not available"):
+            resolve_device("mps")

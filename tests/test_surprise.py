@@ -298,3 +298,28 @@ def test_cli_bad_model_path(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "surprise.py"), "--model", str(tmp_path / "nope")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "no model at" in proc.stderr
+
+
+def test_cli_checks_horizon_device_and_out_before_any_work(tmp_path, capsys, monkeypatch):
+    cli = load_cli()
+    model_dir = tiny_model(tmp_path / "model", TWOROOM_DATA)
+    base = ["--model", str(model_dir), "--num-trajectories", "2", "--num-frames", "4", "--perturb-step", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args([*base, "--horizon", "0"])
+    assert exit_info.value.code == 2 and "--horizon must be at least 1" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("keep")
+    for args, message in ((["--out", str(tmp_path / "afile")], "is a file: it names the output directory"),
+                          (["--out", str(tmp_path / "afile" / "x")], "afile is a file, not a directory"),
+                          (["--device", "bogus"], "unknown device 'bogus'")):
+        with pytest.raises(SystemExit, match=message):
+            cli.main([*base, *args])
+    assert (tmp_path / "afile").read_text() == "keep"
+    # the default folder is named after the run and, for a seed other than 0, the seed: no overwriting
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+    cli.main([*base, "--seed", "3", "--no-progress"])
+    cli.main([*base, "--no-progress"])
+    from leworld.checkpoint import model_name
+
+    name = model_name(model_dir)
+    assert sorted(p.name for p in (tmp_path / "runs" / "surprise").iterdir()) == [name, f"{name}-seed3"]

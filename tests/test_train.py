@@ -36,9 +36,9 @@ def data_path(tmp_path_factory):
     return path
 
 
-def make(data_path, root, batch_size=16, lr=3e-3, frames_on_device=False, **module_kwargs):
+def make(data_path, root, batch_size=16, lr=3e-3, frames_on_device=False, num_workers=0, **module_kwargs):
     module = LeWMModule(LeWMConfig(**TINY), lr=lr, num_directions=64, **module_kwargs)
-    dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=batch_size, num_workers=0,
+    dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=batch_size, num_workers=num_workers,
                         val_fraction=0.2, frames_on_device=frames_on_device)
     return module, dm
 
@@ -97,6 +97,45 @@ def test_resuming_from_a_checkpoint_continues_identically(data_path, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs after resuming")
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resuming_mid_epoch_continues_identically(data_path, tmp_path, num_workers):
+    """A checkpoint written inside an epoch (as every_n_train_steps writes them) resumes with the
+    clips the uninterrupted run would have drawn next, the same dropout draws, and loader workers
+    or none: the weights come out identical."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    probe = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=16, val_fraction=0.2)
+    probe.setup("fit")
+    per_epoch = len(probe.train_set) // 16  # drop_last
+    stop, total = per_epoch + 3, per_epoch + 8  # the checkpoint falls 3 batches into the second epoch
+
+    class StopAt(L.Callback):  # an interruption: the schedule still runs to `total` steps
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.should_stop or trainer.global_step >= stop
+
+    def run(root, ckpt=None, workers=num_workers, callbacks=()):
+        L.seed_everything(0)
+        module, dm = make(data_path, root, num_workers=workers)
+        save = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=stop, save_top_k=-1)
+        t = trainer(root, max_steps=total, val_check_interval=5, callbacks=[save, *callbacks])
+        t.fit(module, dm, ckpt_path=ckpt)
+        return module, t
+
+    straight, t = run(tmp_path / "a")
+    assert t.global_step == total
+    if num_workers:  # loader workers or none: the same model (the loaders draw nothing from torch's stream)
+        other, _ = run(tmp_path / "w0", workers=0)
+        for (name, a), b in zip(straight.state_dict().items(), other.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} depends on num_workers")
+    _, first = run(tmp_path / "b", callbacks=[StopAt()])
+    assert first.global_step == stop
+    (ckpt,) = (tmp_path / "b" / "ckpt").glob("*.ckpt")
+    resumed, t = run(tmp_path / "c", ckpt=str(ckpt))
+    assert t.global_step == total
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resuming mid-epoch")
+
+
 def test_effective_rank_against_direct_formula_and_extremes():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 16, generator=g, dtype=torch.float64)
@@ -115,14 +154,51 @@ def test_collapse_warning_fires_below_the_threshold(data_path, tmp_path):
     module, dm = make(data_path, tmp_path, collapse_rank_fraction=0.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(tmp_path, max_steps=1, log_every_n_steps=1, enable_checkpointing=False).fit(module, dm)
+        trainer(tmp_path / "b", max_steps=1, log_every_n_steps=1, enable_checkpointing=False).fit(module, dm)
     assert not [w for w in caught if "embedding collapse" in str(w.message)]
 
 
 def test_nan_loss_stops_with_a_clear_error(data_path, tmp_path):
-    module, dm = make(data_path, tmp_path, lambda_sigreg=float("nan"))
+    module, dm = make(data_path, tmp_path)
     with pytest.raises(FloatingPointError, match="loss is nan"):
+        trainer(tmp_path, max_steps=2, enable_checkpointing=False, callbacks=[SpoilWeights(0)]).fit(module, dm)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lambda_sigreg": float("nan")}, "lambda_sigreg weighs SIGReg"),
+    ({"lambda_sigreg": -1.0}, "lambda_sigreg weighs SIGReg"),
+    ({"warmup_fraction": 5.0}, "warmup_fraction"),
+    ({"lr": 0.0}, "need lr > 0"),
+    ({"weight_decay": -1e-3}, "weight_decay >= 0"),
+])
+def test_settings_no_run_can_use_are_refused_when_the_module_is_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LeWMModule(LeWMConfig(**TINY), **kwargs)
+
+
+def test_batches_of_one_clip_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="projector's BatchNorm needs two clips"):
+        LeWMDataModule("data/none.h5", batch_size=1)
+
+
+def test_a_run_never_replaces_the_model_another_run_exported(data_path, tmp_path):
+    """Without a versioning logger every run exports to <default_root_dir>/model: a second run
+    there stops before its first step; resuming the run that wrote it may replace it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module, dm = make(data_path, tmp_path)
+    save = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, max_steps=2, callbacks=[save]).fit(module, dm)
+    before = (tmp_path / "model" / "model.safetensors").read_bytes()
+    module, dm = make(data_path, tmp_path)
+    with pytest.raises(FileExistsError, match="already holds the exported model of an earlier run"):
         trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, dm)
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == before
+    module, dm = make(data_path, tmp_path)
+    trainer(tmp_path, max_steps=4, enable_checkpointing=False).fit(module, dm, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert load_model(tmp_path / "model") is not None and \
+        (tmp_path / "model" / "model.safetensors").read_bytes() != before
 
 
 class SpoilWeights(L.Callback):
@@ -547,6 +623,53 @@ def test_train_cli_generates_data_trains_and_exports(tmp_path):
     assert model.config.image_size == 32 and model.config.history == 1
 
 
+def test_resuming_through_the_cli_trains_with_the_command_line_settings(tmp_path, monkeypatch, capsys):
+    """Lightning >= 2.5.4 would replace the command line's --model.* values with the checkpoint's
+    on --ckpt_path, so `--model.lambda_sigreg` would silently not switch the weight. train.py keeps
+    them, prints what differs from the checkpoint, and refuses what cannot change on resume."""
+    import importlib.util
+    import json
+
+    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the arguments are main()'s, not pytest's
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    config = write_config(tmp_path, model={"lambda_sigreg": 0.3})
+    train_script.main(["fit", "--config", str(config), "--trainer.logger.init_args.name", "first"])
+    ckpt = tmp_path / "runs" / "first" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    train_script.main(["fit", "--config", str(config), "--trainer.max_steps", "5", "--model.lambda_sigreg", "0.003",
+                       "--ckpt_path", str(ckpt), "--trainer.logger.init_args.name", "resumed"])
+    assert "lambda_sigreg: 0.003 (the checkpoint: 0.3)" in capsys.readouterr().err
+    resumed = json.loads((tmp_path / "runs" / "resumed" / "version_0" / "model" / "config.json").read_text())
+    assert resumed["extra"]["hparams"]["lambda_sigreg"] == 0.003 and resumed["extra"]["global_step"] == 5
+    assert not any(k.startswith("_") for k in resumed["extra"]["hparams"])
+    for override, message in ((["--model.model.pred_depth", "2"], "model.pred_depth: 2 (the checkpoint: 1)"),
+                              (["--model.lr", "0.5"], "lr: 0.5 (the checkpoint:")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_script.main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), *override])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "cannot resume" in err and message in err
+        assert f"--config {ckpt.parent.parent / 'config.yaml'}" in err  # how to resume as the run was
+
+
+def test_resume_differences_compare_plain_values():
+    saved = {"lambda_sigreg": 0.3, "lambda_schedule": [(100, 0.1)], "_instantiator": "x",
+             "model": {"pred_depth": 1, "cnn_channels": (8, 16)}, "only_in_old_checkpoints": 1}
+    current = {"lambda_sigreg": 0.3, "lambda_schedule": [[100, 0.1]], "model": {"pred_depth": 1, "cnn_channels": [8, 16]}}
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    assert train_script.resume_differences(saved, current) == {}
+    current["model"]["cnn_channels"] = [8, 32]
+    current["lambda_schedule"] = None
+    assert train_script.resume_differences(saved, current) == {
+        "lambda_schedule": ([[100, 0.1]], None), "model.cnn_channels": ([8, 16], [8, 32])}
+
+
 @pytest.mark.parametrize("options", [False, True], ids=["file", "frames-on-device-and-bn-re-estimation"])
 def test_two_process_ddp_training_runs(tmp_path, options):
     config = write_config(tmp_path, data={"frames_on_device": options},
@@ -608,3 +731,18 @@ def test_every_shipped_config_builds_through_the_cli(name, tmp_path, monkeypatch
     if name == "pusht_tiny_long.yaml":  # the Push-T CPU recipe: 0.09, then 0.003 from step 6,000
         assert cli.trainer.max_steps == 12000
         assert [module.lambda_at(s) for s in (0, 5999, 6000, 11999)] == [0.09, 0.09, 0.003, 0.003]
+
+
+def test_a_generate_resolution_the_model_cannot_take_stops_before_generating(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the arguments are main()'s, not pytest's
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    config = write_config(tmp_path)  # 32 px model, 32 px data
+    with pytest.raises(SystemExit):
+        train_script.main(["fit", "--config", str(config), "--data.generate.resolution", "48"])
+    assert "data.generate.resolution is 48 px but model.model.image_size is 32 px" in capsys.readouterr().err
+    assert not (tmp_path / "gen.h5").exists()

@@ -49,8 +49,19 @@ def action_stats(store: EpisodeStore, episodes: np.ndarray) -> tuple[np.ndarray,
         start = int(store.episode_offset[e])
         chunks.append(store.read("action", slice(start, start + int(store.episode_length[e]) - 1)))
     actions = np.concatenate(chunks).astype(np.float64)  # (N, A)
+    bad = ~np.isfinite(actions).all(1)
+    if bad.any():  # NaN or inf among the actions taken: every clip that holds one would train on NaN
+        raise ValueError(f"{store.path} has {int(bad.sum())} non-finite action row(s) inside its episodes "
+                         f"(the first in episode {_episode_of(episodes, chunks, int(np.argmax(bad)))}): "
+                         "the data is corrupt; collect it again")
     std = actions.std(0)
     return actions.mean(0).astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def _episode_of(episodes: np.ndarray, chunks: list[np.ndarray], row: int) -> int:
+    """The episode whose chunk holds row `row` of the concatenated `chunks`."""
+    ends = np.cumsum([len(c) for c in chunks])
+    return int(episodes[int(np.searchsorted(ends, row, side="right"))])
 
 
 class ClipDataset(Dataset):

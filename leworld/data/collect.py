@@ -15,9 +15,13 @@ worker processes. Blocks run in parallel worker processes and are written in ord
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +37,7 @@ from leworld.results import package_version
 DEFAULT_POLICY = {"tworoom": "expert", "pusht": "contact"}
 DEFAULT_WORKERS = {"tworoom": 1, "pusht": os.cpu_count() or 1}
 SUPERSAMPLED_ENVS = ("pusht",)  # envs whose renderer takes `supersample`
+MAX_RESOLUTION = 1024  # frames beyond this are no world-model input; a typo would exhaust memory
 
 
 def collect_block(env_name: str, num_episodes: int, steps: int, resolution: int, policy: str,
@@ -70,6 +75,43 @@ def _block_job(args: tuple) -> dict:
     return collect_block(*args)
 
 
+def _ignore_interrupts() -> None:
+    """Pool worker initialiser: Ctrl-C reaches the whole process group, but only the parent acts
+    on it (it terminates the pool and deletes the partial file); a worker killed mid-block by
+    the signal would leave the pool unable to shut down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _interrupts_abort():
+    """While collecting, Ctrl-C (SIGINT) and SIGTERM (a job scheduler, `timeout`) abort the run.
+
+    Yields a function that raises KeyboardInterrupt if either signal arrived. Python drops an
+    exception raised inside a garbage-collection callback, so an interrupt that lands there
+    would otherwise be lost and the run would go on to replace the output file; the collector
+    calls the check after every block and before the final rename. Outside the main thread
+    (where handlers cannot be installed) the check never fires."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    def check() -> None:
+        if received:
+            raise KeyboardInterrupt(f"signal {signal.Signals(received[0]).name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield check
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _check_args(env: str, episodes: int, steps: int, resolution: int, policy: str,
                 noise: float | None, chunk_size: int, workers: int, supersample: int = 1) -> None:
     if env not in envs.ENV_NAMES:
@@ -79,10 +121,10 @@ def _check_args(env: str, episodes: int, steps: int, resolution: int, policy: st
     for name, value in (("episodes", episodes), ("steps", steps), ("chunk_size", chunk_size), ("workers", workers)):
         if int(value) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if resolution < 16:
-        raise ValueError(f"--resolution must be at least 16 px, got {resolution}")
-    if noise is not None and noise < 0:
-        raise ValueError(f"--noise is a standard deviation and must be >= 0, got {noise}")
+    if not 16 <= resolution <= MAX_RESOLUTION:
+        raise ValueError(f"--resolution must be between 16 and {MAX_RESOLUTION} px, got {resolution}")
+    if noise is not None and not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"--noise is a standard deviation and must be a finite number >= 0, got {noise}")
     if supersample != 1 and env not in SUPERSAMPLED_ENVS:
         raise ValueError(f"--supersample is a Push-T rendering option; {env} draws at --resolution directly: "
                          "leave it at 1")
@@ -99,7 +141,7 @@ def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, po
     down, so that the block's outline and angle move smoothly; the episodes are the same.
     """
     policy = policy or DEFAULT_POLICY.get(env, "random")
-    workers = workers or DEFAULT_WORKERS.get(env, 1)
+    workers = DEFAULT_WORKERS.get(env, 1) if workers is None else workers
     _check_args(env, episodes, steps, resolution, policy, noise, chunk_size, workers, supersample)
     if supersample != 1:
         env_kwargs = {**(env_kwargs or {}), "supersample": int(supersample)}
@@ -119,24 +161,29 @@ def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, po
     writer = EpisodeWriter(out, resolution=resolution, action_dim=probe.action_dim, proprio_dim=probe.proprio_dim,
                            state_dim=probe.state_dim, metadata=metadata, overwrite=overwrite,
                            compression=compression)
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
-    try:
-        blocks = pool.imap(_block_job, jobs) if pool else map(_block_job, jobs)
-        with tqdm(total=episodes, desc=f"collect {env}", unit="ep", disable=not progress) as bar:
-            for block in blocks:
-                writer.append(block)
-                bar.update(len(block["pixels"]))
-        seconds = time.perf_counter() - start_time
-        writer.update_metadata(seconds=seconds, steps_per_second=episodes * steps / seconds)
-        writer.close()
-    except BaseException:
-        if pool:
-            pool.terminate()
-        writer.abort()
-        raise
-    finally:
-        if pool:
-            pool.close()
+    pool = None
+    with _interrupts_abort() as check_interrupt:
+        try:
+            if workers > 1 and len(jobs) > 1:
+                pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_interrupts)
+            blocks = pool.imap(_block_job, jobs) if pool else map(_block_job, jobs)
+            with tqdm(total=episodes, desc=f"collect {env}", unit="ep", disable=not progress) as bar:
+                for block in blocks:
+                    check_interrupt()
+                    writer.append(block)
+                    bar.update(len(block["pixels"]))
+            seconds = time.perf_counter() - start_time
+            writer.update_metadata(seconds=seconds, steps_per_second=episodes * steps / seconds)
+            check_interrupt()  # the last chance before the rename replaces an existing file
+            writer.close()
+        except BaseException:
+            if pool:
+                pool.terminate()
+            writer.abort()
+            raise
+        finally:
+            if pool:
+                pool.close()
     return out
 
 

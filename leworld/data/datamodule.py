@@ -49,20 +49,33 @@ class CollectSpec:
 
 
 class EpochSampler(Sampler[int]):
-    """A shuffling sampler whose order depends only on (seed, epoch), so resuming replays it."""
+    """A shuffling sampler whose order depends only on (seed, epoch), so resuming replays it.
+
+    `resume_at(n)` makes the next pass start at position n of its epoch's order, for a run
+    resumed from a checkpoint written after n clips of that epoch (all ranks together). Lightning
+    counts a resumed epoch's batches on from where the checkpoint was, so the pass is rotated
+    rather than cut: the clips at positions n, n + 1, ... come first, exactly those the
+    uninterrupted run would have drawn next, and the pass keeps its length (a distributed
+    sampler wrapping this one sizes its shards from it)."""
 
     def __init__(self, size: int, seed: int = 0):
         self.size, self.seed, self.epoch = size, seed, 0
+        self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, position: int) -> None:
+        self._start = int(position) % max(self.size, 1)
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
+        order = torch.randperm(self.size, generator=g).tolist()
+        start, self._start = self._start, 0  # one resumed pass, then whole epochs
+        return iter(order[start:] + order[:start])
 
 
 class FixedShuffleSampler(EpochSampler):
@@ -140,6 +153,9 @@ class LeWMDataModule(L.LightningDataModule):
                 holds the frames beside the model; the batches are the same either way.
         """
         super().__init__()
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2, got {batch_size}: the projector's BatchNorm needs "
+                             "two clips to normalise a training batch")
         self.save_hyperparameters()
         self.path = Path(path)
         self.generate = generate
@@ -223,14 +239,42 @@ class LeWMDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, sampler=None, drop_last=False) -> DataLoader:
         workers = self.hparams.num_workers
+        # Its own generator: starting an iterator then draws the workers' base seed from it, not from
+        # torch's global stream, which dropout uses. Otherwise persistent workers (one draw per run)
+        # or none (one per epoch) would give different models, and a resumed run one draw more.
+        generator = torch.Generator().manual_seed(self.hparams.shuffle_seed)
         return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-                          collate_fn=collate_batch)
+                          collate_fn=collate_batch, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
+        train_set = self.train_set
+        if len(train_set) < 2:
+            raise ValueError(f"{self.path} gives {len(train_set)} training clip(s): the projector's BatchNorm needs "
+                             "at least 2; collect more or longer episodes, or lower data.num_frames / frameskip")
         # a last batch of one clip would break the projector's BatchNorm: drop it when there are others
-        sampler = EpochSampler(len(self.train_set), self.hparams.shuffle_seed)
-        return self._loader(self.train_set, sampler, drop_last=len(self.train_set) > self.hparams.batch_size)
+        sampler = EpochSampler(len(train_set), self.hparams.shuffle_seed)
+        if self.trainer is not None and self.trainer.fit_loop.restarting:  # resuming a run
+            # loader workers draw their first indices before Lightning sets the epoch: set it here
+            sampler.set_epoch(self.trainer.current_epoch)
+            sampler.resume_at(self._clips_done_this_epoch())
+        return self._loader(train_set, sampler, drop_last=len(train_set) > self.hparams.batch_size)
+
+    def _clips_done_this_epoch(self) -> int:
+        """Clips of the current epoch's order that a run resumed from a mid-epoch checkpoint has
+        already trained on (all ranks together); 0 for a fresh run or an epoch boundary."""
+        trainer = self.trainer
+        # batches of this epoch trained on, per rank: a checkpoint written in on_train_batch_end
+        # counts its batch as processed, not yet completed (Lightning completes it on restart)
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        world, size, bs = trainer.world_size, len(self.train_set), self.hparams.batch_size
+        per_rank = -(-size // world)  # a distributed sampler pads the epoch to a multiple of the ranks
+        per_epoch = per_rank // bs if size > bs else -(-per_rank // bs)  # drop_last as in train_dataloader
+        limit = trainer.limit_train_batches
+        per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
+        if batches >= per_epoch:  # written at the epoch's end: the next epoch starts whole
+            return 0
+        return batches * bs * world
 
     def val_dataloader(self):
         if self.val_set is None:

@@ -49,10 +49,10 @@ class EpisodeWriter:
                  proprio_dim: int, state_dim: int, metadata: dict, overwrite: bool = False,
                  compression: str | None = None):
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} already exists: pass overwrite=True (--overwrite) to replace it")
         if self.path.is_dir():
             raise IsADirectoryError(f"{self.path} is a directory: give a file path such as data/tworoom.h5")
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} already exists: pass overwrite=True (--overwrite) to replace it")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -131,6 +131,8 @@ class EpisodeStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise DatasetError(f"{self.path} is a directory: a dataset is one .h5 file, e.g. data/tworoom_64.h5")
         if not self.path.is_file():
             raise DatasetError(
                 f"no dataset at {self.path}: generate one with "

@@ -44,9 +44,7 @@ def breakdown(results: dict, key: str, threshold: float) -> dict:
     Returns {"key", "threshold", "pairs": {"at_most": n, "above": n}, "policies": [{"policy",
     "at_most": {...}, "above": {...}}]}, each group with episodes, successes, rate and ci95.
     """
-    rows = results.get("results") or []
-    if not rows:
-        raise ValueError("the results file has no policy rows: is it a plan.py results JSON?")
+    rows = check_results(results)
     starts = None
     out = []
     for row in rows:
@@ -73,12 +71,28 @@ def breakdown(results: dict, key: str, threshold: float) -> dict:
             "policies": out}
 
 
+def check_results(results) -> list[dict]:
+    """The policy rows of a plan.py results JSON, checked to have what a breakdown reads: a
+    `per_episode` list of records with `success`. ValueError names what is missing."""
+    hint = "is it a plan.py results JSON?"
+    if not isinstance(results, dict):
+        raise ValueError(f"it holds a JSON {type(results).__name__}, not an object: {hint}")
+    rows = results.get("results")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"the results file has no policy rows under 'results': {hint}")
+    for row in rows:
+        episodes = row.get("per_episode")
+        if not isinstance(episodes, list) or not all(isinstance(e, dict) and "success" in e for e in episodes):
+            raise ValueError(f"policy {row.get('policy')!r} has no per_episode records with 'success': {hint}")
+    return rows
+
+
 def failures(results: dict, key: str, threshold: float) -> list[dict]:
     """Per policy, how its failed episodes end on `key`: [{"policy", "failures", "end_above",
     "end_further"}], with end_above counting final errors > `threshold` and end_further those
     whose final error is larger than the start error."""
     out = []
-    for row in results.get("results") or []:
+    for row in check_results(results):
         failed = [e for e in row.get("per_episode") or [] if not e["success"]]
         if any("final_errors" not in e or key not in e["final_errors"] for e in failed):
             raise ValueError(f"policy {row.get('policy')!r} has no per-episode final_errors[{key!r}]: "
@@ -137,12 +151,22 @@ def main(argv: list[str] | None = None) -> int:
         key, threshold = parse_split(args.split)
     except ValueError as e:
         parser.error(str(e))
+    if args.out:
+        from leworld.results import check_writable
+
+        try:
+            check_writable(args.out)
+        except ValueError as e:
+            parser.error(f"--out: {e}")
     splits = []
     for path in args.results:
         p = Path(path)
         if not p.is_file():
             parser.error(f"no results file at {p}: give the JSON that plan.py printed after 'results:'")
-        results = json.loads(p.read_text())
+        try:
+            results = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            parser.error(f"{p} is not JSON ({e}): give the JSON that plan.py printed after 'results:'")
         try:
             split, fails = breakdown(results, key, threshold), failures(results, key, threshold)
         except ValueError as e:

@@ -43,6 +43,8 @@ class EvalProtocol:
         dataset: for a held-out protocol, how its dataset is collected (`leworld.data.collect.collect`
             arguments without resolution and output path: the evaluation generates it at the model's
             resolution when missing); None draws from the model's own training data.
+        env: the only environment the preset is defined for ("tworoom", "pusht"); None: any. It
+            restricts where the preset applies and changes none of its pairs.
     """
 
     name: str
@@ -53,6 +55,7 @@ class EvalProtocol:
     split: str = "val"
     description: str = ""
     dataset: dict | None = None
+    env: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,12 +74,12 @@ PROTOCOLS = {
         EvalProtocol("paper-v3", 1, 50, 25, 50, "val",
                      "LeWM paper v3: goal 25 steps ahead in a validation episode, 50-step budget"),
         EvalProtocol("paper-v1-tworoom", 1, 50, 100, 150, "val",
-                     "LeWM paper v1 for Two-Room: goal 100 steps ahead, 150-step budget"),
+                     "LeWM paper v1 for Two-Room: goal 100 steps ahead, 150-step budget", env="tworoom"),
         EvalProtocol("far-tworoom-v1", 1, 50, 25, 50, "all",
                      "held-out low-noise (0.5) expert episodes toward the other room: goal 25 steps ahead "
                      "(~80 px, over half across the wall), 50-step budget",
                      dataset={"env": "tworoom", "episodes": 200, "steps": 50, "policy": "expert", "noise": 0.5,
-                              "seed": 1_000_003, "env_kwargs": {"target_mode": "other_room"}}),
+                              "seed": 1_000_003, "env_kwargs": {"target_mode": "other_room"}}, env="tworoom"),
     )
 }
 

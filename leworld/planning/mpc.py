@@ -58,7 +58,8 @@ class MPCPolicy:
         compile: plan with a torch.compile'd rollout.
         compile_mode: torch.compile mode of that rollout, e.g. "reduce-overhead" (CUDA graphs: the
             fastest on a GPU, see docs/benchmarks.md); implies `compile`.
-        amp: plan under bfloat16 autocast on CUDA (costs are still summed in float32).
+        amp: plan under bfloat16 autocast on CUDA (costs are still summed in float32); ignored on
+            other devices, and `settings()` records whether it applied.
         device: where planning runs (default: the model's device).
         seed: seed of the planner's random stream, restarted by `reset`.
         deadline: env steps from `reset` by which the goal should be reached: plans shrink to the
@@ -86,10 +87,11 @@ class MPCPolicy:
         self.model, self.planner = model.eval().requires_grad_(False), planner
         self.horizon, self.receding_horizon, self.cost = int(horizon), receding_horizon, cost
         self.action_low, self.action_high = action_low, action_high
-        self.warm_start, self.amp, self.seed = bool(warm_start), bool(amp), int(seed)
+        self.warm_start, self.seed = bool(warm_start), int(seed)
         self.hold_actions = bool(hold_actions)
         self.compile, self.compile_mode = bool(compile) or compile_mode is not None, compile_mode
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.amp = bool(amp) and self.device.type == "cuda"  # what the JSON records is what ran
         self.model.to(self.device)
         self._rollout = (torch.compile(model.rollout, dynamic=False, mode=compile_mode) if self.compile
                          else model.rollout)
@@ -157,7 +159,7 @@ class MPCPolicy:
         if sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             blocks = self.planner.plan(problem, init, self.g)  # (N, T, fs*A), or (N, T, A) held
         if self.hold_actions:
             blocks = problem.expand(blocks)
