@@ -35,7 +35,7 @@ import torch
 
 import envs
 from leworld.allocator import keep_freed_memory
-from leworld.checkpoint import find_model, load_model, model_extra, model_name, weights_file
+from leworld.checkpoint import find_model, load_model, model_extra, model_name, recorded_data_path, weights_file
 from leworld.data.store import DatasetError, EpisodeStore
 from leworld.device import resolve_device
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
@@ -47,7 +47,7 @@ from leworld.planning import PLANNERS, MPCPolicy, make_planner
 from leworld.planning.problem import COSTS
 from leworld.results import check_writable, package_version, sha256_file, write_json
 
-DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # LEWM.md section 5: the paper used 10 outside Push-T
+DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # the LeWM paper used 10 outside Push-T
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,10 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """Reject option values no run can use before any work starts (argparse's usage error, exit 2)."""
-    for flag in ("num_episodes", "num_samples", "topk", "iterations", "horizon", "receding_horizon", "replan_every"):
+    for flag in ("num_episodes", "num_samples", "iterations", "horizon", "receding_horizon", "replan_every"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.topk is not None and args.topk < 2:
+        parser.error(f"--topk must be at least 2 (the refitted std needs two elites), got {args.topk}")
     if not (math.isfinite(args.init_std) and args.init_std > 0):
         parser.error(f"--init-std must be a positive number, got {args.init_std}")
     if args.receding_horizon is not None and args.receding_horizon > args.horizon:
@@ -176,7 +178,7 @@ def resolve(args, extra: dict) -> tuple[str, Path, dict]:
     if trained and args.env and args.env != trained:
         raise SystemExit(f"error: env/model mismatch: the model was trained on {trained!r} data, --env is {args.env!r}")
     data = extra.get("data") or {}
-    path = args.data or (Path(data["path"]) if "path" in data else None)
+    path = args.data or recorded_data_path(args.model[0], data.get("path"))
     if path is None and args.model is None:
         raise SystemExit(f"error: --policy {args.policy} without --model: pass --data, the dataset the pairs "
                          "come from")

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 
-from leworld.checkpoint import find_model, load_model
+from leworld.checkpoint import find_model, load_model, recorded_data_path
 from leworld.model import LeWorldModel
 from leworld.probe import pearson
 
@@ -63,7 +63,8 @@ def main(argv=None) -> dict:
     data = json.loads((model_dir / "config.json").read_text()).get("extra", {}).get("data", {})
     if not data.get("path"):
         raise SystemExit(f"{model_dir / 'config.json'} names no dataset (extra.data.path): retrain with the current train.py")
-    (x_tr, y_tr, _), (x_va, y_va, _) = load_frames(data["path"], args.max_frames, 0.1, args.seed)
+    (x_tr, y_tr, _), (x_va, y_va, _) = load_frames(recorded_data_path(model_dir, data["path"]), args.max_frames, 0.1,
+                                                   args.seed)
 
     torch.manual_seed(args.seed)
     model = LeWorldModel(trained.config)

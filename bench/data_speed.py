@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=8192, help="clips read per clip benchmark")
     p.add_argument("--loader-workers", type=int, default=2)
     args = p.parse_args()
+    if args.steps < 1 or args.clips < 1:
+        p.error("--steps and --clips must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.resolutions:
             out = Path(tmp) / f"tworoom_{res}.h5"

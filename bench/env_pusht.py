@@ -173,6 +173,8 @@ def main() -> None:
                         / "leworld" / "bench-gym-pusht-venv", help="where the gym-pusht virtual environment lives")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.steps < 1 or min(args.processes) < 1:
+        parser.error("--steps and every --processes value must be at least 1")
 
     results = []
     print(f"{'env':<28} {'res':>4} {'procs':>5} {'steps/s':>10} {'per proc':>9}")
@@ -199,8 +201,9 @@ def main() -> None:
             if error:
                 print(f"gym-pusht: run failed, numbers above may be incomplete:\n{error}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                        indent=1))
+        from leworld.results import write_json
+
+        write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 #   bash bench/gpu.sh
 #   QUICK=1 bash bench/gpu.sh        # the same stages at tiny size, to check the script on a CPU
 #   TUNE=1 bash bench/gpu.sh         # also the long-compiling training variants (> 130 s each)
-# Needs torch, lightning, einops, h5py and PyYAML only: synthetic inputs, no environments.
+# Needs torch, lightning, h5py and PyYAML only: synthetic inputs, no environments.
 # The stages come in order of what is still open (docs/benchmarks.md): planning latency for one
 # env and for 50, the training loop's own cost and syncs, then the compiled training step. Each
 # has its own time limit inside one BUDGET (585 s; bench/gpu_setup.sh), so a slow compile cannot
@@ -11,6 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"
+scratch=$(mktemp -d)  # train_loop.py's runs and exported models: not worth bringing back
 mkdir -p "$out"
 . bench/gpu_setup.sh  # PYTHONPATH, limit, BUDGET (and the carried wheels, if any)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
@@ -41,13 +42,13 @@ limit 150 "$py" bench/plan_latency.py --config $plan --batch $many --iterations 
 stage "training step, eager; then the Trainer loop"
 limit 50 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --json "$out/train.jsonl"
 limit 70 "$py" bench/train_loop.py --config $train --steps $((2 * steps)) --warmup $warm --count-syncs \
-  --json "$out/train_loop.jsonl"
+  --root "$scratch" --json "$out/train_loop.jsonl"
 # 5. the training step compiled (target 3,500 clips/s), with a per-kernel profile, then through the Trainer
 stage "training step, compiled"
 limit 110 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile \
   --profile "$out/train_profile.txt" --json "$out/train.jsonl"
 limit 130 "$py" bench/train_loop.py --config $train --steps $((2 * steps)) --warmup $warm --compile --count-syncs \
-  --json "$out/train_loop.jsonl"
+  --root "$scratch" --json "$out/train_loop.jsonl"
 if [ -n "${TUNE:-}" ]; then
   # 6. inductor's launch-config tuning, and autotuned Triton matmuls that can fuse bias and GELU
   limit 400 "$py" bench/train_throughput.py --config $train --steps $steps --warmup $warm --compile \

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import envs
-from leworld.checkpoint import find_model, load_model
+from leworld.checkpoint import find_model, load_model, model_extra
 
 BINS = (0, 10, 20, 40, 60, 80, 100, 130, 160, 300)
 GOALS = ((40, 180), (180, 180), (60, 60), (180, 40))
@@ -47,7 +47,11 @@ def main() -> None:
     args = p.parse_args()
     print("model".ljust(32) + "".join(f"{lo}-{hi}px".rjust(10) for lo, hi in zip(BINS[:-1], BINS[1:])))
     for path in args.models:
-        model = load_model(find_model(path))
+        model_dir = find_model(path)
+        env = (model_extra(model_dir).get("dataset") or {}).get("env")
+        if env not in (None, "tworoom"):
+            raise SystemExit(f"error: {path} was trained on {env}; this benchmark draws Two-Room frames")
+        model = load_model(model_dir)
         print(str(path).ljust(32) + "".join(f"{v:10.2f}" for v in profile(model, model.config.image_size)))
 
 

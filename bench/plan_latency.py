@@ -73,7 +73,7 @@ def run(config: str, batch: int, planner: str, num_samples: int, topk: int, iter
     return {"config": config, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "planner": planner,
             "num_samples": num_samples, "topk": topk, "iterations": iterations, "horizon": horizon,
-            "history": c.history, "batch": batch, "compile": compile, "compile_mode": compile_mode, "amp": amp,
+            "history": c.history, "batch": batch, "compile": compile, "compile_mode": compile_mode, "amp": amp and dev.type == "cuda",
             "graph": graph, "share_context": share, "call_ms_median": ms,
             "call_ms_mean": statistics.mean(times) * 1000, "ms_per_plan": ms / batch, "plans_per_s": batch / (ms / 1000),
             "peak_gib": peak, "repeats": repeats}
@@ -132,6 +132,8 @@ def main() -> None:
     p.add_argument("--profile", help="write one plan's per-kernel time table here (last batch size)")
     p.add_argument("--json", help="append results as JSON lines to this file")
     args = p.parse_args()
+    if args.repeats < 1 or args.warmup < 0 or min(args.batch) < 1:
+        p.error("--repeats and every --batch value must be at least 1, --warmup at least 0")
     keep_freed_memory()  # as train.py and plan.py do (leworld/allocator.py)
     for b in args.batch:
         r = run(args.config, b, args.planner, args.num_samples, args.topk, args.iterations, args.horizon,

@@ -57,6 +57,7 @@ fi
 
 # 2. training: the config's architecture; the schedule is STEPS long, the run at most MINUTES
 start=$(date +%s)
+stamp=$(mktemp); touch "$stamp"  # the model planned below must be newer than this
 limit $((secs + 90)) "$py" train.py fit --config "$config" --data.path "$data" \
   --data.generate.episodes "$episodes" --data.generate.steps 100 --data.generate.resolution "$res" \
   --data.generate.supersample "$ss" --data.frames_on_device "$on_device" --model.model.image_size "$res" --model.lr "$lr" --model.lambda_sigreg "${LAMBDA:-0.09}" \
@@ -69,13 +70,18 @@ echo "train: $(( $(date +%s) - start )) s" >> "$out/train.log"
 tail -4 "$out/train.log"
 run_dir=$(ls -d runs/"$name"/version_* 2>/dev/null | sort -V | tail -1)
 [ -n "$run_dir" ] && cp "$run_dir"/events.out.tfevents.* "$out/" 2>/dev/null
+if [ -z "$run_dir" ] || [ ! "$run_dir/model/model.safetensors" -nt "$stamp" ]; then
+  echo "training exported no model (see $out/train.log): not planning an older one" | tee -a "$out/train.log"
+  exit 1
+fi
+model="$run_dir/model"
 
 # 3. planning under paper-v3 beside the baselines, 4. probing, and 5. planning again, replanning
 # after every block toward the budget's deadline (docs/results.md, Push-T): side by side
-limit 150 "$py" plan.py --model "runs/$name" --protocol paper-v3 --no-progress --out "$out/plan.json" \
+limit 150 "$py" plan.py --model "$model" --protocol paper-v3 --no-progress --out "$out/plan.json" \
   "${plan_extra[@]}" > "$out/plan.log" 2>&1 &
-limit 120 "$py" -m leworld.probe --model "runs/$name" --no-progress --out "$out/probe.json" > "$out/probe.log" 2>&1 &
-limit 150 "$py" plan.py --model "runs/$name" --protocol paper-v3 --no-progress --no-baselines \
+limit 120 "$py" -m leworld.probe --model "$model" --no-progress --out "$out/probe.json" > "$out/probe.log" 2>&1 &
+limit 150 "$py" plan.py --model "$model" --protocol paper-v3 --no-progress --no-baselines \
   --receding-horizon 1 --warm-start --iterations 10 --deadline --out "$out/plan_deadline.json" \
   "${plan_extra[@]}" > "$out/plan_deadline.log" 2>&1 &
 wait

@@ -122,6 +122,8 @@ def main() -> None:
                    help="leave glibc's thresholds alone (freed memory goes back to the kernel), as before "
                         "leworld.allocator; to measure what keeping it saves")
     args = p.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be at least 1 and --warmup at least 0")
     kept = False if args.return_freed_memory else keep_freed_memory()
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

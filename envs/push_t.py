@@ -8,10 +8,10 @@ Example:
     >>> obs["pixels"].shape, obs["proprio"].shape, env.get_state().shape, env.success().shape
     ((4, 64, 64, 3), (4, 4), (4, 7), (4,))
 
-Physics (LEWM.md section 8) lives in `envs.push_t_physics` (one pymunk space per env), drawing in
+Physics (the reference implementation's geometry) lives in `envs.push_t_physics` (one pymunk space per env), drawing in
 `envs.push_t_render` (pygame, off-screen, at `resolution` directly). Actions a in [-1, 1]^2 are
 relative: the agent's PD target is agent + 100 a. State (7 numbers): agent xy, block xy (its
-centre of mass), block angle in [-pi, pi), agent velocity. Success (LEWM.md section 6):
+centre of mass), block angle in [-pi, pi), agent velocity. Success (the LeWM paper's test):
 ||(agent xy, block xy) - goal|| < 20 px and the wrapped block angle error < pi/9. The goal is a
 state, sampled at reset like a start and settable with `set_goal`. `PushTBatch` steps `num_envs`
 independent pymunk spaces in one process; `PushTEnv` is its `num_envs=1` gymnasium view,
@@ -181,7 +181,7 @@ class PushTBatch:
         return self._goal.copy()
 
     def success(self) -> np.ndarray:
-        """(N,) bool: the success test of LEWM.md section 6 against the current goals."""
+        """(N,) bool: the LeWM paper's success test against the current goals."""
         return is_success(self.get_state(), self._goal)
 
     def goal_errors(self) -> dict[str, np.ndarray]:
@@ -221,6 +221,7 @@ class PushTBatch:
     def _render_current(self, state=None) -> np.ndarray:
         if self._frames is None:
             self._frames = self._render_states(self.get_state() if state is None else state)
+            self._frames.flags.writeable = False  # observations share this cache: edit a copy, not the env
         return self._frames
 
     def render(self) -> np.ndarray:
@@ -249,8 +250,10 @@ class PushTEnv(BatchView):
 
     reward = float(success); `terminated` and `truncated` are always False (give a time limit with
     `max_episode_steps`). `reset(options={"state": (7,), "goal": (7,)})` teleports and/or sets the
-    goal after the reset. `info` holds state, goal and success. Without a seed the first reset uses
-    `seed` (default 0) and later ones continue its generator. Other keyword arguments go to `PushTBatch`.
+    goal after the reset. `info` holds state, goal and success. Without a seed every reset continues
+    the generator seeded with `seed` (default 0), whose first draw built the env, so the first
+    unseeded reset differs from `reset(seed=seed)` but is the same on every run. The observed
+    pixels are read-only (they are the env's frame cache). Other keyword arguments go to `PushTBatch`.
     """
 
     def __init__(self, resolution: int = 224, render_mode: str | None = "rgb_array", seed: int = 0, **kwargs):

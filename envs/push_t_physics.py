@@ -8,7 +8,7 @@ Example:
     >>> sim.state().shape, bool(is_success(sim.state(), sim.state())[0])
     ((7,), True)
 
-Facts (LEWM.md section 8): a 512 x 512 world without gravity, static walls at the border, a
+Facts (the reference implementation's environment): a 512 x 512 world without gravity, static walls at the border, a
 kinematic agent circle of radius 15, a T-block of mass 1 (a 120 x 30 bar over a 30 x 90 stem,
 friction 1). Control at 10 Hz with 10 sub-steps of dt = 0.01; target = agent + 100 a; PD
 accel = 100 (target - pos) + 20 (0 - vel) integrated into the agent's velocity every sub-step.
@@ -85,7 +85,7 @@ def pose_error(states, goals) -> tuple[np.ndarray, np.ndarray]:
 
 
 def is_success(states, goals) -> np.ndarray:
-    """LEWM.md section 6: pose error < 20 px and wrapped block angle error < pi/9."""
+    """The LeWM paper's success test: pose error < 20 px and wrapped block angle error < pi/9."""
     pos, ang = pose_error(states, goals)
     return (pos < SUCCESS_POS) & (ang < SUCCESS_ANGLE)
 

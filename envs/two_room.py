@@ -11,7 +11,7 @@ Example:
     >>> env.get_state().shape  # (N, S): agent x, agent y, target x, target y
     (4, 4)
 
-Geometry (world pixels, 224 x 224, x to the right, y down; LEWM.md section 8): a black border
+Geometry (world pixels, 224 x 224, x to the right, y down; the reference implementation's geometry): a black border
 ring from 10 to 14 px inside every edge (outside it is white), so the agent lives in the square
 [14, 210]^2; a black vertical wall at x = 112 of thickness 10 (the slab 107 < x < 117) with door
 gaps given as (centre_y, half_extent), default one door at y in [35, 63]. The agent is a point:

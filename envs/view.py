@@ -27,7 +27,10 @@ class BatchView(gym.Env):
         self.render_mode = render_mode
 
     def step(self, action):
-        obs = self.batch.step(np.asarray(action, np.float64).reshape(1, self.batch.action_dim))
+        action = np.asarray(action, np.float64)
+        if action.shape != (self.batch.action_dim,):
+            raise ValueError(f"action must have shape ({self.batch.action_dim},), got {action.shape}")
+        obs = self.batch.step(action[None])
         info = self._info()
         return single(obs), float(info["success"]), False, False, info
 

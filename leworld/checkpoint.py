@@ -50,6 +50,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp (or the writer) made it private; an exported model is meant to be shared
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -281,4 +282,23 @@ def find_model(path: str | os.PathLike) -> Path:
         versions.sort(key=lambda p: int(p.parent.name.split("_")[-1]) if p.parent.name.split("_")[-1].isdigit() else -1)
         if versions:
             return versions[-1]
+    return path
+
+
+def recorded_data_path(model_path: str | os.PathLike, recorded: str | os.PathLike | None) -> Path | None:
+    """The training dataset a model records (config.json `extra.data.path`), found from anywhere.
+
+    Training records the path as it was given, usually relative to where it ran (`data/x.h5`).
+    When that does not exist from the working directory, the same relative path is looked for
+    next to each folder above the model (`runs/NAME/version_N/model` -> the repository that
+    holds `runs/`), so the analysis commands work outside the training directory. Returns the
+    recorded path unchanged when nothing is found, for the error message to name it."""
+    if recorded is None:
+        return None
+    path = Path(recorded)
+    if path.is_absolute() or path.exists():
+        return path
+    for folder in Path(os.path.abspath(model_path)).parents:
+        if (folder / path).exists():
+            return folder / path
     return path

@@ -1,4 +1,4 @@
-"""Probing (LEWM.md section 10): how much physical state one frame's embedding holds.
+"""Probing (as in the LeWM paper's Tables 1 and 3): how much physical state one frame's embedding holds.
 
 Example:
     python -m leworld.probe --model runs/tworoom_tiny/version_0/model --out runs/probe/tworoom_tiny.json
@@ -38,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from leworld.allocator import keep_freed_memory
-from leworld.checkpoint import find_model, load_model, model_extra, result_path, weights_file
+from leworld.checkpoint import find_model, load_model, model_extra, recorded_data_path, result_path, weights_file
 from leworld.device import resolve_device
 from leworld.results import check_writable, package_version, sha256_file, write_json
 from leworld.data.clips import split_episodes
@@ -404,7 +404,7 @@ def open_model_and_data(model_arg, data_arg=None, device: str = "cpu"):
         raise SystemExit(f"error: {e}") from None
     record = f"the checkpoint {model_path}" if is_ckpt else f"{model_path}/config.json"
     data = extra.get("data") or {}
-    data_path = data_arg or data.get("path")
+    data_path = data_arg or recorded_data_path(model_path, data.get("path"))
     if data_path is None:
         raise SystemExit(f"error: {record} names no dataset: pass --data")
     try:

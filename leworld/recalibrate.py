@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from leworld.checkpoint import export_model, find_model, load_model, model_extra
+from leworld.checkpoint import export_model, find_model, load_model, model_extra, recorded_data_path
 from leworld.data.datamodule import LeWMDataModule
 from leworld.module import LeWMModule, recalibrate_batchnorm
 
@@ -34,7 +34,11 @@ def _data_module(extra: dict, source: Path, batch_size: int) -> LeWMDataModule:
         raise ValueError(f"{source} does not record its training data (config.json extra.data): "
                          "re-estimate with the model trained by `python train.py fit`, which records it")
     keys = ("num_frames", "frameskip", "val_fraction", "split_seed")
-    dm = LeWMDataModule(data["path"], batch_size=batch_size, num_workers=0, **{k: data[k] for k in keys if k in data})
+    path = recorded_data_path(source, data["path"])
+    if not Path(path).is_file():
+        raise ValueError(f"{source} was trained on {data['path']}, which is not here (looked from the working "
+                         "directory and the folders above the model): run from the training directory")
+    dm = LeWMDataModule(str(path), batch_size=batch_size, num_workers=0, **{k: data[k] for k in keys if k in data})
     dm.setup("fit")
     return dm
 
@@ -48,11 +52,14 @@ def val_pred_loss(module: LeWMModule, dm: LeWMDataModule, batches: int) -> float
 
 
 def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: int = 100,
-                batch_size: int = 128, val_batches: int = 5) -> dict:
+                batch_size: int = 128, val_batches: int = 5, force: bool = False) -> dict:
     """Re-estimate the BatchNorm statistics of the model at `model_path` and export it to `out`
-    (default: the exported directory itself). Returns the counts and the losses before and after."""
-    if batches < 1:
-        raise ValueError(f"--batches must be at least 1, got {batches}")
+    (default: the exported directory itself). Returns the counts and the losses before and after.
+
+    When the validation prediction loss gets worse (too few batches to average over, say),
+    nothing is written unless `force`; the result then has `written: False`."""
+    if batches < 1 or val_batches < 1:
+        raise ValueError(f"--batches and --val-batches must be at least 1, got {batches} and {val_batches}")
     source = find_model(model_path)
     if out is None:
         if not source.is_dir():
@@ -67,9 +74,12 @@ def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: 
     used = recalibrate_batchnorm(model, module.losses, itertools.islice(dm.train_dataloader(), batches))
     after = val_pred_loss(module, dm, val_batches)
     model.eval()
-    extra = {**extra, "bn_recalibration": {"batches": used, "batch_size": batch_size}}
-    export_model(model, out, extra=extra)
-    return {"out": str(out), "batches": used, "val_pred_loss_before": before, "val_pred_loss_after": after}
+    result = {"out": str(out), "batches": used, "val_pred_loss_before": before, "val_pred_loss_after": after,
+              "written": force or after <= before}
+    if result["written"]:
+        extra = {**extra, "bn_recalibration": {"batches": used, "batch_size": batch_size}}
+        export_model(model, out, extra=extra)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,11 +90,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, default=100, help="training batches to average over")
     parser.add_argument("--batch-size", type=int, default=128, help="clips per batch")
     parser.add_argument("--val-batches", type=int, default=5, help="validation batches for the before/after loss")
+    parser.add_argument("--force", action="store_true",
+                        help="write the re-estimated model even when its validation loss is worse")
     args = parser.parse_args(argv)
-    result = recalibrate(args.model, args.out, args.batches, args.batch_size, args.val_batches)
-    print(f"re-estimated the BatchNorm statistics over {result['batches']} training batches; "
-          f"validation pred_loss in evaluation mode {result['val_pred_loss_before']:.4g} -> "
-          f"{result['val_pred_loss_after']:.4g}; wrote {result['out']}")
+    try:
+        result = recalibrate(args.model, args.out, args.batches, args.batch_size, args.val_batches, args.force)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    loss = (f"validation pred_loss in evaluation mode {result['val_pred_loss_before']:.4g} -> "
+            f"{result['val_pred_loss_after']:.4g}")
+    if not result["written"]:
+        raise SystemExit(f"re-estimated the BatchNorm statistics over {result['batches']} training batches, but the "
+                         f"{loss} got worse: nothing written (more --batches, or --force to write it anyway)")
+    print(f"re-estimated the BatchNorm statistics over {result['batches']} training batches; {loss}; "
+          f"wrote {result['out']}")
     return result
 
 

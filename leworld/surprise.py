@@ -1,4 +1,4 @@
-"""Surprise (violation of expectation, LEWM.md section 9): how badly the model predicted each frame.
+"""Surprise (violation of expectation, LeWM paper section 5.2): how badly the model predicted each frame.
 
 Example:
     >>> import torch

@@ -350,3 +350,31 @@ def test_an_existing_file_drawn_otherwise_than_generate_says_is_refused(tmp_path
         setup(resolution=64, supersample=2)
     dm = LeWMDataModule(str(path), num_frames=2, frameskip=5, batch_size=2, num_workers=0, val_fraction=0.5)
     dm.setup("fit")  # without a generate spec any existing file is used as it is
+
+
+def test_epoch_sampler_orders_resume_and_shards_like_the_uninterrupted_epoch():
+    from leworld.data.datamodule import DistributedEpochSampler, EpochSampler
+
+    size, bs, world = 23, 3, 2
+    whole = EpochSampler(size, seed=4)
+    whole.set_epoch(2)
+    order = list(whole)
+    assert sorted(order) == list(range(size)) and order == list(whole)  # a permutation, fixed by (seed, epoch)
+    whole.set_epoch(3)
+    assert list(whole) != order
+    resumed = EpochSampler(size, seed=4)
+    resumed.set_epoch(2)
+    resumed.resume_at(2 * bs)
+    assert list(resumed)[: size - 2 * bs] == order[2 * bs:]  # the rest of the epoch comes first
+    assert list(resumed) == order  # one resumed pass, then whole epochs again
+    # sharded: rank r takes positions r, r + world, ... of the padded order
+    shards = [DistributedEpochSampler(size, 4, world, r) for r in range(world)]
+    for s in shards:
+        s.set_epoch(2)
+    padded = order + order[:1]  # 23 -> 24 positions
+    assert [list(s) for s in shards] == [padded[r::world] for r in range(world)]
+    assert all(len(s) == 12 for s in shards)
+    for r, s in enumerate(shards):  # resumed after 2 batches on every rank: each shard continues its own
+        s.set_epoch(2)
+        s.resume_at(2 * bs * world)
+        assert list(s)[: 12 - 2 * bs] == padded[r::world][2 * bs:]

@@ -448,3 +448,16 @@ def test_plan_env_draws_frames_like_the_data_it_plans_on(tmp_path):
     episode = store.episode(0)
     env.set_state(np.repeat(episode["state"][4][None], 2, axis=0))
     np.testing.assert_array_equal(env.render()[1], episode["pixels"][4])
+
+
+def test_protocols_pairs_and_baselines_refuse_values_that_would_measure_something_else(tworoom_data):
+    with pytest.raises(ValueError, match="goal_offset must be a whole number >= 1"):
+        get_protocol("paper-v3").replace(goal_offset=-5)
+    with pytest.raises(ValueError, match="budget must be a whole number >= 1"):
+        EvalProtocol("x", 1, 5, 25, 0)
+    store = EpisodeStore(tworoom_data)
+    for episodes in ([-1], [], [0.5], [store.num_episodes]):
+        with pytest.raises(ValueError, match="episode indices"):
+            sample_pairs(store, get_protocol("paper-v3"), episodes=episodes)
+    with pytest.raises(ValueError, match="unknown env 'TwoRoom'"):
+        make_baseline("expert", "TwoRoom")

@@ -364,3 +364,20 @@ def test_predictor_step_rejects_bad_windows():
     with pytest.raises(ValueError, match="divide"):
         pred.step(torch.randn(5, 1, 16), pred.modulations(torch.randn(5, 1, 16)), torch.randn(2, 1, 16),
                   pred.modulations(torch.randn(2, 1, 16)))
+
+
+def test_float_pixels_above_one_and_embeddings_of_another_width_are_refused():
+    model = LeWorldModel(tiny(encoder="cnn")).eval()
+    pixels = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="float pixels must be in \\[0, 1\\]"):
+        model.encode(pixels.float())  # 0..255 floats: a missing division by 255
+    emb = model.encode(pixels)
+    wrong = torch.zeros(2, 3, D + 3)
+    with pytest.raises(ValueError, match=f"config.embed_dim = {D}"):
+        model.predict(wrong, wrong)
+    blocks = torch.zeros(2, 4, 2, model.config.action_block_dim)
+    with pytest.raises(ValueError, match=f"config.embed_dim = {D}"):
+        model.rollout(wrong, blocks)
+    with pytest.raises(ValueError, match="at least one row, sample and block"):
+        model.rollout(emb, blocks[:, :0])
+    assert model.rollout(emb, blocks).shape == (2, 4, 2, D)

@@ -386,3 +386,27 @@ def test_compiled_rollout_plans_the_same():
         compiled = CEM(num_samples=16, topk=4, iterations=3).plan(
             LatentProblem(model, ctx, goal, 3, acts, rollout=compiled_rollout))
     assert torch.allclose(eager, compiled, atol=1e-4)
+
+
+def test_planner_settings_that_cannot_work_are_refused():
+    for planner, kwargs in ((CEM, {"topk": 1}), (ICEM, {"topk": 1}), (CEM, {"min_std": -1.0}),
+                            (ICEM, {"min_std": -0.5})):
+        with pytest.raises(ValueError, match="two elites|min_std >= 0"):
+            planner(num_samples=10, **{"topk": 3, **kwargs})
+
+
+def test_mpc_records_its_own_seed_and_names_misuse():
+    model = tiny_model(history=2)
+    policy = MPCPolicy(model, CEM(num_samples=8, topk=2, iterations=1, seed=5), horizon=2, seed=1)
+    assert policy.settings()["seed"] == 1  # the MPC's generator draws the samples, not the planner's seed
+    env = FakeEnv(4)
+    with pytest.raises(RuntimeError, match="call policy.reset"):
+        policy.act(env, env.obs())
+    policy.reset(env)
+    with pytest.raises(ValueError, match="obs holds 2 envs but the policy was reset on 4"):
+        policy.act(FakeEnv(2), FakeEnv(2).obs())
+    single = {"pixels": env.obs()["pixels"][0]}  # one env's (H, W, 3) frame, as a gymnasium env gives
+    with pytest.raises(ValueError, match="batched env"):
+        policy._encode(single["pixels"])
+    with pytest.raises(TypeError, match="batched env"):
+        policy.reset(object())

@@ -471,3 +471,18 @@ def test_pusher_does_not_park_at_a_fallback_push_point():
     for _ in range(60):
         env.step(policy.act(env))
     assert np.linalg.norm(env.get_state()[0, 2:4] - [70, 78]) > 20
+
+
+def test_observed_pixels_are_read_only_and_the_gym_view_checks_the_action_shape():
+    import gymnasium as gym
+
+    env = gym.make("leworld/PushT-v0", resolution=32)
+    obs, _ = env.reset(seed=0)
+    frame = obs["pixels"].copy()
+    with pytest.raises(ValueError, match="read-only"):
+        obs["pixels"][:] = 0  # the env's frame cache: editing it must not change what the env shows
+    np.testing.assert_array_equal(env.unwrapped.render(), frame)
+    for bad in ([0.1, 0.2, 0.3], [[0.1, 0.2]], 0.5):
+        with pytest.raises(ValueError, match=r"action must have shape \(2,\)"):
+            env.step(bad)
+    env.step(np.array([0.1, -0.2]))

@@ -72,6 +72,16 @@ def test_a_few_steps_reduce_the_loss_and_export_the_model(data_path, tmp_path):
     torch.testing.assert_close(exported.action_std, module.model.action_std)
 
 
+class StopAtStep(L.Callback):
+    """Interrupts a run after optimiser step `step` (its schedule still planned for max_steps)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = trainer.should_stop or trainer.global_step >= self.step
+
+
 class StopAfterFirstEpoch(L.Callback):
     """Interrupts a 3-epoch run after its first epoch (same schedule, unlike max_epochs=1)."""
 
@@ -577,8 +587,8 @@ def test_recalibrate_command_matches_re_estimation_at_the_end_of_training(data_p
 
     at_end, plain = run(tmp_path / "a", 3), run(tmp_path / "b", 0)
     result = recalibrate_main(["--model", str(plain), "--out", str(tmp_path / "c"), "--batches", "3",
-                               "--batch-size", "16", "--val-batches", "2"])
-    assert result["batches"] == 3 and result["val_pred_loss_after"] > 0
+                               "--batch-size", "16", "--val-batches", "2", "--force"])
+    assert result["batches"] == 3 and result["val_pred_loss_after"] > 0 and result["written"]
     want, got, old = (dict(load_model(p).state_dict()) for p in (at_end, tmp_path / "c", plain))
     for name, value in want.items():
         if "running" in name or "num_batches_tracked" in name:  # BatchNorm statistics
@@ -586,6 +596,43 @@ def test_recalibrate_command_matches_re_estimation_at_the_end_of_training(data_p
         else:
             assert torch.equal(got[name], old[name]), name  # the weights are not touched
     assert any("running_var" in n and not torch.allclose(got[n], old[n]) for n in got)
+
+
+def test_recalibrate_writes_nothing_when_the_validation_loss_gets_worse(data_path, tmp_path, monkeypatch):
+    from leworld import recalibrate as recalibrate_mod
+
+    L.seed_everything(0)
+    module, dm = make(data_path, tmp_path / "a")
+    trainer(tmp_path / "a", max_steps=2, enable_checkpointing=False).fit(module, dm)
+    losses = iter([1.0, 2.0])  # before, after: worse
+    monkeypatch.setattr(recalibrate_mod, "val_pred_loss", lambda *args: next(losses))
+    with pytest.raises(SystemExit, match="got worse: nothing written"):
+        recalibrate_mod.main(["--model", str(tmp_path / "a" / "model"), "--out", str(tmp_path / "c"),
+                              "--batches", "2", "--batch-size", "16", "--val-batches", "1"])
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_recorded_relative_dataset_path_is_found_from_another_directory(tmp_path, monkeypatch):
+    from leworld.checkpoint import recorded_data_path
+
+    repo = tmp_path / "repo"
+    model = repo / "runs" / "x" / "version_0" / "model"
+    model.mkdir(parents=True)
+    (repo / "data").mkdir()
+    (repo / "data" / "d.h5").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)  # not the training directory
+    assert recorded_data_path(model, "data/d.h5") == repo / "data" / "d.h5"
+    assert recorded_data_path(model, "data/missing.h5") == Path("data/missing.h5")  # named as recorded
+    assert recorded_data_path(model, None) is None
+    monkeypatch.chdir(repo)
+    assert recorded_data_path(model, "data/d.h5") == Path("data/d.h5")
+
+
+def test_exported_models_are_readable_by_others(data_path, tmp_path):
+    module, dm = make(data_path, tmp_path)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, dm)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "model" / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_negative_bn_recalibration_batches_is_a_clear_error():
@@ -668,6 +715,41 @@ def test_resume_differences_compare_plain_values():
     current["lambda_schedule"] = None
     assert train_script.resume_differences(saved, current) == {
         "lambda_schedule": ([[100, 0.1]], None), "model.cnn_channels": ([8, 16], [8, 32])}
+
+
+@pytest.mark.parametrize("stop, name", [(5, "epoch=0-step=5.ckpt"), (7, "epoch=1-step=7.ckpt")],
+                         ids=["at-the-epochs-last-batch", "inside-the-second-epoch"])
+def test_two_process_ddp_resumes_identically(tmp_path, stop, name):
+    """Under DDP the resumed epoch's clips are rotated over both ranks' shards together: the
+    model after a resume is the uninterrupted one, from a checkpoint written inside an epoch or
+    at its last batch. The data gives 80 training clips: 5 batches of 8 per rank and epoch."""
+    import os
+
+    def fit(run, interrupt=False, ckpt=None):
+        config = write_config(tmp_path, strategy="ddp", devices=2, accelerator="cpu", max_steps=12)
+        spec = yaml.safe_load(config.read_text())
+        spec["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                         "init_args": {"every_n_train_steps": stop, "save_top_k": -1}}]
+        if interrupt:  # stops after step `stop`; the schedule still runs to 12 steps
+            spec["trainer"]["callbacks"].append({"class_path": "test_train.StopAtStep", "init_args": {"step": stop}})
+        config.write_text(yaml.safe_dump(spec))
+        cmd = [sys.executable, "train.py", "fit", "--config", str(config), "--trainer.logger.init_args.name", run]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+        out = subprocess.run([*cmd, *(["--ckpt_path", str(ckpt)] if ckpt else [])], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return tmp_path / "runs" / run / "version_0"
+
+    from safetensors.torch import load_file
+
+    straight = fit("straight")
+    first = fit("first", interrupt=True)
+    ckpt = first / "checkpoints" / name  # where in its epoch the checkpoint falls
+    assert ckpt.is_file(), sorted(p.name for p in ckpt.parent.iterdir())
+    resumed = fit("resumed", ckpt=ckpt)
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs after a DDP resume")
 
 
 @pytest.mark.parametrize("options", [False, True], ids=["file", "frames-on-device-and-bn-re-estimation"])

@@ -12,7 +12,7 @@ Example:
     >>> bool(env.success().all())
     True
 
-The expert (LEWM.md section 8) reads the privileged state: it heads straight for the target
+The expert (as in the reference implementation) reads the privileged state: it heads straight for the target
 when the straight line does not cross the wall outside a door; otherwise it uses the door that
 gives the shortest path, heading for a waypoint in front of the door on its own side until the
 straight line to the waypoint behind the door on the target's side passes cleanly through the

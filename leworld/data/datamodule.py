@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from leworld.data.clips import ClipDataset, action_stats, collate_batch, split_episodes
@@ -76,6 +76,32 @@ class EpochSampler(Sampler[int]):
         order = torch.randperm(self.size, generator=g).tolist()
         start, self._start = self._start, 0  # one resumed pass, then whole epochs
         return iter(order[start:] + order[:start])
+
+
+class DistributedEpochSampler(DistributedSampler):
+    """`EpochSampler`'s order, sharded over `num_replicas` processes: rank r takes positions
+    r, r + R, r + 2R, ... of the epoch's order (padded from its start to a multiple of R).
+
+    Lightning leaves a DistributedSampler in place. Its own wrapper for other samplers would
+    shuffle the positions again with a generator of its own, so a resumed epoch could not start
+    where the checkpoint left it. Here `resume_at(n)` rotates the whole order by n before the
+    split: with n a multiple of R every rank continues its own shard exactly."""
+
+    def __init__(self, size: int, seed: int, num_replicas: int, rank: int):
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.size, self.order_seed, self._order = size, seed, EpochSampler(size, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._order.set_epoch(epoch)
+
+    def resume_at(self, position: int) -> None:
+        self._order.resume_at(position)
+
+    def __iter__(self):
+        order = list(self._order)
+        order += order[: self.total_size - len(order)]  # pad to total_size, as DistributedSampler does
+        return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
 class FixedShuffleSampler(EpochSampler):
@@ -253,8 +279,13 @@ class LeWMDataModule(L.LightningDataModule):
             raise ValueError(f"{self.path} gives {len(train_set)} training clip(s): the projector's BatchNorm needs "
                              "at least 2; collect more or longer episodes, or lower data.num_frames / frameskip")
         # a last batch of one clip would break the projector's BatchNorm: drop it when there are others
-        sampler = EpochSampler(len(train_set), self.hparams.shuffle_seed)
-        if self.trainer is not None and self.trainer.fit_loop.restarting:  # resuming a run
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:  # each process draws its shard of the one order
+            sampler = DistributedEpochSampler(len(train_set), self.hparams.shuffle_seed, trainer.world_size,
+                                              trainer.global_rank)
+        else:
+            sampler = EpochSampler(len(train_set), self.hparams.shuffle_seed)
+        if trainer is not None and trainer.fit_loop.restarting:  # resuming a run
             # loader workers draw their first indices before Lightning sets the epoch: set it here
             sampler.set_epoch(self.trainer.current_epoch)
             sampler.resume_at(self._clips_done_this_epoch())

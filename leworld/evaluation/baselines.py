@@ -98,6 +98,8 @@ class ReplayBaseline:
 
 
 def make_baseline(name: str, env_name: str, seed: int = 0):
+    if env_name not in ("tworoom", "pusht"):
+        raise ValueError(f"unknown env {env_name!r}: baselines exist for tworoom and pusht")
     if name == "random":
         return RandomBaseline(seed)
     if name == "straight":

@@ -43,7 +43,7 @@ COSTS = ("margin", "terminal", "latent")
 
 def success_margin(state, goal) -> float:
     """max(pose error / 20 px, angle error / 20 degrees) of one Push-T state (7,) against its goal:
-    below 1 exactly when LEWM.md section 6's success test passes."""
+    below 1 exactly when the env's success test passes."""
     pos = math.sqrt(sum((float(state[k]) - float(goal[k])) ** 2 for k in range(4)))
     ang = abs((float(state[4]) - float(goal[4]) + math.pi) % (2 * math.pi) - math.pi)
     return max(pos / SUCCESS_POS, ang / SUCCESS_ANGLE)

@@ -13,7 +13,7 @@ dataset split the starts come from, how far ahead the goal is, and the env-step 
 Every result file stores the protocol's name, version and all its values. Change a value and
 the numbers are no longer comparable: add a new preset (or bump the version) instead.
 
-Sampling (LEWM.md section 6): `num_episodes` dataset episodes are drawn from the split (without
+Sampling (as in the LeWM paper's protocol): `num_episodes` dataset episodes are drawn from the split (without
 replacement while there are enough), a start step uniformly among those that leave room for
 the goal, and the goal is the state `goal_offset` steps later in the same episode. Seeded.
 """
@@ -56,6 +56,12 @@ class EvalProtocol:
     description: str = ""
     dataset: dict | None = None
     env: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("num_episodes", "goal_offset", "budget"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"protocol {self.name}: {field} must be a whole number >= 1, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,7 +134,14 @@ def split_of(store: EpisodeStore, protocol: EvalProtocol, val_fraction: float = 
 def sample_pairs(store: EpisodeStore, protocol: EvalProtocol, seed: int = 0, episodes: np.ndarray | None = None,
                  val_fraction: float = 0.1, split_seed: int = 0) -> Pairs:
     """Draw the protocol's start/goal pairs from `episodes` (default: its split of `store`)."""
-    episodes = split_of(store, protocol, val_fraction, split_seed) if episodes is None else np.asarray(episodes)
+    if episodes is None:
+        episodes = split_of(store, protocol, val_fraction, split_seed)
+    else:
+        episodes = np.asarray(episodes)
+        if episodes.ndim != 1 or not len(episodes) or episodes.dtype.kind not in "iu" \
+                or episodes.min() < 0 or episodes.max() >= store.num_episodes:
+            raise ValueError(f"episodes must be a non-empty 1-d array of episode indices in [0, "
+                             f"{store.num_episodes}) of {store.path}, got {episodes!r}")
     steps = store.episode_length - 1  # (E,): an episode of L steps holds L + 1 rows
     eligible = episodes[steps[episodes] >= protocol.goal_offset]
     if len(eligible) == 0:

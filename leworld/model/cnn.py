@@ -9,7 +9,7 @@ Example:
 
 Conv 4x4 stride 4 (patchify) -> conv 3x3 stride 2 -> conv 3x3 stride 2, GELU after each,
 then flatten (keeps where things are in the image) -> Linear to `width`. No normalisation
-layers: the BatchNorm lives in the projector, and GroupNorm is slow on CPU (LEWM.md 12).
+layers: the BatchNorm lives in the projector, and GroupNorm is slow on CPU.
 
 `head="keypoints"` keeps the map at a quarter of the image side instead (conv 3x3 stride 1
 twice, the last with `channels[2]` maps) and reads each map as a keypoint: the expected (x, y)

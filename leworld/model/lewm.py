@@ -236,6 +236,9 @@ class LeWorldModel(nn.Module):
             x = pixels.to(self.pixel_mean.dtype) / 255.0
         elif pixels.is_floating_point():
             x = pixels.to(self.pixel_mean.dtype)
+            if x.numel() and float(x.max()) > 1.0 + 1e-3:  # reads one number back: float input only
+                raise ValueError("float pixels must be in [0, 1], got values above 1: divide by 255, or pass uint8 "
+                                 "frames as they are")
         else:
             raise TypeError(f"pixels must be uint8 or floating point, got {pixels.dtype}.")
         x = (x.reshape(B * T, C, Hp, Wp) - self.pixel_mean) / self.pixel_std  # (B*T, C, Hp, Wp)
@@ -245,10 +248,10 @@ class LeWorldModel(nn.Module):
     # ---- dynamics --------------------------------------------------------------------------
     def predict(self, emb: torch.Tensor, act_emb: torch.Tensor) -> torch.Tensor:
         """emb (B, T, D), act_emb (B, T, D) -> predictions (B, T, D); position t predicts frame t+1."""
-        if emb.ndim != 3 or emb.shape != act_emb.shape:
+        if emb.ndim != 3 or emb.shape != act_emb.shape or emb.shape[-1] != self.config.embed_dim:
             raise ValueError(
-                "predict expects emb and act_emb of equal shape (B, T, D), "
-                f"got {tuple(emb.shape)} and {tuple(act_emb.shape)}."
+                f"predict expects emb and act_emb of equal shape (B, T, D) with D = config.embed_dim = "
+                f"{self.config.embed_dim}, got {tuple(emb.shape)} and {tuple(act_emb.shape)}."
             )
         return self.pred_proj(self.predictor(emb, act_emb))  # (B, T, D)
 
@@ -283,6 +286,10 @@ class LeWorldModel(nn.Module):
             )
         B, H, D = context_emb.shape
         _, S, T, block_dim = action_blocks.shape
+        if D != self.config.embed_dim or 0 in (B, S, T):
+            raise ValueError(f"rollout expects context embeddings of width config.embed_dim = {self.config.embed_dim} "
+                             f"and at least one row, sample and block; got context_emb {tuple(context_emb.shape)} "
+                             f"and action_blocks {tuple(action_blocks.shape)}")
         if context_actions is None:
             context_actions = action_blocks.new_zeros(B, H - 1, block_dim)
         if context_actions.shape != (B, H - 1, block_dim):

@@ -1,4 +1,4 @@
-"""Cross-entropy method (LEWM.md section 5): sample, keep the `topk` cheapest, refit a Gaussian.
+"""Cross-entropy method (the LeWM paper's planner): sample, keep the `topk` cheapest, refit a Gaussian.
 
 Example:
     >>> from leworld.planning import CEM
@@ -53,10 +53,12 @@ class CEM:
 
     def __init__(self, num_samples: int = 300, topk: int = 30, iterations: int = 30, init_std: float = 1.0,
                  min_std: float = 0.0, seed: int = 0):
-        if not 1 <= topk <= num_samples:
-            raise ValueError(f"need 1 <= topk <= num_samples, got topk={topk}, num_samples={num_samples}")
-        if iterations < 1 or init_std <= 0:
-            raise ValueError(f"need iterations >= 1 and init_std > 0, got {iterations} and {init_std}")
+        if not 2 <= topk <= num_samples:
+            raise ValueError(f"need 2 <= topk <= num_samples (the refitted std needs two elites), got topk={topk}, "
+                             f"num_samples={num_samples}")
+        if iterations < 1 or not init_std > 0 or not min_std >= 0:
+            raise ValueError(f"need iterations >= 1, init_std > 0 and min_std >= 0, got {iterations}, {init_std} "
+                             f"and {min_std}")
         self.num_samples, self.topk, self.iterations = int(num_samples), int(topk), int(iterations)
         self.init_std, self.min_std, self.seed = float(init_std), float(min_std), int(seed)
 

@@ -6,7 +6,7 @@ Example:
 
 `num_samples` sequences per problem start from init + init_std * noise (the first from init
 itself) and are optimised in parallel; after each step they are projected back into the
-bounds; the cheapest one is returned. LEWM.md section 5: gradient planners do much worse
+bounds; the cheapest one is returned. The LeWM paper reports that gradient planners do much worse
 than CEM on Push-T; it is here so planners can be compared on equal terms.
 """
 from __future__ import annotations

@@ -48,10 +48,12 @@ class ICEM:
     def __init__(self, num_samples: int = 300, topk: int = 30, iterations: int = 10, beta: float = 2.0,
                  decay: float = 1.25, keep_elites: float = 0.3, momentum: float = 0.1, init_std: float = 1.0,
                  min_std: float = 0.0, seed: int = 0):
-        if not 1 <= topk <= num_samples or iterations < 1 or decay < 1 or not 0 <= keep_elites <= 1 \
-                or not 0 <= momentum < 1 or init_std <= 0:
-            raise ValueError("need 1 <= topk <= num_samples, iterations >= 1, decay >= 1, keep_elites in [0, 1], "
-                             "momentum in [0, 1) and init_std > 0")
+        if not 2 <= topk <= num_samples or iterations < 1 or decay < 1 or not 0 <= keep_elites <= 1 \
+                or not 0 <= momentum < 1 or not init_std > 0 or not min_std >= 0:
+            raise ValueError("need 2 <= topk <= num_samples (the refitted std needs two elites), iterations >= 1, "
+                             "decay >= 1, keep_elites in [0, 1], momentum in [0, 1), init_std > 0 and min_std >= 0; "
+                             f"got topk={topk}, num_samples={num_samples}, iterations={iterations}, decay={decay}, "
+                             f"keep_elites={keep_elites}, momentum={momentum}, init_std={init_std}, min_std={min_std}")
         self.num_samples, self.topk, self.iterations = int(num_samples), int(topk), int(iterations)
         self.beta, self.decay, self.keep_elites, self.momentum = float(beta), float(decay), float(keep_elites), float(momentum)
         self.init_std, self.min_std, self.seed = float(init_std), float(min_std), int(seed)

@@ -99,19 +99,28 @@ class MPCPolicy:
         self.plans = 0  # plans made (envs x calls)
 
     def settings(self) -> dict:
+        """What a results file records. `seed` is the MPC's: its generator draws every plan's
+        samples, so a seed given to the planner itself does not act here and is not recorded."""
+        planner = {k: v for k, v in self.planner.settings().items() if k != "seed"}
         return {"horizon": self.horizon, "receding_horizon": self.receding_horizon,
                 "replan_every": self.replan_every, "hold_actions": self.hold_actions, "cost": self.cost,
                 "warm_start": self.warm_start, "compile": self.compile,
-                "compile_mode": self.compile_mode, "amp": self.amp, "seed": self.seed,
-                "deadline": self.deadline, **self.planner.settings()}
+                "compile_mode": self.compile_mode, "amp": self.amp, "deadline": self.deadline, **planner,
+                "seed": self.seed}
 
     def _encode(self, pixels) -> torch.Tensor:
+        if getattr(pixels, "ndim", 0) != 4:
+            raise ValueError(f"MPCPolicy takes a batched env (envs.make_batch) and its (N, H, W, 3) pixels, got "
+                             f"shape {getattr(pixels, 'shape', None)}; a gymnasium env is one env: use "
+                             "envs.make_batch(name, num_envs=1) instead")
         x = torch.as_tensor(np.ascontiguousarray(pixels), device=self.device)  # (N, Hp, Wp, C) uint8
         return self.model.encode(x.permute(0, 3, 1, 2)[:, None])[:, 0]  # (N, D)
 
     @torch.no_grad()
     def reset(self, env) -> None:
         """Start new episodes: encode the env's goal images and clear the history."""
+        if not hasattr(env, "goal_pixels"):
+            raise TypeError(f"MPCPolicy plans on a batched env (envs.make_batch), got {type(env).__name__}")
         self.goal = self._encode(env.goal_pixels())  # (N, D)
         self.frames: dict[int, torch.Tensor] = {}  # env step -> embedding (N, D) of the frame seen then
         self.executed: list[torch.Tensor] = []  # normalised actions (N, A) of the last env steps, oldest first
@@ -176,6 +185,11 @@ class MPCPolicy:
     @torch.no_grad()
     def act(self, env, obs: dict) -> np.ndarray:
         """obs["pixels"] (N, Hp, Wp, C) uint8 -> raw actions (N, A) for the next env step."""
+        if not hasattr(self, "goal"):
+            raise RuntimeError("call policy.reset(env) before policy.act: it encodes the goal images")
+        if len(obs["pixels"]) != len(self.goal):
+            raise ValueError(f"obs holds {len(obs['pixels'])} envs but the policy was reset on {len(self.goal)}: "
+                             "call policy.reset(env) with this env first")
         c = self.model.config
         fs = c.frameskip
         if self._needs_frame():
