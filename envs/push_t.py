@@ -236,9 +236,10 @@ class PushTBatch:
         """Perturbation: paint the block (default) or the agent of envs `index` (default all) until the next reset."""
         if part not in ("block", "agent"):
             raise ValueError(f"set_colour: part must be 'block' or 'agent', got {part!r}")
-        rgb = tuple(int(c) for c in np.asarray(rgb).reshape(-1))
-        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-            raise ValueError(f"set_colour: rgb must be 3 integers in [0, 255], got {rgb}")
+        values = np.asarray(rgb, dtype=np.float64).reshape(-1)
+        if len(values) != 3 or not ((values >= 0) & (values <= 255) & (values == np.round(values))).all():
+            raise ValueError(f"set_colour: rgb must be 3 integers in [0, 255], got {rgb!r}")
+        rgb = tuple(int(c) for c in values)
         colours = self._block_rgb if part == "block" else self._agent_rgb
         for i in self._indices(index):
             colours[i] = rgb

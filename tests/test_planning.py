@@ -410,3 +410,15 @@ def test_mpc_records_its_own_seed_and_names_misuse():
         policy._encode(single["pixels"])
     with pytest.raises(TypeError, match="batched env"):
         policy.reset(object())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"horizon": 0}, ValueError, "horizon counts action blocks"),
+    ({"cost": "bogus"}, ValueError, "unknown cost 'bogus'"),
+    ({"planner": "cem"}, TypeError, "planner must be a planner object"),
+    ({"action_low": 1.0, "action_high": -1.0}, ValueError, "action_low < action_high"),
+])
+def test_mpc_refuses_settings_at_construction(kwargs, error, match):
+    args = {"planner": CEM(num_samples=8, topk=2, iterations=1), "horizon": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        MPCPolicy(tiny_model(), **args)

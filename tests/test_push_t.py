@@ -486,3 +486,14 @@ def test_observed_pixels_are_read_only_and_the_gym_view_checks_the_action_shape(
         with pytest.raises(ValueError, match=r"action must have shape \(2,\)"):
             env.step(bad)
     env.step(np.array([0.1, -0.2]))
+
+
+def test_set_colour_refuses_what_it_cannot_paint():
+    env = envs.make_batch("pusht", 2, resolution=32)
+    for bad in ((float("nan"), 0, 0), (-0.5, 0, 0), (255.9, 0, 0), (1, 2)):
+        with pytest.raises(ValueError, match="3 integers in \\[0, 255\\]"):
+            env.set_colour(bad)
+    plain = env.render()
+    env.set_colour((220, 20, 60), index=1)  # only env 1 is painted
+    frames = env.render()
+    assert np.array_equal(frames[0], plain[0]) and not np.array_equal(frames[1], plain[1])

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from leworld.planning.problem import HeldActions, LatentProblem
+from leworld.planning.problem import COSTS, HeldActions, LatentProblem
 
 
 class MPCPolicy:
@@ -71,6 +71,14 @@ class MPCPolicy:
                  warm_start: bool = False, compile: bool = False, amp: bool = False, device=None, seed: int = 0,
                  compile_mode: str | None = None, deadline: int | None = None, replan_every: int | None = None,
                  hold_actions: bool = False):
+        if int(horizon) < 1:
+            raise ValueError(f"horizon counts action blocks per plan: at least 1, got {horizon}")
+        if cost not in COSTS:
+            raise ValueError(f"unknown cost {cost!r}: choose one of {', '.join(COSTS)}")
+        if not callable(getattr(planner, "plan", None)):
+            raise TypeError(f"planner must be a planner object (e.g. leworld.planning.CEM()), got {planner!r}")
+        if not action_low < action_high:
+            raise ValueError(f"need action_low < action_high, got {action_low} and {action_high}")
         if deadline is not None and int(deadline) < 1:
             raise ValueError(f"deadline must be a positive number of env steps or None, got {deadline}")
         self.deadline = None if deadline is None else int(deadline)
