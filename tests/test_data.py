@@ -378,3 +378,10 @@ def test_epoch_sampler_orders_resume_and_shards_like_the_uninterrupted_epoch():
         s.set_epoch(2)
         s.resume_at(2 * bs * world)
         assert list(s)[: 12 - 2 * bs] == padded[r::world][2 * bs:]
+
+
+def test_a_bad_generate_setting_is_named_as_the_config_key(tmp_path):
+    dm = LeWMDataModule(str(tmp_path / "new.h5"), generate=CollectSpec(env="tworoom", episodes=0))
+    with pytest.raises(ValueError, match="data.generate: --episodes must be a positive integer"):
+        dm.prepare_data()
+    assert list(tmp_path.iterdir()) == []

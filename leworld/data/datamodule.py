@@ -197,7 +197,10 @@ class LeWMDataModule(L.LightningDataModule):
         spec = self._generate_spec()
         env = spec.pop("env")
         print(f"{self.path} does not exist: generating it ({spec['episodes']} {env} episodes)")
-        collect(env, out=self.path, **spec)
+        try:
+            collect(env, out=self.path, **spec)
+        except ValueError as e:  # collect names its command-line flags: say where the value came from
+            raise ValueError(f"data.generate: {e} (set it under data.generate in the config)") from None
         print(EpisodeStore(self.path).summary())
 
     def setup(self, stage: str | None = None) -> None:
