@@ -104,6 +104,9 @@ class PushTBatch:
 
     def reset_to(self, starts, goals) -> dict:
         """Start each env at `starts` (N, 7) with goal `goals` (N, 7), default colours (dataset replay)."""
+        idx = self._indices(None)
+        self._rows(starts, idx, "reset_to starts")  # both checked before anything changes
+        self._rows(goals, idx, "reset_to goals", widths=(7, 5))
         self._block_rgb = [LIGHT_SLATE_GRAY] * self.num_envs
         self._agent_rgb = [ROYAL_BLUE] * self.num_envs
         self.set_state(starts)

@@ -381,3 +381,7 @@ def test_float_pixels_above_one_and_embeddings_of_another_width_are_refused():
     with pytest.raises(ValueError, match="at least one row, sample and block"):
         model.rollout(emb, blocks[:, :0])
     assert model.rollout(emb, blocks).shape == (2, 4, 2, D)
+    with pytest.raises(ValueError, match="encode got no frames"):
+        model.encode(pixels[:, :0])
+    with pytest.raises(ValueError, match="predict expects"):
+        model.predict(emb[:, :0], emb[:, :0])

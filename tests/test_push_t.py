@@ -497,3 +497,13 @@ def test_set_colour_refuses_what_it_cannot_paint():
     env.set_colour((220, 20, 60), index=1)  # only env 1 is painted
     frames = env.render()
     assert np.array_equal(frames[0], plain[0]) and not np.array_equal(frames[1], plain[1])
+
+
+def test_reset_to_checks_starts_and_goals_before_changing_anything():
+    env = envs.make_batch("pusht", 2, resolution=32, seed=0)
+    env.set_colour((220, 20, 60))
+    before, frames = env.get_state(), env.render()
+    with pytest.raises(ValueError, match="reset_to goals"):
+        env.reset_to(before, before[:1])  # a goal for one env only
+    np.testing.assert_array_equal(env.get_state(), before)
+    np.testing.assert_array_equal(env.render(), frames)  # colours untouched too

@@ -225,6 +225,8 @@ class LeWorldModel(nn.Module):
                 "add a time axis with pixels.unsqueeze(1)."
             )
         B, T, C, Hp, Wp = pixels.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"encode got no frames, shape {tuple(pixels.shape)}: pass at least one")
         if C != 3:
             hint = " (channels last? use pixels.permute(0, 1, 4, 2, 3))" if pixels.shape[-1] == 3 else ""
             raise ValueError(f"encode expects 3 colour channels in dim 2, got shape {tuple(pixels.shape)}{hint}.")
@@ -248,7 +250,7 @@ class LeWorldModel(nn.Module):
     # ---- dynamics --------------------------------------------------------------------------
     def predict(self, emb: torch.Tensor, act_emb: torch.Tensor) -> torch.Tensor:
         """emb (B, T, D), act_emb (B, T, D) -> predictions (B, T, D); position t predicts frame t+1."""
-        if emb.ndim != 3 or emb.shape != act_emb.shape or emb.shape[-1] != self.config.embed_dim:
+        if emb.ndim != 3 or emb.shape != act_emb.shape or emb.shape[-1] != self.config.embed_dim or 0 in emb.shape:
             raise ValueError(
                 f"predict expects emb and act_emb of equal shape (B, T, D) with D = config.embed_dim = "
                 f"{self.config.embed_dim}, got {tuple(emb.shape)} and {tuple(act_emb.shape)}."
