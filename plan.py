@@ -386,10 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     videos_tmp = None  # GIFs go here first, replacing `videos` only once the results are written
     try:
         for name in policies:
-            row, videos_tmp = run_one(name, args, model, store, env_name, protocol, pairs, device, out, videos_tmp)
+            row, policy_settings, videos_tmp = run_one(name, args, model, store, env_name, protocol, pairs, device,
+                                                       out, videos_tmp)
             if name == args.policy:
-                settings = row.pop("_settings", None)
-            row.pop("_settings", None)
+                settings = policy_settings
             rows.append(row)
         results = {
             "protocol": protocol.to_dict(),
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_one(name: str, args, model, store, env_name: str, protocol, pairs, device, out: Path, videos_tmp):
     """Run one policy (the model's MPC, a baseline or a privileged bound) on the pairs. Returns its
-    results row (with the policy's settings under `_settings`) and the folder its GIFs went to."""
+    results row, its settings (None for a baseline) and the folder its GIFs went to."""
     settings = None
     try:
         if name == "model":
@@ -461,7 +461,6 @@ def run_one(name: str, args, model, store, env_name: str, protocol, pairs, devic
     record = args.video and name == args.policy
     row, result = run_policy(label, policy, make_env(store, env_name, protocol.num_episodes), pairs,
                              protocol.budget, record, not args.no_progress)
-    row["_settings"] = settings
     if record:
         from leworld.viz import write_episode_gif
 
@@ -470,7 +469,7 @@ def run_one(name: str, args, model, store, env_name: str, protocol, pairs, devic
         for i in range(protocol.num_episodes):
             tag = "success" if result.success[i] else "failure"
             write_episode_gif(videos_tmp / f"ep{i:03d}_{tag}.gif", result.frames[i], result.goal_frames[i])
-    return row, videos_tmp
+    return row, settings, videos_tmp
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ class DistributedEpochSampler(DistributedSampler):
 
     def __init__(self, size: int, seed: int, num_replicas: int, rank: int):
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.size, self.order_seed, self._order = size, seed, EpochSampler(size, seed)
+        self._order = EpochSampler(size, seed)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
