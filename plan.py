@@ -37,7 +37,7 @@ import envs
 from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import find_model, load_model, model_extra, model_name, recorded_data_path, weights_file
 from leworld.data.store import DatasetError, EpisodeStore
-from leworld.device import resolve_device
+from leworld.device import describe_device, resolve_device
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
 from leworld.evaluation.baselines import ReplayBaseline
 from leworld.evaluation.oracle import COSTS as ORACLE_COSTS, SimulatorOracle
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             "videos": str(videos) if videos else None,
             "leworld_version": package_version(),
             "torch_version": torch.__version__,
-            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "device": describe_device(device),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),

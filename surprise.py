@@ -31,6 +31,7 @@ from tqdm import tqdm
 import envs
 from envs.policies import make_policy
 from leworld.allocator import keep_freed_memory
+from leworld.cli import HelpFormatter
 from leworld.checkpoint import find_model, load_model, model_name
 from leworld.device import resolve_device
 from leworld.results import atomic_write, check_writable, finite, package_version, sha256_file, write_json
@@ -48,7 +49,7 @@ CANDIDATES = 4  # reset-distribution draws per teleport; the first at least MIN_
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, default=argparse.SUPPRESS,
                    help="exported model directory (model.safetensors + config.json), or a run directory "
                    "(runs/<name>: its newest model)")

@@ -33,7 +33,7 @@ data="data/pusht_gpu_${res}_${episodes}.h5"
 # 0. Push-T data in the background (CPU only)
 if [ ! -f "$data" ]; then
   ( start=$(date +%s)
-    "${pin[@]}" "$py" -m leworld.data.collect --env pusht --episodes "$episodes" --steps 100 --resolution "$res" \
+    limit 240 "${pin[@]}" "$py" -m leworld.data.collect --env pusht --episodes "$episodes" --steps 100 --resolution "$res" \
       --policy mix --seed 0 --out "$data" --workers $(( ncpu > 4 ? ncpu - 4 : 1 )) --quiet
     echo "collect: $(( $(date +%s) - start )) s, ended at $(elapsed) s" ) > "$work/collect.log" 2>&1 &
   collector=$!

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from leworld.allocator import keep_freed_memory
+from leworld.device import describe_device
 from leworld.model import LeWMConfig, LeWorldModel
 from leworld.planning import LatentProblem, make_planner
 
@@ -70,7 +71,7 @@ def run(config: str, batch: int, planner: str, num_samples: int, topk: int, iter
             write_profile(call, dev, profile)
     ms = statistics.median(times) * 1000
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    return {"config": config, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    return {"config": config, "device": describe_device(dev),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "planner": planner,
             "num_samples": num_samples, "topk": topk, "iterations": iterations, "horizon": horizon,
             "history": c.history, "batch": batch, "compile": compile, "compile_mode": compile_mode, "amp": amp and dev.type == "cuda",

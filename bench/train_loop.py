@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from leworld.allocator import keep_freed_memory
+from leworld.device import describe_device
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule
 
@@ -118,7 +119,7 @@ def run(config: str, steps: int, warmup: int, device: str, batch_size: int | Non
     else:
         trainer.fit(module, train_dataloaders=loader)
     seconds = clock.end - clock.start
-    result = {"config": config, "device": torch.cuda.get_device_name() if cuda else "cpu", "data": data or "synthetic",
+    result = {"config": config, "device": describe_device("cuda" if cuda else "cpu"), "data": data or "synthetic",
               "compile": compile, "batch_size": batch_size, "clip_frames": T, "log_every_n_steps": log_every,
               "steps": steps, "ms_per_step": round(1000 * seconds / steps, 2),
               "clips_per_s": round(batch_size * steps / seconds, 1), "torch": torch.__version__}

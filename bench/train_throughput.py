@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from leworld.allocator import keep_freed_memory
+from leworld.device import describe_device
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule
 
@@ -90,10 +91,9 @@ def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: b
             f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
-        name = torch.cuda.get_device_name()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS, GiB
-        name = f"cpu ({torch.get_num_threads()} threads)"
+    name = describe_device(device)
     params = sum(p.numel() for p in module.parameters())
     return {"config": config, "device": name, "batch_size": batch_size, "frames": T, "compile": compile,
             "compile_mode": compile_mode, "compile_parts": compile_parts,

@@ -4,12 +4,16 @@ Example:
     >>> from leworld.device import resolve_device
     >>> resolve_device("auto")  # CUDA if present, else MPS, else the CPU
     >>> resolve_device("cuda")  # ValueError on a machine without a usable GPU
+    >>> describe_device("cpu")  # e.g. 'AMD EPYC 7B13 (2 cores visible, 2 torch threads)'
 
 `--device` of `plan.py`, `surprise.py` and the analysis commands goes through `resolve_device`,
 so `--device cuda` on a machine without a usable GPU stops before any work, naming what is
 missing, instead of failing inside the first tensor copy.
 """
 from __future__ import annotations
+
+import os
+import platform
 
 import torch
 
@@ -44,6 +48,30 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r}: leworld runs on cpu, cuda or mps")
     return device
+
+
+def describe_device(device: str | torch.device) -> str:
+    """The hardware a number was measured on, for benchmark and result records: the GPU's name,
+    or the CPU's model with the cores this process may use and torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({cpu_model()})"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model()} ({cores} cores visible, {torch.get_num_threads()} torch threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else whatever `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _mps_available() -> bool:

@@ -45,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 from leworld.allocator import keep_freed_memory
+from leworld.cli import HelpFormatter
 from leworld.checkpoint import result_path
 from leworld.data.clips import ClipDataset, split_episodes
 from leworld.probe import (
@@ -242,7 +243,7 @@ def table(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m leworld.forecast", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="exported model directory, a run directory (its newest model), or a training .ckpt")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
     p.add_argument("--out", default=None, help="result JSON (default runs/forecast/<run name>.json; with a --seed other than 0, <run name>-seed<N>.json)")

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from leworld.allocator import keep_freed_memory
+from leworld.cli import HelpFormatter
 from leworld.checkpoint import find_model, load_model, model_extra, recorded_data_path, result_path, weights_file
 from leworld.device import resolve_device
 from leworld.results import check_writable, package_version, sha256_file, write_json
@@ -342,7 +343,7 @@ def table(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m leworld.probe", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json), a "
                    "run directory (its newest model), or a training .ckpt (probed with the data settings saved in it)")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from leworld.allocator import keep_freed_memory
+from leworld.cli import HelpFormatter
 from leworld.checkpoint import result_path
 from leworld.data.clips import split_episodes
 from leworld.probe import check_common_args, command_record, embed_frames, open_model_and_data
@@ -187,7 +188,7 @@ def table(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m leworld.separation", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="exported model directory, a run directory (its newest model), or a training .ckpt")
     p.add_argument("--data", default=None, help="dataset .h5 (default: extra.data.path in the model's config.json)")
     p.add_argument("--out", default=None, help="result JSON (default runs/separation/<run name>.json; with a --seed other than 0, <run name>-seed<N>.json)")

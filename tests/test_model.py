@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -186,6 +187,24 @@ def test_wrong_shapes_give_clear_errors():
         model.rollout(torch.zeros(B, 3, D), blocks(B, 5))
     with pytest.raises(ValueError, match="context_actions"):
         model.rollout(torch.zeros(B, 3, D), blocks(B, S, 5), blocks(B, 3))
+
+
+def test_numpy_inputs_are_refused_by_name():
+    model = make()
+    pixels = np.zeros((B, 1, 3, 32, 32), dtype=np.uint8)
+    with pytest.raises(TypeError, match=r"encode expects pixels as a torch.Tensor, got numpy.ndarray.*torch.as_tensor"):
+        model.encode(pixels)
+    emb = torch.zeros(B, 3, D)
+    with pytest.raises(TypeError, match="predict expects act_emb"):
+        model.predict(emb, emb.numpy())
+    with pytest.raises(TypeError, match="rollout expects action_blocks"):
+        model.rollout(emb, blocks(B, S, 5).numpy())
+    with pytest.raises(TypeError, match="rollout expects context_actions"):
+        model.rollout(emb, blocks(B, S, 5), blocks(B, 2).tolist())
+    with pytest.raises(TypeError, match="encode_actions expects blocks"):
+        model.encode_actions(blocks(B, 3).numpy())
+    with pytest.raises(TypeError, match="normalize_actions expects a"):
+        model.normalize_actions(np.zeros((B, 2), dtype=np.float32))
 
 
 def test_config_validation_and_round_trip():

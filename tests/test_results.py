@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,20 @@ def test_resolve_device_names_what_is_missing():
     if not torch.backends.mps.is_available():
         with pytest.raises(ValueError, match="MPS is not available"):
             resolve_device("mps")
+
+
+def test_describe_device_names_the_cpu_model_and_threads(monkeypatch):
+    import platform
+
+    import torch
+
+    from leworld import device
+
+    text = device.describe_device("cpu")
+    assert text.startswith(device.cpu_model()) and f"{torch.get_num_threads()} torch threads" in text
+    models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
+        if Path("/proc/cpuinfo").exists() else []
+    if models:  # Linux: the first processor's model name, read here independently
+        assert device.cpu_model() == models[0]
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert device.cpu_model() == (platform.processor() or platform.machine() or "unknown CPU")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import envs
 from envs.policies import POLICIES, make_policy
+from leworld.cli import HelpFormatter
 from leworld.data.store import EpisodeStore, EpisodeWriter
 from leworld.results import package_version
 
@@ -189,7 +190,7 @@ def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, po
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m leworld.data.collect", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--env", required=True, help=f"environment: {', '.join(envs.ENV_NAMES)}")
     p.add_argument("--episodes", type=int, default=100, help="number of episodes")
     p.add_argument("--steps", type=int, default=100, help="env steps per episode")

@@ -35,6 +35,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _require_tensor(method: str, **inputs) -> None:
+    """Refuse anything but a torch.Tensor by name (numpy arrays fail late and obscurely otherwise)."""
+    for name, value in inputs.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{method} expects {name} as a torch.Tensor, got {type(value).__module__}.{type(value).__name__}; "
+                f"convert it with torch.as_tensor({name}).to(model_device)."
+            )
+
+
 @dataclass
 class LeWMConfig:
     """Model configuration; defaults are the paper's (~18.0M parameters).
@@ -185,11 +195,13 @@ class LeWorldModel(nn.Module):
 
     def normalize_actions(self, a: torch.Tensor) -> torch.Tensor:
         """Raw actions (..., A) or blocks (..., frameskip*A) -> z-scored, same shape."""
+        _require_tensor("normalize_actions", a=a)
         mean, std = self._action_stats(a)
         return (a - mean) / std
 
     def denormalize_actions(self, a: torch.Tensor) -> torch.Tensor:
         """Inverse of `normalize_actions`."""
+        _require_tensor("denormalize_actions", a=a)
         mean, std = self._action_stats(a)
         return a * std + mean
 
@@ -208,6 +220,7 @@ class LeWorldModel(nn.Module):
 
     def encode_actions(self, blocks: torch.Tensor) -> torch.Tensor:
         """Normalised action blocks (..., frameskip*A) -> action embeddings (..., D)."""
+        _require_tensor("encode_actions", blocks=blocks)
         if blocks.shape[-1] != self.config.action_block_dim:
             raise ValueError(
                 f"action blocks have last dim {blocks.shape[-1]}, expected frameskip*action_dim="
@@ -218,6 +231,7 @@ class LeWorldModel(nn.Module):
     # ---- frames ----------------------------------------------------------------------------
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, T, C, Hp, Wp), uint8 in [0, 255] or float in [0, 1] -> embeddings (B, T, D)."""
+        _require_tensor("encode", pixels=pixels)
         size = self.config.image_size
         if pixels.ndim != 5:
             raise ValueError(
@@ -250,6 +264,7 @@ class LeWorldModel(nn.Module):
     # ---- dynamics --------------------------------------------------------------------------
     def predict(self, emb: torch.Tensor, act_emb: torch.Tensor) -> torch.Tensor:
         """emb (B, T, D), act_emb (B, T, D) -> predictions (B, T, D); position t predicts frame t+1."""
+        _require_tensor("predict", emb=emb, act_emb=act_emb)
         if emb.ndim != 3 or emb.shape != act_emb.shape or emb.shape[-1] != self.config.embed_dim or 0 in emb.shape:
             raise ValueError(
                 f"predict expects emb and act_emb of equal shape (B, T, D) with D = config.embed_dim = "
@@ -278,6 +293,8 @@ class LeWorldModel(nn.Module):
         Returns (B, S, T, D): predicted embeddings of the T frames after the context. Only
         the last `history` frames (and their blocks) are seen at each step (sliding window).
         """
+        _require_tensor("rollout", context_emb=context_emb, action_blocks=action_blocks,
+                        **({} if context_actions is None else {"context_actions": context_actions}))
         W = self.config.history
         ranks_ok = context_emb.ndim == 3 and action_blocks.ndim == 4 and context_emb.shape[1] >= 1
         if not ranks_ok or action_blocks.shape[0] != context_emb.shape[0]:
