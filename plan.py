@@ -117,6 +117,9 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--topk must be at least 2 (the refitted std needs two elites), got {args.topk}")
     if not (math.isfinite(args.init_std) and args.init_std > 0):
         parser.error(f"--init-std must be a positive number, got {args.init_std}")
+    if args.receding_horizon is not None and args.replan_every is not None:
+        parser.error("--receding-horizon and --replan-every both say when to replan: give one of them "
+                     "(--replan-every N counts env steps, --receding-horizon N counts blocks)")
     if args.receding_horizon is not None and args.receding_horizon > args.horizon:
         parser.error(f"--receding-horizon ({args.receding_horizon}) executes blocks of a plan of --horizon "
                      f"{args.horizon} blocks: it can be at most {args.horizon}")
@@ -166,8 +169,9 @@ def model_record(paths: list[Path] | None, infos: list[dict], model) -> dict:
             "config": [c.to_dict() for c in model.members_config], "ensemble": len(paths)}
 
 
-def resolve(args, extra: dict) -> tuple[str, Path, dict]:
-    """Env name, dataset path and split settings, checked against the model's training data."""
+def resolve(args, extra: dict, heldout_protocol: bool = False) -> tuple[str, Path | None, dict]:
+    """Env name, dataset path and split settings, checked against the model's training data.
+    The path is None only for a held-out protocol without --data (its own dataset is used)."""
     trained = (extra.get("dataset") or {}).get("env")
     env_name = args.env or trained
     if env_name is None and args.model is None:
@@ -178,11 +182,11 @@ def resolve(args, extra: dict) -> tuple[str, Path, dict]:
     if trained and args.env and args.env != trained:
         raise SystemExit(f"error: env/model mismatch: the model was trained on {trained!r} data, --env is {args.env!r}")
     data = extra.get("data") or {}
-    path = args.data or recorded_data_path(args.model[0], data.get("path"))
-    if path is None and args.model is None:
-        raise SystemExit(f"error: --policy {args.policy} without --model: pass --data, the dataset the pairs "
-                         "come from")
-    if path is None:
+    path = args.data or (recorded_data_path(args.model[0], data.get("path")) if args.model else None)
+    if path is None and not heldout_protocol:  # a held-out protocol has its own dataset (`heldout`)
+        if args.model is None:
+            raise SystemExit(f"error: --policy {args.policy} without --model: pass --data, the dataset the pairs "
+                             "come from")
         raise SystemExit("error: pass --data: the model does not record its training dataset")
     split = {"val_fraction": float(data.get("val_fraction", 0.1)), "split_seed": int(data.get("split_seed", 0))}
     return env_name, path, split
@@ -352,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = get_protocol(args.protocol)
     if args.num_episodes is not None:
         protocol = protocol.replace(num_episodes=args.num_episodes)
-    env_name, data_path, split = resolve(args, info["extra"])
+    env_name, data_path, split = resolve(args, info["extra"], heldout_protocol=protocol.dataset is not None)
     if protocol.env is not None and protocol.env != env_name:
         raise SystemExit(f"error: protocol {protocol.name} is for {protocol.env}, not {env_name}: choose one of "
                          f"{', '.join(n for n, p in PROTOCOLS.items() if p.env in (None, env_name))}")

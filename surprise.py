@@ -13,7 +13,7 @@ nominal; colour (Two-Room: agent, Push-T: block); teleport (Two-Room: agent, Pus
 block, to a reset-distribution state). Frame p is the first perturbed frame. Separate nominal
 runs (another seed) calibrate per-step z-scores and the threshold (`--false-alarm-rate`).
 Written to `--out` (default runs/surprise/<the model's run name>, with `-seed<N>` for a seed other
-than 0): surprise.png and surprise.json (protocol `surprise-v1`, settings, model sha256, every
+than 0): surprise.png and surprise.json (protocol `surprise-v2`, settings, model sha256, every
 statistic); the table is printed.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from leworld.surprise import (
     auroc, calibrate, detection_rate, false_alarm_rate, mean_latency, paired_t_test, trajectory_surprise,
 )
 
-PROTOCOL = "surprise-v1"
+PROTOCOL = "surprise-v2"  # v2: leave-one-out calibration threshold, true medians
 CONDITIONS = ("nominal", "colour", "teleport")
 DEFAULT_POLICY = {"tworoom": ("expert", 2.0), "pusht": ("mix", None)}  # when config.json names none
 COLOUR = {"tworoom": (0, 0, 255), "pusht": (220, 20, 60)}  # red agent -> blue; grey block -> crimson
@@ -68,8 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
-    if args.num_trajectories < 2 or (args.num_calibration is not None and args.num_calibration < 2):
-        p.error("need at least 2 trajectories and 2 calibration runs (the t-test and z-scores need a spread)")
+    if args.num_trajectories < 2 or (args.num_calibration or args.num_trajectories) < 3:
+        p.error("need at least 2 trajectories (the t-test needs a spread) and 3 calibration runs (the threshold "
+                "scores each against the mean and std of the others; --num-calibration defaults to "
+                "--num-trajectories)")
     if args.horizon < 1:
         p.error(f"--horizon must be at least 1 (a 1-step prediction), got {args.horizon}")
     if args.seed < 0:
@@ -160,19 +162,24 @@ def score(model, pixels: np.ndarray, actions: np.ndarray, horizon: int, device: 
 
 
 # ---- statistics, figure, files -------------------------------------------------------------------------
+def median(x: torch.Tensor) -> float:
+    """The median (the mean of the two middle values for an even count; torch.median takes the lower)."""
+    return float(torch.quantile(x.double(), 0.5))
+
+
 def statistics(surprise: dict, cal, p: int, window: int, horizon: int) -> dict:
     """Per perturbed condition: paired t-test and AUROC at frame p, detection rate and latency."""
     nominal = surprise["nominal"]
     nominal_flags = cal.detect(nominal)
     out = {"nominal": {"false_alarm_rate_per_step": false_alarm_rate(nominal_flags[:, horizon:]),
                        "false_alarm_rate_in_window": detection_rate(nominal_flags, p, window),
-                       "median_z_at_p": float(cal.zscore(nominal)[:, p].median())}}
+                       "median_z_at_p": median(cal.zscore(nominal)[:, p])}}
     for c in CONDITIONS[1:]:
         flags = cal.detect(surprise[c])
         t, pval = paired_t_test(surprise[c][:, p], nominal[:, p])
         out[c] = {"t_statistic": t, "p_value": pval, "auroc": auroc(surprise[c][:, p], nominal[:, p]),
                   "detection_rate": detection_rate(flags, p, window), "mean_latency": mean_latency(flags, p, window),
-                  "median_z_at_p": float(cal.zscore(surprise[c])[:, p].median())}
+                  "median_z_at_p": median(cal.zscore(surprise[c])[:, p])}
     return out
 
 
@@ -267,7 +274,7 @@ def main(argv=None) -> dict:
         "frameskip": cfg.frameskip, "history": cfg.history, "colour": COLOUR[setup["env"]],
         "calibration": {"threshold_z": cal.threshold, "false_alarm_target": cal.false_alarm_rate, "runs": n_cal},
         "statistics": stats,
-        "median_surprise": {c: surprise[c].nanmedian(0).values.tolist() for c in CONDITIONS},
+        "median_surprise": {c: surprise[c].nanquantile(0.5, dim=0).tolist() for c in CONDITIONS},
         "wall_seconds": time.perf_counter() - start,
     }
     result = finite(result)

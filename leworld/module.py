@@ -33,7 +33,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from leworld.model import LeWMConfig, LeWorldModel
-from leworld.sigreg import sigreg
+from leworld.sigreg import directions_agree, sigreg
 
 
 def effective_rank(emb: torch.Tensor) -> torch.Tensor:
@@ -146,6 +146,7 @@ class LeWMModule(L.LightningModule):
         self._collapse_warned = False
         self._open_loop_mse = None  # the open-loop part of the last prediction term (open_loop_frames)
         self._bad_step = self._bad_values = self._grad_norm = None
+        self._directions_device = None  # SIGReg directions drawn on the embeddings' device (`on_fit_start`)
         # Check for a NaN loss after every step (True), only on logging steps and before a
         # checkpoint or the export (False), or None: every step on the CPU, where the check costs
         # nothing, and on logging steps elsewhere, where it would stall the device.
@@ -177,8 +178,9 @@ class LeWMModule(L.LightningModule):
         if dm.resolution != c.image_size:
             problems.append(f"data frames are {dm.resolution} px, the model expects {c.image_size} px: "
                             f"set model.image_size or collect at that resolution")
-        if hp.num_frames - 1 > c.history:
-            problems.append(f"clips of {hp.num_frames} frames need a history of {hp.num_frames - 1}, the model has "
+        if hp.num_frames - 1 != c.history:  # shorter clips would leave the last positions untrained, yet
+            # rollouts and planning use all `history` of them
+            problems.append(f"clips of {hp.num_frames} frames train a history of {hp.num_frames - 1}, the model has "
                             f"{c.history}: set data.num_frames = model.history + 1")
         k = self.hparams.get("open_loop_frames", 0)
         if k > hp.num_frames - 1:
@@ -210,7 +212,8 @@ class LeWMModule(L.LightningModule):
             pred, target = torch.cat([pred, rolled], 1), torch.cat([target, emb[:, c:]], 1)
         pred_loss = F.mse_loss(pred.float(), target.float())
         reg = sigreg(emb, step=self.global_step, num_directions=self.hparams.num_directions,
-                     num_knots=self.hparams.num_knots, t_max=self.hparams.t_max, seed=self.hparams.sigreg_seed)
+                     num_knots=self.hparams.num_knots, t_max=self.hparams.t_max, seed=self.hparams.sigreg_seed,
+                     directions_device=self._directions_device)
         return pred_loss, reg, emb
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -385,8 +388,20 @@ class LeWMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Refuse, before any step, a run whose export would replace another run's model: without a
         versioning logger (`logger: false`) every run exports to `<default_root_dir>/model`. A run
-        resumed from a checkpoint may replace it (it continues the run that wrote it)."""
+        resumed from a checkpoint may replace it (it continues the run that wrote it).
+
+        Under several processes, also check that every rank draws the same SIGReg directions on
+        its device (ranks on different GPU models may not); if not, draw them on the CPU, which is
+        the same everywhere, so that SIGReg stays exact across ranks."""
         from leworld.checkpoint import WEIGHTS_NAME
+
+        self._directions_device = None
+        if self.trainer.world_size > 1 and not directions_agree(
+                self.config.embed_dim, self.hparams.num_directions, self.hparams.sigreg_seed, self.device):
+            self._directions_device = "cpu"
+            rank_zero_warn(f"the ranks' {self.device.type} devices draw different SIGReg directions from the same "
+                           "seed (different GPU models?): drawing them on the CPU instead, copied to the device "
+                           "every step")
 
         directory = self._export_dir()
         if (directory / WEIGHTS_NAME).exists() and self.trainer.ckpt_path is None:

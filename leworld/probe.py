@@ -438,6 +438,12 @@ def main(argv=None) -> dict:
     model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
     val_fraction = data.get("val_fraction", 0.1) if args.val_fraction is None else args.val_fraction
     split_seed = data.get("split_seed", 0) if args.split_seed is None else args.split_seed
+    trained_on = recorded_data_path(model_path, data.get("path"))
+    own_data = trained_on is not None and Path(data_path).resolve() == Path(trained_on).resolve()
+    if own_data and (val_fraction, split_seed) != (data.get("val_fraction", 0.1), data.get("split_seed", 0)):
+        print(f"warning: --val-fraction {val_fraction} / --split-seed {split_seed} is not the split the model was "
+              f"trained with ({data.get('val_fraction', 0.1)} / {data.get('split_seed', 0)}) on this dataset: some "
+              "'validation' episodes were trained on, so the scores are optimistic", file=sys.stderr)
     try:
         result = probe(model, store, env=data_env, val_fraction=val_fraction, split_seed=split_seed,
                        frames_per_episode=args.frames_per_episode, max_train_frames=args.max_train_frames,

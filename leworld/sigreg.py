@@ -9,8 +9,11 @@ Example:
     True
 
 For each time step, over the batch Z_t (N, D):
-  1. K directions u_k uniform on the unit sphere, drawn by a CPU `torch.Generator` seeded
-     from (seed, step): identical on every rank, fresh every training step.
+  1. K directions u_k uniform on the unit sphere, drawn by a `torch.Generator` seeded from
+     (seed, step) on the embeddings' device (no host-to-device copy): fresh every training
+     step, identical on every rank of the same hardware. `directions_agree` checks that
+     across ranks (torch's CUDA sampler may lay its draws out by the GPU's multiprocessor
+     count); where ranks differ, `directions_device="cpu"` draws them on the CPU instead.
   2. Projections s_nk = <z_n, u_k>.
   3. Empirical characteristic function phi_hat_k(t) = mean_n exp(i t s_nk) at knots t_j.
   4. Epps-Pulley EP_k = N * integral w(t) |phi_hat_k(t) - exp(-t^2/2)|^2 dt, w(t) = exp(-t^2/2),
@@ -19,8 +22,8 @@ For each time step, over the batch Z_t (N, D):
   5. SIGReg = mean over directions, then mean over time steps.
 
 Multi-process: when torch.distributed is initialised with world size > 1, the cos/sin sums
-and the sample count are summed over all ranks with a differentiable all-reduce, so phi_hat
-and N are those of the global batch. Every rank returns the global value.
+and the sample count are summed over all ranks with a differentiable all-reduce (`_AllReduceSum`),
+so phi_hat and N are those of the global batch. Every rank returns the global value.
 
 Gradient convention: the all-reduce's backward sums the (identical) upstream gradients of
 all ranks, so the gradient w.r.t. a rank's local inputs is world_size times the gradient of
@@ -46,7 +49,7 @@ def sample_directions(
     # torch's CPU generator keeps 32 bits of its seed: mix (seed, step) into 32 bits so that
     # every step of a run gets its own directions (a bijection in step for a fixed seed)
     # drawn on the device itself: no host-to-device copy, so the host never waits for the GPU
-    # (every rank of a run uses the same device type, hence the same directions)
+    # (`directions_agree` checks that the ranks of a run draw the same ones)
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed((int(step) + int(seed) * 0x9E3779B9) % 2**32)
     u = torch.randn(dim, num_directions, generator=generator, dtype=torch.float32, device=device)  # (D, K)
@@ -86,6 +89,36 @@ class _CosSinSums(torch.autograd.Function):
         return grad_cos.unsqueeze(1) * -sin + grad_sin.unsqueeze(1) * cos
 
 
+def directions_agree(dim: int, num_directions: int, seed: int = 0, device: torch.device | str = "cpu",
+                     group=None) -> bool:
+    """Whether every rank draws bit-identical SIGReg directions on `device`: a collective, so call
+    it on every rank (the training module does, once per fit). True on one process."""
+    if _world_size(group) == 1:
+        return True
+    u = sample_directions(dim, num_directions, step=0, seed=seed, device=device)  # (D, K)
+    gathered = [torch.empty_like(u) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, u, group=group)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the upstream gradients over ranks too (the adjoint of a
+    sum that every rank receives)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
 def _world_size(group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
@@ -100,6 +133,7 @@ def sigreg(
     t_max: float = 3.0,
     seed: int = 0,
     group=None,
+    directions_device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """SIGReg of embeddings z (B, T, D) (per time step, then averaged) or (N, D); a scalar.
 
@@ -111,6 +145,8 @@ def sigreg(
         t_max: integration bound (the statistic integrates over [-t_max, t_max]).
         seed: run seed mixed into the direction generator.
         group: torch.distributed process group (default: the world) to pool the batch over.
+        directions_device: where the directions are drawn: None (z's device), or "cpu" for ranks
+            whose devices draw different numbers (`directions_agree`); then copied to z's device.
     """
     if z.ndim == 2:
         z = z[:, None]  # (N, 1, D)
@@ -119,17 +155,15 @@ def sigreg(
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
         B, T, D = z.shape
-        u = sample_directions(D, num_directions, step, seed, z.device)  # (D, K)
+        u = sample_directions(D, num_directions, step, seed, directions_device or z.device).to(z.device)  # (D, K)
         t, w = (x.to(z.device) for x in knots_and_weights(num_knots, t_max))  # (J,), (J,)
         proj = torch.einsum("btd,dk->tbk", z, u)  # (T, B, K)
         x = proj[..., None] * t  # (T, B, K, J)
         cos_sum, sin_sum = _CosSinSums.apply(x)  # (T, K, J) each
         count = z.new_full((1,), float(B))  # a device fill, not a host-to-device copy
         if _world_size(group) > 1:
-            from torch.distributed.nn.functional import all_reduce
-
             packed = torch.cat([cos_sum.flatten(), sin_sum.flatten(), count])  # (2*T*K*J + 1,)
-            packed = all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            packed = _AllReduceSum.apply(packed, group)
             n = T * num_directions * num_knots
             cos_sum, sin_sum = packed[:n].view_as(cos_sum), packed[n : 2 * n].view_as(sin_sum)
             count = packed[2 * n :].detach()
@@ -144,15 +178,18 @@ class SIGReg(nn.Module):
     """Module form of `sigreg` holding its hyper-parameters (see that function)."""
 
     def __init__(
-        self, num_directions: int = 1024, num_knots: int = 17, t_max: float = 3.0, seed: int = 0, group=None
+        self, num_directions: int = 1024, num_knots: int = 17, t_max: float = 3.0, seed: int = 0, group=None,
+        directions_device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.num_directions, self.num_knots, self.t_max, self.seed, self.group = (
             num_directions, num_knots, t_max, seed, group,
         )
+        self.directions_device = directions_device
 
     def forward(self, z: torch.Tensor, step: int) -> torch.Tensor:
-        return sigreg(z, step, self.num_directions, self.num_knots, self.t_max, self.seed, self.group)
+        return sigreg(z, step, self.num_directions, self.num_knots, self.t_max, self.seed, self.group,
+                      self.directions_device)
 
     def extra_repr(self) -> str:
         return f"num_directions={self.num_directions}, num_knots={self.num_knots}, t_max={self.t_max}, seed={self.seed}"

@@ -317,6 +317,7 @@ def load_plan_script():
     (["--init-std", "-1"], "--init-std must be a positive number"),
     (["--init-std", "inf"], "--init-std must be a positive number"),
     (["--horizon", "2", "--receding-horizon", "3"], "it can be at most 2"),
+    (["--receding-horizon", "2", "--replan-every", "3"], "both say when to replan: give one of them"),
     (["--num-episodes", "-3"], "--num-episodes must be at least 1"),
     (["--seed", "-1"], "--seed must be >= 0"),
 ])
@@ -352,6 +353,10 @@ def test_plan_cli_refuses_what_would_mislabel_or_lose_results(tmp_path, tiny_mod
         plan_script.main(["--model", str(pusht), "--protocol", "paper-v1-tworoom", *small])
     with pytest.raises(SystemExit, match="without --model: pass --env and --data"):
         plan_script.main(["--policy", "random", *small])
+    with pytest.raises(SystemExit, match="without --model: pass --data, the dataset the pairs come from"):
+        plan_script.main(["--policy", "random", "--env", "tworoom", *small])
+    with pytest.raises(SystemExit, match="pass --data .or --model. to choose the resolution of far-tworoom-v1"):
+        plan_script.main(["--policy", "straight", "--env", "tworoom", "--protocol", "far-tworoom-v1", *small])
     assert list((tmp_path / "adir").iterdir()) == []
 
 

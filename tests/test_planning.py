@@ -298,6 +298,8 @@ def test_mpc_replan_every_whole_blocks_equals_the_receding_horizon(blocks):
         out.append(np.stack([policy.act(env, env.obs()) for _ in range(21)]))
         assert policy.settings()["receding_horizon"] == blocks and policy.settings()["replan_every"] == 3 * blocks
     np.testing.assert_array_equal(out[0], out[1])
+    with pytest.raises(ValueError, match="not both: both say when to replan"):
+        MPCPolicy(model, CEM(num_samples=8, topk=2, iterations=2), horizon=3, receding_horizon=1, replan_every=3)
 
 
 def test_mpc_refuses_a_replan_interval_outside_the_plan():

@@ -224,6 +224,15 @@ def test_cli_smoke_writes_a_complete_json(tmp_path, dataset):
     assert not list(tmp_path.glob(".probe.json.*"))  # no temporary file left behind
 
 
+def test_cli_warns_when_another_split_of_the_training_data_would_score_trained_episodes(tmp_path, dataset, capsys):
+    model_dir = export_tiny(tmp_path / "model", dataset)  # trained with val_fraction 0.2, split_seed 0
+    base = ["--model", str(model_dir), "--mlp-epochs", "1", "--no-progress"]
+    probe_mod.main([*base, "--out", str(tmp_path / "a.json")])
+    assert "warning" not in capsys.readouterr().err
+    probe_mod.main([*base, "--out", str(tmp_path / "b.json"), "--split-seed", "1"])
+    assert "is not the split the model was trained with (0.2 / 0)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case, message", [
     ("no model", "no exported model"),
     ("no dataset", "no dataset at"),

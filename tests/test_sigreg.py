@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from leworld.sigreg import SIGReg, knots_and_weights, sample_directions, sigreg
+from leworld.sigreg import SIGReg, directions_agree, knots_and_weights, sample_directions, sigreg
 
 
 def ep_trapezoid_float64(z: torch.Tensor, u: torch.Tensor, num_knots: int = 17, t_max: float = 3.0) -> float:
@@ -111,6 +112,10 @@ def test_directions_fixed_per_step_fresh_across_steps():
     torch.testing.assert_close(a.norm(dim=0), torch.ones(64))
     z = torch.randn(64, 32)
     assert sigreg(z, 5).item() == sigreg(z, 5).item() != sigreg(z, 6).item()
+    # directions drawn elsewhere and copied: the same numbers when that device draws the same ones
+    assert sigreg(z, 5, directions_device="cpu").item() == sigreg(z, 5).item()
+    assert SIGReg(directions_device="cpu")(z, 5).item() == sigreg(z, 5).item()
+    assert directions_agree(32, 64)  # one process: trivially
 
 
 def test_time_steps_are_separate_then_averaged():
@@ -186,10 +191,15 @@ def _ddp_step(rank: int, out_dir: str) -> None:
     model = nn.parallel.DistributedDataParallel(layer)
     lo = sum(SPLIT[:rank])
     x_local = x[lo : lo + SPLIT[rank]].clone().requires_grad_()
-    loss = sigreg(model(x_local), step=STEP, num_directions=K)
-    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated collective in the loss
+        loss = sigreg(model(x_local), step=STEP, num_directions=K)
+        loss.backward()
+    # ranks whose devices drew different numbers (here: another seed on rank 1) are caught
+    agree = directions_agree(8, K, seed=0), directions_agree(8, K, seed=rank)
     torch.save(
-        {"loss": loss.detach(), "x_grad": x_local.grad, "w_grad": layer.weight.grad, "b_grad": layer.bias.grad},
+        {"loss": loss.detach(), "x_grad": x_local.grad, "w_grad": layer.weight.grad, "b_grad": layer.bias.grad,
+         "agree": agree},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
 
@@ -218,6 +228,7 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch(tmp_path):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         # value: every rank holds the statistic of the global batch
         torch.testing.assert_close(r["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
+        assert r["agree"] == (True, False)
         # parameters: after DDP's averaging, the gradient of one process on the whole batch
         torch.testing.assert_close(r["w_grad"], layer.weight.grad, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["b_grad"], layer.bias.grad, rtol=1e-5, atol=1e-5)

@@ -159,6 +159,45 @@ def test_threshold_flags_at_most_the_target_rate_of_the_calibration_runs():
         assert false_alarm_rate(calibrate(x, rate, per_step=False).detect(x)) <= rate
 
 
+def test_threshold_is_the_quantile_of_leave_one_out_z_scores():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64).exp()  # (N, L), skewed like surprise
+    x[0, 0] = x[3, 2] = float("nan")
+    x[:, 4] = float("nan")
+    x[1:, 4] = float("nan")
+    x[0, 4] = 2.0  # one finite run in the last step: no std, never flagged
+    rate = 0.1
+    cal = calibrate(x, rate)
+    xs = x.numpy()
+    loo = []  # brute force: each run against the mean and std (ddof 1) of the other finite runs
+    for j in range(4):
+        col = xs[:, j]
+        for i in np.flatnonzero(np.isfinite(col)):
+            others = np.delete(col, i)
+            others = others[np.isfinite(others)]
+            loo.append((col[i] - others.mean()) / others.std(ddof=1))
+    assert cal.threshold == pytest.approx(float(np.quantile(loo, 1 - rate, method="higher")), rel=1e-12)
+    for j in range(4):
+        col = xs[:, j][np.isfinite(xs[:, j])]
+        assert cal.mean[j].item() == pytest.approx(col.mean(), rel=1e-12)
+        assert cal.std[j].item() == pytest.approx(col.std(ddof=1), rel=1e-12)
+    assert math.isnan(cal.std[4].item())
+    assert not cal.detect(torch.full((3, 5), 1e9, dtype=torch.float64))[:, 4].any()
+    with pytest.raises(ValueError, match="at least 3 nominal runs"):
+        calibrate(x[:2])
+
+
+def test_few_calibration_runs_still_give_the_target_rate_on_fresh_runs():
+    # in-sample z-scores of N = 10 runs set a threshold that flags about 4% of fresh Gaussian steps
+    # at a 1% target; the leave-one-out threshold flags about 1%
+    g = torch.Generator().manual_seed(0)
+    rates = []
+    for _ in range(200):
+        cal = calibrate(torch.randn(10, 19, generator=g, dtype=torch.float64), 0.01)
+        rates.append(false_alarm_rate(cal.detect(torch.randn(500, 19, generator=g, dtype=torch.float64))))
+    assert 0.007 < sum(rates) / len(rates) < 0.013
+
+
 def test_pooled_calibration_and_length_check():
     x = torch.randn(100, 8, dtype=torch.float64) * 2 + 3
     cal = calibrate(x, per_step=False)
@@ -175,6 +214,10 @@ def test_first_detection_rate_latency_and_false_alarms():
     assert first_detection(flags, 5).tolist() == [0, 1, 4, -1]
     assert detection_rate(flags, 5, 3) == 0.5 and mean_latency(flags, 5, 3) == 0.5
     assert math.isnan(mean_latency(flags, 0, 1))
+    assert first_detection(flags, 10).tolist() == [-1] * 4  # start past the last step: nothing to detect
+    assert detection_rate(flags, 12, 3) == 0.0 and math.isnan(mean_latency(flags, 12, 3))
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        first_detection(flags, 2, window=0)
     assert false_alarm_rate(flags) == 5 / 40
 
 
@@ -272,6 +315,12 @@ def test_cli_smoke_writes_figure_and_complete_json(tmp_path):
     assert len(result["median_surprise"]["nominal"]) == 6
 
 
+def test_cli_medians_average_the_two_middle_values():
+    x = torch.tensor([[4.0, 1.0, 10.0, 2.0, float("nan")], [1.0, 1.0, 1.0, 3.0, 5.0]])
+    assert load_cli().median(x[0, :4]) == 3.0  # torch.median would give 2.0
+    assert load_cli().median(x[1]) == 1.0
+
+
 def test_cli_pusht_in_process_with_horizon(tmp_path):
     data = {"env": "pusht", "env_params": {"damping": 0.0}, "policy": "random", "noise": None}
     model_dir = tiny_model(tmp_path / "model", data)
@@ -290,7 +339,7 @@ def test_cli_pusht_in_process_with_horizon(tmp_path):
 def test_cli_clear_errors_on_mismatch(tmp_path, capsys, dataset, overrides, args, message):
     model_dir = tiny_model(tmp_path / "model", dataset, **overrides)
     with pytest.raises(SystemExit, match=message):
-        load_cli().main(["--model", str(model_dir), "--num-trajectories", "2", "--num-frames", "4",
+        load_cli().main(["--model", str(model_dir), "--num-trajectories", "3", "--num-frames", "4",
                          "--perturb-step", "2", "--out", str(tmp_path / "out"), *args])
 
 
@@ -303,10 +352,14 @@ def test_cli_bad_model_path(tmp_path):
 def test_cli_checks_horizon_device_and_out_before_any_work(tmp_path, capsys, monkeypatch):
     cli = load_cli()
     model_dir = tiny_model(tmp_path / "model", TWOROOM_DATA)
-    base = ["--model", str(model_dir), "--num-trajectories", "2", "--num-frames", "4", "--perturb-step", "2"]
+    base = ["--model", str(model_dir), "--num-trajectories", "3", "--num-frames", "4", "--perturb-step", "2"]
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_args([*base, "--horizon", "0"])
     assert exit_info.value.code == 2 and "--horizon must be at least 1" in capsys.readouterr().err
+    for counts in (["--num-trajectories", "2"], ["--num-calibration", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.parse_args([*base, *counts])
+        assert exit_info.value.code == 2 and "3 calibration runs" in capsys.readouterr().err
     (tmp_path / "afile").write_text("keep")
     for args, message in ((["--out", str(tmp_path / "afile")], "is a file: it names the output directory"),
                           (["--out", str(tmp_path / "afile" / "x")], "afile is a file, not a directory"),

@@ -461,6 +461,17 @@ def test_open_loop_frames_beyond_the_clip_are_a_clear_error(data_path, tmp_path)
         LeWMModule(LeWMConfig(**TINY), open_loop_frames=-1)
 
 
+@pytest.mark.parametrize("history", [2, 4])
+def test_clips_must_span_exactly_the_history(data_path, tmp_path, history):
+    # clips of 4 frames train positions 0..2: a history of 2 would not fit them, a history of 4
+    # would leave position 3 untrained while rollouts use it
+    module = LeWMModule(LeWMConfig(**{**TINY, "history": history}), num_directions=64)
+    dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=16, val_fraction=0.2)
+    with pytest.raises(ValueError, match=f"clips of 4 frames train a history of 3, the model has {history}: "
+                                         "set data.num_frames = model.history \\+ 1"):
+        trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, dm)
+
+
 def test_missing_dataset_without_a_recipe_is_a_clear_error(tmp_path):
     dm = LeWMDataModule(str(tmp_path / "none.h5"))
     dm.prepare_data()

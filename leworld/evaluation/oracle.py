@@ -171,7 +171,8 @@ class SimulatorOracle:
             horizon = self.plan_horizon()
             rest = self.rest[:, :horizon]
             init = torch.cat([rest, rest.new_zeros(rest.shape[0], horizon - rest.shape[1], rest.shape[2])], 1)
-            plan = init.clone()  # envs already done keep their (unused) tail
+            plan = init.clone()  # envs already done are not replanned: they execute the rest of their
+            # last plan, then zeros (success is counted at any step, so it does not change)
             if len(rows):
                 t0 = time.perf_counter()
                 final_cost = self._latent_cost(env, rows) if self.cost == "latent" else None

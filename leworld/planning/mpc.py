@@ -82,6 +82,9 @@ class MPCPolicy:
         if deadline is not None and int(deadline) < 1:
             raise ValueError(f"deadline must be a positive number of env steps or None, got {deadline}")
         self.deadline = None if deadline is None else int(deadline)
+        if receding_horizon is not None and replan_every is not None:
+            raise ValueError("give receding_horizon (blocks) or replan_every (env steps), not both: both say when "
+                             "to replan")
         receding_horizon = horizon if receding_horizon is None else int(receding_horizon)
         if not 1 <= receding_horizon <= horizon:
             raise ValueError(f"need 1 <= receding_horizon <= horizon, got {receding_horizon} and {horizon}")
