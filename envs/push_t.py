@@ -131,8 +131,9 @@ class PushTBatch:
         """Teleport envs `index` (default all) to `states` (n, 7); the block is at rest afterwards.
 
         Each env gets a fresh pymunk space (no contact memory), so envs set to the same state evolve
-        identically; an env that got there by stepping may differ slightly while in contact.
-        """
+        identically. An env that got there by pushing may then evolve differently (a median 0.3 px after
+        one step, at times over 10 px): its block may have been moving, and that velocity is not part of
+        the state (`envs/push_t_physics.py`)."""
         idx = self._indices(index)
         states = self._rows(states, idx, "set_state")
         outside = (states[:, :4] < 0) | (states[:, :4] > WORLD_SIZE)
@@ -151,12 +152,21 @@ class PushTBatch:
         out[:, 4] = wrap_angle(out[:, 4])
         return out
 
-    def render_states(self, states) -> np.ndarray:
-        """Frames (n, R, R, 3) uint8 of any states (n, 7), drawn as this env draws (default colours)."""
+    def render_states(self, states, goals=None) -> np.ndarray:
+        """Frames (n, R, R, 3) uint8 of any states (n, 7), drawn as this env draws (default colours).
+
+        With `goal_overlay`, frame i shows goals[i] (n, 7) under the block, as `render` shows each
+        env's own goal; `goals` is required then, since the overlay is part of what the env draws."""
         states = np.asarray(states, dtype=np.float64).reshape(-1, self.state_dim)
+        if self.goal_overlay:
+            if goals is None:
+                raise ValueError("render_states: this env draws the goal under the block (goal_overlay=True): "
+                                 "pass goals, one goal state per state")
+            goals = self._rows(goals, range(len(states)), "render_states goals")
         frames = np.empty((len(states), self.resolution, self.resolution, 3), dtype=np.uint8)
         for i, s in enumerate(states.tolist()):
-            self.renderer.draw(s, LIGHT_SLATE_GRAY, ROYAL_BLUE, None, out=frames[i])
+            goal = goals[i] if self.goal_overlay else None
+            self.renderer.draw(s, LIGHT_SLATE_GRAY, ROYAL_BLUE, goal, out=frames[i])
         return frames
 
     def clone_sim(self, index: int) -> PushTSim:

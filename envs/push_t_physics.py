@@ -13,7 +13,12 @@ kinematic agent circle of radius 15, a T-block of mass 1 (a 120 x 30 bar over a 
 friction 1). Control at 10 Hz with 10 sub-steps of dt = 0.01; target = agent + 100 a; PD
 accel = 100 (target - pos) + 20 (0 - vel) integrated into the agent's velocity every sub-step.
 With `damping=0` the space removes the block's velocity at every sub-step, so the block moves only
-while it is pushed and rests as soon as contact ends.
+while it is pushed and rests as soon as contact ends. While it is pushed, pymunk moves it by the
+velocity the contact solver left it in the previous sub-step (positions are updated before the
+damping), so a control step can end with the block in motion: that velocity is not part of the
+7-number state, and an env set to a state mid-push (`set_state`, `reset_to`: the block at rest)
+can drift from the env that reached it by pushing (median 0.3 px, at times over 10 px, after one
+step of the `contact` policy); `clone_sim` copies the velocity too.
 
 Guards keep a kinematic (infinitely strong) agent physical, chiefly when it pins the block
 against a wall: the PD target (and the agent) stay inside the walls; a block squeezed into a wall

@@ -179,6 +179,10 @@ def test_terminal_cost_is_the_margin_at_the_last_step():
 def test_render_states_draws_like_the_env():
     env = envs.make_batch("pusht", num_envs=3, resolution=32, seed=4, supersample=2)
     np.testing.assert_array_equal(env.render_states(env.get_state()), env.render())
+    overlay = envs.make_batch("pusht", num_envs=3, resolution=32, seed=4, goal_overlay=True)
+    np.testing.assert_array_equal(overlay.render_states(overlay.get_state(), overlay.goal), overlay.render())
+    with pytest.raises(ValueError, match="pass goals"):
+        overlay.render_states(overlay.get_state())
 
 
 def _tiny_pusht_model():
@@ -191,11 +195,13 @@ def _tiny_pusht_model():
     return LeWorldModel(cfg).eval()
 
 
-def test_latent_cost_is_the_models_distance_between_rendered_frames():
-    """The latent oracle scores a true rollout's last state by the model's embedding distance to the goal image."""
+@pytest.mark.parametrize("overlay", [False, True])
+def test_latent_cost_is_the_models_distance_between_rendered_frames(overlay):
+    """The latent oracle scores a true rollout's last state by the model's embedding distance to the goal image
+    (drawn as the env draws, the goal overlay included)."""
     model = _tiny_pusht_model()
     starts, goals = _pushed_pairs(2)
-    env = envs.make_batch("pusht", num_envs=2, resolution=32)
+    env = envs.make_batch("pusht", num_envs=2, resolution=32, goal_overlay=overlay)
     env.reset_to(starts, goals)
     oracle = SimulatorOracle(num_samples=4, topk=2, iterations=1, horizon=1, cost="latent", model=model)
     oracle.reset(env)
@@ -207,7 +213,7 @@ def test_latent_cost_is_the_models_distance_between_rendered_frames():
     with torch.no_grad():  # brute force: step a fresh env, draw it, encode both frames
         goal_frame = env.goal_pixels()[1]
         for s in range(3):
-            ref = envs.make_batch("pusht", num_envs=2, resolution=32)
+            ref = envs.make_batch("pusht", num_envs=2, resolution=32, goal_overlay=overlay)
             ref.reset_to(starts, goals)
             for a in actions[0, s].reshape(5, 2).numpy():
                 ref.step(np.stack([a, a]))

@@ -9,9 +9,10 @@ They act on exactly the start/goal pairs the model gets, one env step at a time,
 same `reset(env)` / `act(env, obs)` interface as `leworld.planning.MPCPolicy`.
 - `random`: uniform actions in [-1, 1] (seeded).
 - `straight`: privileged; heads straight for the goal's agent position and ignores walls.
-- `expert`: privileged upper bound; Two-Room: the noiseless scripted expert (door-aware);
-  Push-T: the scripted pusher driving the block to the goal pose (the agent position is not
-  part of its objective, so it may miss the agent half of Push-T's success test).
+- `expert`: privileged. Two-Room: the noiseless scripted expert (door-aware), an upper bound.
+  Push-T: the scripted pusher driving the block to the goal pose, which is not an upper bound:
+  the agent's goal position is not part of its objective (once the block is placed it stops,
+  wherever the agent is), so it often misses the agent half of Push-T's success test.
 - `replay` (`ReplayBaseline`, not in `BASELINES`): privileged; replays the dataset's recorded
   actions from each start to its goal, which says how reachable the pairs are from the reset.
 """

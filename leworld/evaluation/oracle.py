@@ -154,7 +154,8 @@ class SimulatorOracle:
         """final states (B, S, 7) of rows `rows` -> (B, S) squared L2 to their goal embeddings."""
         def cost(final: np.ndarray) -> torch.Tensor:
             B, S = final.shape[:2]
-            emb = self._encode(env.render_states(final.reshape(B * S, -1))).view(B, S, -1)
+            goals = np.repeat(env.goal[rows], S, axis=0) if env.goal_overlay else None  # (B*S, 7)
+            emb = self._encode(env.render_states(final.reshape(B * S, -1), goals)).view(B, S, -1)
             return (emb - self.goal_emb[torch.as_tensor(rows)][:, None]).square().sum(-1)
         return cost
 
