@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from leworld.model import LeWMConfig, LeWorldModel
@@ -62,6 +62,10 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def export_model(model: LeWorldModel, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `directory`/model.safetensors and `directory`/config.json; returns the directory."""
+    if not isinstance(model, LeWorldModel):
+        hint = (" (a ModelEnsemble: export its members one by one, `for i, m in enumerate(ensemble.members)`)"
+                if hasattr(model, "members") else "")
+        raise TypeError(f"export_model writes one LeWorldModel, got {type(model).__name__}{hint}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     info = {
@@ -76,7 +80,10 @@ def export_model(model: LeWorldModel, directory: str | os.PathLike, extra: dict 
     except TypeError as e:
         raise TypeError(f"export_model: `extra` must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "pt", "leworld_format_version": str(FORMAT_VERSION)}
+    # the config also travels inside the weights file, so that a config.json edited after the export
+    # (or one written beside other weights) is caught at load time, even where the shapes still fit
+    meta = {"format": "pt", "leworld_format_version": str(FORMAT_VERSION),
+            "leworld_config": json.dumps(model.config.to_dict(), sort_keys=True)}
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     return directory
@@ -232,11 +239,31 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     config = _read_config(config_path)
     try:
         state = load_file(str(weights), device="cpu")
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({e}): it may be truncated or corrupt; "
                          "export it again from a checkpoint of its run (leworld.checkpoint.export_model) or train "
                          "again") from None
+    _check_config_travelled(config, meta.get("leworld_config"), config_path, weights)
     return _build(config, state, weights, map_location)
+
+
+def _check_config_travelled(config: LeWMConfig, exported: str | None, config_path: Path, weights: Path) -> None:
+    """config.json must be the config the weights were exported with (recorded in their metadata
+    since the record was added; older exports carry none and are not checked)."""
+    if exported is None:
+        return
+    try:
+        was = LeWMConfig.from_dict(json.loads(exported)).to_dict()
+    except (TypeError, ValueError):
+        raise ValueError(f"{weights} records an unreadable model config in its metadata: export it again") from None
+    now = config.to_dict()
+    changed = [f"{k}: {was[k]!r} in the weights, {now[k]!r} in config.json" for k in sorted(was) if was[k] != now[k]]
+    if changed:
+        raise ValueError(f"{config_path} is not the config {weights.name} was exported with ({'; '.join(changed)}): "
+                         "it was edited after the export, or comes from another model; restore it or export both "
+                         "again together")
 
 
 def model_name(path: str | os.PathLike) -> str:

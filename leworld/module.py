@@ -59,6 +59,7 @@ def recalibrate_batchnorm(model: nn.Module, forward: Callable[[object], object],
     if not norms:
         return 0
     was_training, momenta = model.training, [m.momentum for m in norms]
+    kept = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]  # the statistics so far
     model.eval()
     for m in norms:
         m.reset_running_stats()
@@ -71,8 +72,10 @@ def recalibrate_batchnorm(model: nn.Module, forward: Callable[[object], object],
                 forward(batch)
                 count += 1
     finally:
-        for m, momentum in zip(norms, momenta):
+        for m, momentum, state in zip(norms, momenta, kept):
             m.momentum = momentum
+            if count == 0:  # no batch came (or the first failed): keep the statistics it had
+                m.load_state_dict(state)
         model.train(was_training)
     return count
 
@@ -440,6 +443,10 @@ class LeWMModule(L.LightningModule):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.running_mean.copy_(trainer.strategy.reduce(m.running_mean, reduce_op="mean"))
                     m.running_var.copy_(trainer.strategy.reduce(m.running_var, reduce_op="mean"))
+        if used == 0:
+            rank_zero_warn("bn_recalibration_batches: the training loader gave no batch, so the BatchNorm "
+                           "statistics are the ones training kept")
+            return
         self.print(f"re-estimated the BatchNorm statistics over {used} training batches")
 
     @rank_zero_only

@@ -68,10 +68,16 @@ def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: 
     model = load_model(source)
     extra = model_extra(source)
     dm = _data_module(extra, source, batch_size)
-    module = LeWMModule(model.config)
+    # the run's own loss passes (with `open_loop_frames` the rollout also goes through pred_proj's
+    # BatchNorm), as the end of training recalibrates
+    open_loop = int((extra.get("hparams") or {}).get("open_loop_frames", 0))
+    module = LeWMModule(model.config, open_loop_frames=open_loop)
     module.model = model
     before = val_pred_loss(module, dm, val_batches)
     used = recalibrate_batchnorm(model, module.losses, itertools.islice(dm.train_dataloader(), batches))
+    if used == 0:
+        raise ValueError(f"{dm.path} gave no training batch to average over: check data.batch_size against "
+                         "the training split's clips")
     after = val_pred_loss(module, dm, val_batches)
     model.eval()
     result = {"out": str(out), "batches": used, "val_pred_loss_before": before, "val_pred_loss_after": after,

@@ -81,8 +81,40 @@ def edit_config(directory, **changes) -> None:
     path.write_text(json.dumps(info))
 
 
+def test_an_ensemble_is_not_exported_as_one_model(tmp_path):
+    from leworld.model import ModelEnsemble
+
+    with pytest.raises(TypeError, match="ModelEnsemble: export its members one by one"):
+        export_model(ModelEnsemble([tiny_model(), tiny_model()]), tmp_path / "ens")
+    assert not (tmp_path / "ens").exists()
+
+
+def test_a_config_edited_after_the_export_is_caught_even_where_the_shapes_fit(tmp_path):
+    model = tiny_model()
+    export_model(model, tmp_path)
+    edit_config(tmp_path, pred_heads=4, pred_head_dim=4)  # 2 x 8 -> 4 x 4: the same tensor shapes
+    with pytest.raises(ValueError, match=r"config.json is not the config model.safetensors was exported with "
+                                         r"\(pred_head_dim: 8 in the weights, 4 in config.json; pred_heads: 2 in"):
+        load_model(tmp_path)
+    edit_config(tmp_path, pred_heads=2, pred_head_dim=8)  # restored: loads, with the same outputs
+    for a, b in zip(outputs(load_model(tmp_path)), outputs(model)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def without_config_record(directory) -> None:
+    """Rewrite the weights as exports did before they carried their config."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = str(directory / "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "leworld_config"}
+    save_file(load_file(path), path, metadata=meta)
+
+
 def test_mismatched_config_names_the_mismatch(tmp_path):
     export_model(tiny_model(), tmp_path)
+    without_config_record(tmp_path)  # an older export: the shapes are what is left to check
     edit_config(tmp_path, embed_dim=24)
     with pytest.raises(ValueError, match=r"shape mismatches.*projector"):
         load_model(tmp_path)

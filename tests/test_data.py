@@ -380,6 +380,20 @@ def test_epoch_sampler_orders_resume_and_shards_like_the_uninterrupted_epoch():
         assert list(s)[: 12 - 2 * bs] == padded[r::world][2 * bs:]
 
 
+@pytest.mark.parametrize("size, world", [(1, 3), (3, 8), (5, 4)])
+def test_shards_are_equal_even_with_fewer_items_than_ranks(size, world):
+    """Ranks must agree on the number of steps (DDP would hang otherwise): with fewer clips than
+    padding needs, the order repeats as often as needed, as torch's DistributedSampler pads."""
+    from torch.utils.data import DistributedSampler
+
+    from leworld.data.datamodule import DistributedEpochSampler
+
+    shards = [list(DistributedEpochSampler(size, 0, world, r)) for r in range(world)]
+    theirs = [list(DistributedSampler(range(size), world, r, shuffle=False)) for r in range(world)]
+    assert [len(s) for s in shards] == [len(t) for t in theirs] == [-(-size // world)] * world
+    assert set(sum(shards, [])) == set(range(size))
+
+
 def test_a_bad_generate_setting_is_named_as_the_config_key(tmp_path):
     dm = LeWMDataModule(str(tmp_path / "new.h5"), generate=CollectSpec(env="tworoom", episodes=0))
     with pytest.raises(ValueError, match="data.generate: --episodes must be a positive integer"):

@@ -453,6 +453,22 @@ def test_open_loop_training_reduces_the_open_loop_error(data_path, tmp_path):
     assert open_loop_mse(module, batch) < 0.1 * before
 
 
+def test_every_rank_gets_batches_when_its_share_is_below_one_batch(data_path):
+    """drop_last is decided on each rank's share of the clips: on the whole set it left both ranks
+    of a two-process run without a single batch (training would silently do nothing)."""
+    from types import SimpleNamespace
+
+    dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=16, num_workers=0, val_fraction=0.2)
+    dm.setup("fit")
+    size = len(dm.train_set)
+    dm.hparams.batch_size = size - 1  # more than half the clips: the whole set still fills a batch
+    lengths = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, fit_loop=SimpleNamespace(restarting=False))
+        lengths.append(len(dm.train_dataloader()))
+    assert lengths == [1, 1]
+
+
 def test_open_loop_frames_beyond_the_clip_are_a_clear_error(data_path, tmp_path):
     module, dm = make(data_path, tmp_path, open_loop_frames=4)  # clips of 4 frames: at most 3
     with pytest.raises(ValueError, match="open_loop_frames 4 needs clips of at least 5 frames"):
@@ -544,6 +560,18 @@ def test_recalibrate_batchnorm_gives_the_average_of_the_batch_statistics():
     assert net.training and net[1].momentum == 0.1  # mode and momentum restored
     for k, v in before.items():
         assert torch.equal(net.state_dict()[k], v), k
+    # no batch at all, or a first batch that fails: the statistics it had are kept, not reset
+    stats = {k: v.clone() for k, v in net[1].state_dict().items()}
+    assert recalibrate_batchnorm(net, net, []) == 0
+
+    def broken(batch):
+        net(batch)
+        raise RuntimeError("loader failed")
+
+    with pytest.raises(RuntimeError, match="loader failed"):
+        recalibrate_batchnorm(net, broken, batches)
+    for k, v in stats.items():
+        assert torch.equal(net[1].state_dict()[k], v), k
 
 
 def test_exported_model_has_batchnorm_statistics_re_estimated_with_the_final_weights(data_path, tmp_path):
@@ -585,14 +613,16 @@ def test_exported_model_has_batchnorm_statistics_re_estimated_with_the_final_wei
         assert not torch.allclose(ckpt[f"model.{name}.running_var"], got[f"{name}.running_var"])
 
 
-def test_recalibrate_command_matches_re_estimation_at_the_end_of_training(data_path, tmp_path):
+@pytest.mark.parametrize("open_loop", [0, 2])
+def test_recalibrate_command_matches_re_estimation_at_the_end_of_training(data_path, tmp_path, open_loop):
     """`python -m leworld.recalibrate` on a model exported without re-estimation gives the
-    statistics that `bn_recalibration_batches` gives at the end of the same training run."""
+    statistics that `bn_recalibration_batches` gives at the end of the same training run, also
+    when the run's loss rolls out open loop (more passes through pred_proj's BatchNorm)."""
     from leworld.recalibrate import main as recalibrate_main
 
     def run(root, batches):
         L.seed_everything(0)
-        module, dm = make(data_path, root, bn_recalibration_batches=batches)
+        module, dm = make(data_path, root, bn_recalibration_batches=batches, open_loop_frames=open_loop)
         trainer(root, max_steps=4, enable_checkpointing=False).fit(module, dm)
         return root / "model"
 

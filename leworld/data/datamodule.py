@@ -100,7 +100,8 @@ class DistributedEpochSampler(DistributedSampler):
 
     def __iter__(self):
         order = list(self._order)
-        order += order[: self.total_size - len(order)]  # pad to total_size, as DistributedSampler does
+        pad = self.total_size - len(order)  # to a multiple of the ranks, repeating the order as often as needed
+        order += (order * -(-pad // max(len(order), 1)))[:pad]
         return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
@@ -292,7 +293,9 @@ class LeWMDataModule(L.LightningDataModule):
             # loader workers draw their first indices before Lightning sets the epoch: set it here
             sampler.set_epoch(self.trainer.current_epoch)
             sampler.resume_at(self._clips_done_this_epoch())
-        return self._loader(train_set, sampler, drop_last=len(train_set) > self.hparams.batch_size)
+        world = trainer.world_size if trainer is not None else 1
+        per_rank = -(-len(train_set) // world)  # each process's share of the epoch
+        return self._loader(train_set, sampler, drop_last=per_rank > self.hparams.batch_size)
 
     def _clips_done_this_epoch(self) -> int:
         """Clips of the current epoch's order that a run resumed from a mid-epoch checkpoint has
@@ -303,7 +306,7 @@ class LeWMDataModule(L.LightningDataModule):
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         world, size, bs = trainer.world_size, len(self.train_set), self.hparams.batch_size
         per_rank = -(-size // world)  # a distributed sampler pads the epoch to a multiple of the ranks
-        per_epoch = per_rank // bs if size > bs else -(-per_rank // bs)  # drop_last as in train_dataloader
+        per_epoch = per_rank // bs if per_rank > bs else 1  # drop_last as in train_dataloader
         limit = trainer.limit_train_batches
         per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
         if batches >= per_epoch:  # written at the epoch's end: the next epoch starts whole
