@@ -94,8 +94,12 @@ class LeWMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is not None and config.trainer.precision is None:
-            # bf16 mixed precision on GPU (SIGReg still runs in float32), plain float32 elsewhere
-            config.trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+            # bf16 mixed precision on GPU (SIGReg still runs in float32), plain float32 elsewhere:
+            # also on a GPU machine told to train on its CPU
+            accelerator = config.trainer.get("accelerator", "auto")
+            on_gpu = torch.cuda.is_available() and (accelerator in ("auto", "gpu", "cuda")
+                                                    or type(accelerator).__name__ == "CUDAAccelerator")
+            config.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
         if config is not None:  # before a dataset is generated at a size the model cannot take
             generate = _plain(config.data.get("generate")) or {}
             model = _plain(config.model.get("model")) or {}

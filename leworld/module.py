@@ -291,39 +291,61 @@ class LeWMModule(L.LightningModule):
         for name, value in metrics.items():
             self.log(f"val/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(emb))
 
-    def _track_nonfinite(self, loss, pred_loss, reg) -> None:
-        """Remembers, on the device, the first step whose loss was not finite (checked later, without a sync)."""
-        record = torch.stack([loss.detach().float(), pred_loss.detach().float(), reg.detach().float()])
-        if self._bad_step is None or self._bad_step.device != record.device:
-            self._bad_step = torch.full((), -1, dtype=torch.long, device=record.device)
-            self._bad_values = torch.zeros(3, device=record.device)
-        first = ~torch.isfinite(record[0]) & (self._bad_step < 0)
+    def _track_nonfinite(self, loss=None, pred_loss=None, reg=None, grad_norm=None) -> None:
+        """Remembers, on the device, the first step whose loss (or, given instead, gradient norm) was not
+        finite: checked later, without a sync. Values kept: loss, pred_loss, sigreg, gradient norm."""
+        device = (loss if grad_norm is None else grad_norm).device
+        if self._bad_step is None or self._bad_step.device != device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
+            self._bad_values = torch.full((4,), float("nan"), device=device)
+            self._last_losses = torch.full((3,), float("nan"), device=device)
+        if grad_norm is None:  # the step's losses; its gradient norm is not known yet
+            self._last_losses = torch.stack([loss.detach().float(), pred_loss.detach().float(), reg.detach().float()])
+            record = torch.cat([self._last_losses, self._last_losses.new_full((1,), float("nan"))])
+            bad = ~torch.isfinite(record[0])
+        else:
+            record = torch.cat([self._last_losses, grad_norm.detach().float().reshape(1)])
+            bad = ~torch.isfinite(record[3])
+        first = bad & (self._bad_step < 0)
         self._bad_step = torch.where(first, self.global_step, self._bad_step)
         self._bad_values = torch.where(first, record, self._bad_values)
 
     def _raise_if_nonfinite(self) -> None:
-        """Stops training if a step since the last check had a NaN or infinite loss (one device read)."""
-        if self._bad_step is None:
+        """Stops training if a step since the last check had a NaN or infinite loss or gradient (one
+        device read). Under several processes every rank stops: a NaN on one spoils the weights of
+        all through the gradient all-reduce, so the flag is reduced over the ranks (each rank calls
+        this at the same points: the same steps, every checkpoint, the end of training)."""
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if self._bad_step is None and world == 1:
             return
-        step = int(self._bad_step)
-        if step >= 0:
-            loss, pred_loss, reg = self._bad_values.tolist()
-            raise FloatingPointError(
-                f"loss is {loss} at step {step} (pred_loss {pred_loss:.4g}, sigreg {reg:.4g}; found at step "
-                f"{self.global_step}): lower the learning rate or check the data for NaN actions"
-            )
+        own = self._bad_step if self._bad_step is not None else torch.full((), -1, dtype=torch.long,
+                                                                           device=self.device)
+        step = int(self.trainer.strategy.reduce(own.clone(), reduce_op="max") if world > 1 else own)
+        if step < 0:
+            return
+        if int(own) != step:
+            raise FloatingPointError(f"another process had a non-finite loss or gradient at step {step} (found at "
+                                     f"step {self.global_step}): its error names the values")
+        loss, pred_loss, reg, grad_norm = self._bad_values.tolist()
+        what = (f"loss is {loss}" if not math.isfinite(loss)
+                else f"the gradient norm is {grad_norm} (loss {loss:.4g})")
+        raise FloatingPointError(
+            f"{what} at step {step} (pred_loss {pred_loss:.4g}, sigreg {reg:.4g}; found at step "
+            f"{self.global_step}): lower the learning rate or check the data for NaN actions"
+        )
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """The total gradient norm, before clipping: logged on logging steps, and reused by the
-        clipping below so that it is computed once (on the device, no sync)."""
+        """The total gradient norm, before clipping (on the device, no sync): checked for NaN and
+        infinity like the loss (a non-finite gradient with a finite loss would still spoil every
+        weight in the optimiser step), logged on logging steps, and reused by the clipping below.
+        A float16 gradient scaler handles infinite gradients itself (it skips those steps)."""
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         self._grad_norm = None
-        trainer = self._trainer
-        clips_by_norm = (trainer is not None and bool(trainer.gradient_clip_val)
-                         and trainer.gradient_clip_algorithm in (None, "norm") and self._scaler() is None)
         log = self._log_step()
-        if grads and (log or clips_by_norm):
+        if grads and (log or self._scaler() is None):
             self._grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
+            if self._scaler() is None:
+                self._track_nonfinite(grad_norm=self._grad_norm)
             if log:
                 self.log("train/grad_norm", self._grad_norm.detach().float().cpu(), on_step=True, on_epoch=False)
 
@@ -357,7 +379,12 @@ class LeWMModule(L.LightningModule):
             fused = self.device.type == "cuda" and self._scaler() is None
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                 fused=fused)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        estimated = self.trainer.estimated_stepping_batches
+        if not math.isfinite(estimated):
+            raise ValueError("the learning-rate schedule (warm-up, then cosine to 0) needs the run's length: set "
+                             "trainer.max_steps or trainer.max_epochs (trainer.max_time alone stops a run but does "
+                             "not say how long it is)")
+        total = max(1, int(estimated))
         warmup = max(1, round(self.hparams.warmup_fraction * total))
 
         def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
@@ -412,6 +439,19 @@ class LeWMModule(L.LightningModule):
                 f"{directory} already holds the exported model of an earlier run, and this run would replace it "
                 "when it ends: give it another trainer.default_root_dir, keep the logger on (it versions runs as "
                 "<name>/version_N), or move that model away first")
+
+    def on_train_start(self) -> None:
+        """A resumed run trains its first step at its own schedule's rate: the restored optimiser
+        holds the rate the checkpoint's schedule gave for that step, which differs when the run's
+        length (`max_steps`) or `warmup_fraction` changed."""
+        if self.trainer.ckpt_path is None:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                    group["lr"] = base * fn(sched.last_epoch)
+                sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
     def on_train_end(self) -> None:
         self._raise_if_nonfinite()

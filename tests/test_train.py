@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 import traceback
@@ -221,6 +222,48 @@ class SpoilWeights(L.Callback):
         if trainer.global_step == self.at:
             with torch.no_grad():
                 next(module.model.predictor.parameters()).fill_(float("nan"))
+
+
+class SpoilGradient(L.Callback):
+    """Makes one gradient infinite after the backward of step `at` (the loss stays finite); with
+    `rank`, SpoilWeights' NaN weight on that process only."""
+
+    def __init__(self, at: int, rank: int | None = None):
+        self.at, self.rank = at, rank
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.rank is not None and trainer.global_step == self.at and trainer.global_rank == self.rank:
+            with torch.no_grad():
+                next(module.model.predictor.parameters()).fill_(float("nan"))
+
+    def on_after_backward(self, trainer, module):
+        if self.rank is None and trainer.global_step == self.at:
+            next(p for p in module.parameters() if p.grad is not None).grad[0].fill_(float("inf"))
+
+
+class CheckFiniteEveryStep(L.Callback):
+    """Sets the module's NaN-check cadence (every step, as on the CPU, or deferred, as on a GPU)."""
+
+    def __init__(self, every_step: bool):
+        self.every_step = every_step
+
+    def setup(self, trainer, module, stage):
+        module.check_finite_every_step = self.every_step
+
+
+@pytest.mark.parametrize("every_step", [True, False], ids=["cpu-check", "deferred-check"])
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_a_checkpoint(data_path, tmp_path, every_step):
+    """Clipping turns an infinite gradient into NaN weights while the loss of that step was finite:
+    the gradient norm is checked too, so the checkpoint after that step is never written."""
+    module, dm = make(data_path, tmp_path)
+    module.check_finite_every_step = every_step
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    with pytest.raises(FloatingPointError, match=r"the gradient norm is inf \(loss [0-9.]+\) at step 4 "):
+        trainer(tmp_path, max_steps=20, log_every_n_steps=50, callbacks=[SpoilGradient(4), ckpt]).fit(module, dm)
+    saved = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved == ["epoch=0-step=3.ckpt"]  # the step-6 one would hold NaN weights
+    state = torch.load(tmp_path / "ckpt" / saved[0], map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 def test_nan_loss_is_caught_on_the_device_and_no_checkpoint_keeps_it(data_path, tmp_path):
@@ -793,6 +836,36 @@ def test_two_process_ddp_resumes_identically(tmp_path, stop, name):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs after a DDP resume")
 
 
+@pytest.mark.parametrize("every_step", [True, False], ids=["cpu-check", "deferred-check"])
+def test_a_nan_on_one_process_stops_every_process_before_a_checkpoint(tmp_path, every_step):
+    """A NaN on one rank spoils every rank's weights through the gradient all-reduce, so the check
+    is reduced over the ranks: both stop with the error (not a hung collective) and rank 0 writes
+    no checkpoint after the bad step."""
+    import os
+
+    config = write_config(tmp_path, strategy="ddp", devices=2, accelerator="cpu", max_steps=12, log_every_n_steps=50)
+    spec = yaml.safe_load(config.read_text())
+    spec["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"every_n_train_steps": 1, "save_top_k": -1}},
+        {"class_path": "test_train.SpoilGradient", "init_args": {"at": 3, "rank": 1}},
+        {"class_path": "test_train.CheckFiniteEveryStep", "init_args": {"every_step": every_step}}]
+    config.write_text(yaml.safe_dump(spec))
+    out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    assert out.returncode != 0
+    assert "FloatingPointError: loss is nan at step 3" in out.stderr, out.stderr[-3000:]
+    # rank 0 learns it from rank 1 (checked every step), or from its own gradient (NaN after the all-reduce)
+    assert re.search(r"FloatingPointError: (another process had a non-finite loss or gradient|the gradient norm is "
+                     r"nan \(loss [0-9.]+\)) at step 3", out.stderr), out.stderr[-3000:]
+    saved = sorted((tmp_path / "runs" / "tworoom_tiny" / "version_0" / "checkpoints").glob("*.ckpt"))
+    steps = sorted(torch.load(p, map_location="cpu", weights_only=False)["global_step"] for p in saved)
+    assert steps == [1, 2, 3]  # written after steps 1-3; the weights of step 3's update are never saved
+    for p in saved:
+        state = torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), p.name
+
+
 @pytest.mark.parametrize("options", [False, True], ids=["file", "frames-on-device-and-bn-re-estimation"])
 def test_two_process_ddp_training_runs(tmp_path, options):
     config = write_config(tmp_path, data={"frames_on_device": options},
@@ -869,3 +942,56 @@ def test_a_generate_resolution_the_model_cannot_take_stops_before_generating(tmp
         train_script.main(["fit", "--config", str(config), "--data.generate.resolution", "48"])
     assert "data.generate.resolution is 48 px but model.model.image_size is 32 px" in capsys.readouterr().err
     assert not (tmp_path / "gen.h5").exists()
+
+
+@pytest.mark.parametrize("accelerator, cuda, precision", [
+    ("cpu", True, "32-true"),  # a GPU machine told to train on its CPU: float32, not CPU bf16
+    ("auto", False, "32-true"),
+])
+def test_default_precision_follows_the_chosen_accelerator(tmp_path, monkeypatch, accelerator, cuda, precision):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from train import LeWMCLI
+    finally:
+        sys.path.remove(str(ROOT))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cli = LeWMCLI(LeWMModule, LeWMDataModule, run=False, trainer_defaults={"precision": None},
+                  args=["--config", str(ROOT / "configs" / "tworoom_tiny.yaml"), "--trainer.accelerator", accelerator])
+    assert cli.config.trainer.precision == precision
+
+
+def test_a_resumed_run_trains_its_first_step_at_its_own_schedules_rate(data_path, tmp_path):
+    """Resumed with a longer run (max_steps 4 -> 10), every step, the first included, trains at the
+    rate of the new schedule; the restored optimiser held the old schedule's rate for that step."""
+    import math
+
+    class RecordRate(L.Callback):
+        def __init__(self):
+            self.rates = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.rates[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    L.seed_everything(0)
+    module, dm = make(data_path, tmp_path / "a")
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer(tmp_path / "a", max_steps=4, callbacks=[ckpt]).fit(module, dm)
+    module, dm = make(data_path, tmp_path / "b")
+    rec = RecordRate()
+    trainer(tmp_path / "b", max_steps=10, callbacks=[rec], enable_checkpointing=False).fit(
+        module, dm, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    lr, total = 3e-3, 10
+    warmup = max(1, round(0.01 * total))
+    want = {s: lr * ((s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+            for s in range(2, 10)}
+    assert rec.rates.keys() == want.keys()
+    for s in want:
+        assert rec.rates[s] == pytest.approx(want[s], rel=1e-12), s
+
+
+def test_a_run_limited_by_time_alone_is_told_what_the_schedule_needs(data_path, tmp_path):
+    module, dm = make(data_path, tmp_path)
+    with pytest.raises(ValueError, match="needs the run's length: set trainer.max_steps or trainer.max_epochs"):
+        trainer(tmp_path, max_steps=-1, max_epochs=-1, max_time="00:00:00:05").fit(module, dm)
