@@ -69,8 +69,16 @@ class LeWMCLI(LightningCLI):
         differs from the checkpoint, and stop on what cannot change on resume."""
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path:
             return
+        if ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
+            print(f"note: --ckpt_path {ckpt_path} is found by Lightning when training starts, so this run's "
+                  "settings are not compared with that checkpoint's; give the checkpoint's file to have them "
+                  "checked", file=sys.stderr)
+            return
+        if not Path(ckpt_path).is_file():
+            self.parser.error(f"--ckpt_path {ckpt_path}: no such checkpoint file (a run's checkpoints are in "
+                              "runs/<name>/version_N/checkpoints/)")
         try:
             saved = read_checkpoint(Path(ckpt_path)).get("hyper_parameters") or {}
         except ValueError as e:

@@ -783,6 +783,9 @@ def test_resuming_through_the_cli_trains_with_the_command_line_settings(tmp_path
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and "cannot resume" in err and message in err
         assert f"--config {ckpt.parent.parent / 'config.yaml'}" in err  # how to resume as the run was
+    with pytest.raises(SystemExit) as exit_info:  # a typo in the path stops before any work
+        train_script.main(["fit", "--config", str(config), "--ckpt_path", str(ckpt.with_name("lsat.ckpt"))])
+    assert exit_info.value.code == 2 and "lsat.ckpt: no such checkpoint file" in capsys.readouterr().err
 
 
 def test_resume_differences_compare_plain_values():
