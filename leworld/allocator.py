@@ -17,8 +17,8 @@ with glibc's defaults and 293-320 ms with both thresholds raised (`docs/benchmar
 are reused. The numbers computed do not change. The price is memory: the process keeps what it
 freed, and blocks freed at one size are not always reused at another (peak RSS 1.3 instead of
 1.2 GiB in that benchmark, 2.6 instead of 1.7 GiB for a 50-env `plan.py` run). The entry points
-(`train.py`, `plan.py`, `surprise.py`, the `python -m leworld.*` commands and the CPU
-benchmarks) call it first. It does nothing when:
+that run the network (`train.py`, `plan.py`, `surprise.py`, `python -m leworld.probe / forecast /
+separation / recalibrate` and the CPU benchmarks) call it first. It does nothing when:
 
 - the platform is not Linux with glibc (macOS, Windows, musl);
 - `LEWORLD_KEEP_FREED_MEMORY=0` is set;

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import export_model, find_model, load_model, model_extra, recorded_data_path
 from leworld.data.datamodule import LeWMDataModule
 from leworld.module import LeWMModule, recalibrate_batchnorm
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--force", action="store_true",
                         help="write the re-estimated model even when its validation loss is worse")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # faster CPU forward passes on Linux (leworld/allocator.py)
     try:
         result = recalibrate(args.model, args.out, args.batches, args.batch_size, args.val_batches, args.force)
     except (ValueError, FileNotFoundError) as e:

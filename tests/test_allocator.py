@@ -76,3 +76,16 @@ def test_threshold_must_fit_mallopt():
     for bad in (0, 2**31):
         with pytest.raises(ValueError, match="below 2\\*\\*31"):
             keep_freed_memory(bad)
+
+
+@pytest.mark.parametrize("path", ["train.py", "plan.py", "surprise.py", "leworld/probe.py", "leworld/forecast.py",
+                                  "leworld/separation.py", "leworld/recalibrate.py"])
+def test_every_command_that_runs_the_network_keeps_freed_memory(path):
+    """The commands the docs list call keep_freed_memory() in their main(), as the docs say."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / path).read_text())
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    calls = [n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert "keep_freed_memory" in calls
