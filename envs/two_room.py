@@ -283,9 +283,11 @@ def _check_mode(mode: str) -> str:
 
 
 def _check_colour(rgb) -> np.ndarray:
+    """3 whole numbers in 0-255: a dataset records its colour as integers, and an env rebuilt from that
+    record (evaluation, surprise) must draw the frames the data was made with."""
     c = np.asarray(rgb, np.float32)
-    if c.shape != (3,) or not ((c >= 0) & (c <= 255)).all():
-        raise ValueError(f"colour must be 3 values in 0-255 (e.g. (0, 0, 255)), got {rgb!r}")
+    if c.shape != (3,) or not ((c >= 0) & (c <= 255) & (c == np.round(c))).all():
+        raise ValueError(f"colour must be 3 whole numbers in 0-255 (e.g. (0, 0, 255)), got {rgb!r}")
     return c
 
 

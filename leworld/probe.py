@@ -17,7 +17,9 @@ one embedding (D,) -> one quantity: Two-Room agent position (x, y); Push-T agent
 position, block angle as (cos, sin). Each quantity gets its own probes, fitted on training
 episodes only: a linear probe (closed-form ridge regression, float64) and an MLP probe (one
 hidden layer, GELU, Adam, early stopping) that learns the residual of a linear probe, so that it
-starts at, and on held-out rows never falls below, the linear fit. Features and targets are standardised with
+starts at the linear fit, and its stopping epoch is never worse than that start on the held-out
+training rows (by the mean squared error of the standardised targets; on validation episodes, or in
+original units, it can still score below the linear probe). Features and targets are standardised with
 training statistics; the ridge strength and the MLP's stopping epoch are chosen on held-out
 training episodes (`holdout_fraction`), never on validation episodes. Scores on validation
 episodes, in original units (world px for positions): MSE and Pearson r per output; the

@@ -235,6 +235,9 @@ def test_plan_cli_writes_complete_results(tmp_path, tiny_model_dir):
     assert [r["policy"] for r in res["results"]] == ["model (cem)", "random", "straight", "expert"]
     model_row = res["results"][0]
     assert model_row["planning"]["calls"] == 2 and model_row["planning"]["plans"] == 6  # 50 steps: 2 x 25
+    # steps/s of the whole evaluation include planning; those inside env.step alone are faster
+    assert model_row["env_only_steps_per_s"] > model_row["env_steps_per_s"] > 0
+    assert model_row["env_steps_per_s"] == pytest.approx(3 * 50 / model_row["seconds"])
     assert len(model_row["per_episode"]) == 3 and len(res["pairs"]) == 3
     for e in model_row["per_episode"]:
         assert set(e["final_errors"]) == set(e["min_errors"]) == set(e["start_errors"]) == {"agent_px"}

@@ -215,6 +215,9 @@ def test_bad_inputs_fail_loudly():
         TwoRoomBatch(num_envs=1, target_mode="elsewhere")
     with pytest.raises(ValueError, match="colour"):
         env.set_colour((300, 0, 0))
+    with pytest.raises(ValueError, match="whole numbers"):  # a dataset records integers: a rebuilt env would differ
+        TwoRoomBatch(num_envs=1, colour=(127.5, 0, 0))
+    assert TwoRoomBatch(num_envs=1, colour=(127, 0, 0)).params()["colour"] == [127, 0, 0]
 
 
 def _crosses_at(doors, y):
