@@ -93,19 +93,9 @@ def argparse_options(script: str, monkeypatch) -> set[str]:
     return set(caught.value.parser._option_string_actions)
 
 
-def train_options(monkeypatch, tmp_path) -> set[str]:
+def train_options(build_cli) -> set[str]:
     """Every dotted key `train.py fit` accepts, from the resolved config of a shipped preset."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from train import LeWMCLI
-    finally:
-        sys.path.remove(str(ROOT))
-    from leworld.data.datamodule import LeWMDataModule
-    from leworld.module import LeWMModule
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["train.py"])
-    cli = LeWMCLI(LeWMModule, LeWMDataModule, args=["--config", str(ROOT / "configs" / "pusht_tiny.yaml")], run=False)
+    cli = build_cli(["--config", str(ROOT / "configs" / "pusht_tiny.yaml")])
     keys = set()
 
     def walk(node, prefix):
@@ -127,7 +117,7 @@ def test_the_docs_quote_commands():
     assert len(quoted_commands()) > 100
 
 
-def test_every_quoted_command_uses_options_its_script_has(monkeypatch, tmp_path):
+def test_every_quoted_command_uses_options_its_script_has(monkeypatch, build_cli):
     by_script: dict[str, list[tuple[str, list[str]]]] = {}
     for where, script, tokens in quoted_commands():
         if script.startswith("-m pytest") or script == "-m":
@@ -136,7 +126,7 @@ def test_every_quoted_command_uses_options_its_script_has(monkeypatch, tmp_path)
     problems = []
     for script, uses in sorted(by_script.items()):
         if script == "train.py":
-            options = train_options(monkeypatch, tmp_path)
+            options = train_options(build_cli)
         else:
             if not script.startswith("-m ") and not (ROOT / script).exists():
                 problems.append(f"{uses[0][0]}: no script {script}")

@@ -914,16 +914,9 @@ def test_compiled_training_matches_eager_and_exports_the_same_keys(data_path, tm
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_every_shipped_config_builds_through_the_cli(name, tmp_path, monkeypatch):
+def test_every_shipped_config_builds_through_the_cli(name, build_cli):
     """Each config in configs/ parses and instantiates (model, data module, trainer) without running."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from train import LeWMCLI
-    finally:
-        sys.path.remove(str(ROOT))
-    monkeypatch.chdir(tmp_path)  # the configs' relative run and data paths land here
-    monkeypatch.setattr(sys, "argv", ["train.py"])  # the CLI reads args=, not pytest's own arguments
-    cli = LeWMCLI(LeWMModule, LeWMDataModule, args=["--config", str(ROOT / "configs" / name)], run=False)
+    cli = build_cli(["--config", str(ROOT / "configs" / name)])
     module, dm = cli.model, cli.datamodule
     assert dm.hparams.num_frames == module.config.history + 1  # clips feed the whole history
     assert dm.hparams.frameskip == module.config.frameskip
@@ -951,17 +944,10 @@ def test_a_generate_resolution_the_model_cannot_take_stops_before_generating(tmp
     ("cpu", True, "32-true"),  # a GPU machine told to train on its CPU: float32, not CPU bf16
     ("auto", False, "32-true"),
 ])
-def test_default_precision_follows_the_chosen_accelerator(tmp_path, monkeypatch, accelerator, cuda, precision):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from train import LeWMCLI
-    finally:
-        sys.path.remove(str(ROOT))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["train.py"])
+def test_default_precision_follows_the_chosen_accelerator(build_cli, monkeypatch, accelerator, cuda, precision):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    cli = LeWMCLI(LeWMModule, LeWMDataModule, run=False, trainer_defaults={"precision": None},
-                  args=["--config", str(ROOT / "configs" / "tworoom_tiny.yaml"), "--trainer.accelerator", accelerator])
+    cli = build_cli(["--config", str(ROOT / "configs" / "tworoom_tiny.yaml"), "--trainer.accelerator", accelerator],
+                    trainer_defaults={"precision": None})
     assert cli.config.trainer.precision == precision
 
 
