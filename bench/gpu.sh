@@ -7,7 +7,8 @@
 # The stages come in order of what is still open (docs/benchmarks.md): planning latency for one
 # env and for 50, the training loop's own cost and syncs, then the compiled training step. Each
 # has its own time limit inside one BUDGET (585 s; bench/gpu_setup.sh), so a slow compile cannot
-# take the rest with it, and what does not fit is skipped, not cut off with the results.
+# take the rest with it: a stage gets at most what is left of the budget, and with under 15 s left
+# it is skipped. A stage stopped at its limit writes no result (each writes its JSON line at its end).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"

@@ -5,6 +5,7 @@
 # device's 600-second command limit) from the first of them. A stage never runs past the budget:
 # its limit shrinks to what is left, and with under 15 s left it is skipped (and says so).
 py="${PYTHON:-python3}"
+export GPU_RUN_BEGIN="${GPU_RUN_BEGIN:-$(date +%s)}" BUDGET="${BUDGET:-585}"  # the wheels' install counts too
 if ls .whl/*.whl >/dev/null 2>&1 && [[ ":${PYTHONPATH:-}:" != *":/tmp/site:"* ]]; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -12,7 +13,6 @@ if ls .whl/*.whl >/dev/null 2>&1 && [[ ":${PYTHONPATH:-}:" != *":/tmp/site:"* ]]
 fi
 [[ ":${PYTHONPATH:-}:" == *":$PWD:"* ]] || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-export GPU_RUN_BEGIN="${GPU_RUN_BEGIN:-$(date +%s)}" BUDGET="${BUDGET:-585}"
 elapsed() { echo $(( $(date +%s) - GPU_RUN_BEGIN )); }
 limit() {
   local s=$1 left

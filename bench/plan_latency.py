@@ -62,6 +62,8 @@ def run(config: str, batch: int, planner: str, num_samples: int, topk: int, iter
         call = (lambda: plan.plan(problem, None, gen)) if not graph else graphed_plan(plan, problem, gen, dev)
         for i in range(warmup + repeats):
             sync(dev)
+            if i == warmup and dev.type == "cuda":  # the peak of the timed plans, not of compiling or capturing
+                torch.cuda.reset_peak_memory_stats(dev)
             t0 = time.perf_counter()
             call()
             sync(dev)

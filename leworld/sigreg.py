@@ -35,6 +35,8 @@ Everything is computed in float32, with autocast disabled.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -65,6 +67,13 @@ def knots_and_weights(num_knots: int = 17, t_max: float = 3.0) -> tuple[torch.Te
     trapezoid = torch.full((num_knots,), 2 * dt, dtype=torch.float32)
     trapezoid[0] = trapezoid[-1] = dt  # doubled trapezoid: the integrand is even in t
     return t, trapezoid * torch.exp(-0.5 * t**2)
+
+
+@functools.lru_cache(maxsize=None)
+def _knots_and_weights_on(num_knots: int, t_max: float, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`knots_and_weights` copied to `device` once: a blocking copy from the host every step would make
+    the host wait for the GPU (the copy of pageable memory synchronises the stream)."""
+    return tuple(x.to(device) for x in knots_and_weights(num_knots, t_max))
 
 
 class _CosSinSums(torch.autograd.Function):
@@ -156,7 +165,7 @@ def sigreg(
         z = z.float()
         B, T, D = z.shape
         u = sample_directions(D, num_directions, step, seed, directions_device or z.device).to(z.device)  # (D, K)
-        t, w = (x.to(z.device) for x in knots_and_weights(num_knots, t_max))  # (J,), (J,)
+        t, w = _knots_and_weights_on(num_knots, float(t_max), str(z.device))  # (J,), (J,)
         proj = torch.einsum("btd,dk->tbk", z, u)  # (T, B, K)
         x = proj[..., None] * t  # (T, B, K, J)
         cos_sum, sin_sum = _CosSinSums.apply(x)  # (T, K, J) each

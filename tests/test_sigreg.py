@@ -118,6 +118,23 @@ def test_directions_fixed_per_step_fresh_across_steps():
     assert directions_agree(32, 64)  # one process: trivially
 
 
+def test_knots_are_built_once_per_device_not_copied_every_step(monkeypatch):
+    """A host-to-device copy every step would make the host wait for the GPU: the knots and
+    weights are built and moved once per (knots, range, device)."""
+    import leworld.sigreg as sigreg_mod
+
+    built = []
+    real = sigreg_mod.knots_and_weights
+    monkeypatch.setattr(sigreg_mod, "knots_and_weights", lambda *a: built.append(a) or real(*a))
+    sigreg_mod._knots_and_weights_on.cache_clear()
+    z = torch.randn(32, 2, 8)
+    values = [sigreg(z, step=s, num_directions=16, num_knots=13, t_max=2.5).item() for s in range(3)]
+    assert built == [(13, 2.5)]
+    sigreg_mod._knots_and_weights_on.cache_clear()
+    monkeypatch.setattr(sigreg_mod, "knots_and_weights", real)
+    assert values == [sigreg(z, step=s, num_directions=16, num_knots=13, t_max=2.5).item() for s in range(3)]
+
+
 def test_time_steps_are_separate_then_averaged():
     z = torch.randn(32, 3, 8)  # (B, T, D)
     per_t = torch.stack([sigreg(z[:, t], step=1, num_directions=32) for t in range(3)])
