@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from leworld.model import LeWMConfig, LeWorldModel
 from leworld.results import package_version
@@ -238,8 +238,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             raise FileNotFoundError(f"{needed} is missing: {_HOW_TO_MAKE}.")
     config = _read_config(config_path)
     try:
-        state = load_file(str(weights), device="cpu")
-        with safe_open(str(weights), framework="pt") as f:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:  # tensors and metadata in one read
+            state = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({e}): it may be truncated or corrupt; "
