@@ -128,24 +128,36 @@ def _ridge_solve(xs: np.ndarray, ys: np.ndarray, ridge: float) -> np.ndarray:
     return np.linalg.solve(xs.T @ xs / n + ridge * np.eye(d), xs.T @ ys / n)
 
 
+def select_ridge(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, holdout_fraction: float = 0.2,
+                 seed: int = 0) -> float:
+    """The strength in RIDGES whose probe, fitted on all but the held-out rows, has the least MSE on them.
+
+    The held-out rows (whole `groups`, a `holdout_fraction` of them) take no part in the fit: features
+    and targets are standardised with the fitting rows' statistics, and the MSE is that of the
+    targets so standardised.
+    """
+    fit, held = holdout_split(len(x), groups, holdout_fraction, seed)
+    fx, fy = Standardiser.fit(x[fit]), Standardiser.fit(y[fit])
+    xf, yf, xh, yh = fx(x[fit]), fy(y[fit]), fx(x[held]), fy(y[held])  # fitting rows centred
+    errors = [np.mean((xh @ _ridge_solve(xf, yf, lam) - yh) ** 2) for lam in RIDGES]
+    return RIDGES[int(np.argmin(errors))]
+
+
 def fit_linear(x: np.ndarray, y: np.ndarray, ridge: float | None = None, groups: np.ndarray | None = None,
                holdout_fraction: float = 0.2, seed: int = 0) -> LinearProbe:
     """Ridge regression x (N, D) -> y (N, K) on standardised features and targets, in float64.
 
-    ridge None: the strength in RIDGES with the least held-out MSE (held-out rows: whole
-    `groups`, a `holdout_fraction` of them), then refitted on all rows; a number fixes it (0: least squares).
+    ridge None: the strength in RIDGES with the least held-out MSE (`select_ridge`: held-out rows are
+    whole `groups`, a `holdout_fraction` of them, and take no part in that fit), then refitted on all
+    rows; a number fixes it (0: least squares).
     """
     if ridge is not None and not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"the ridge strength must be a finite number >= 0 (0: least squares), got {ridge}")
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if ridge is None:
+        ridge = select_ridge(x, y, groups, holdout_fraction, seed)
     fx, fy = Standardiser.fit(x), Standardiser.fit(y)
     xs, ys = fx(x), fy(y)  # (N, D), (N, K), both centred
-    if ridge is None:
-        fit, held = holdout_split(len(x), groups, holdout_fraction, seed)
-        mx, my = xs[fit].mean(0), ys[fit].mean(0)
-        errors = [np.mean(((xs[held] - mx) @ _ridge_solve(xs[fit] - mx, ys[fit] - my, lam) + my - ys[held]) ** 2)
-                  for lam in RIDGES]
-        ridge = RIDGES[int(np.argmin(errors))]
     ws = _ridge_solve(xs, ys, ridge)  # (D, K) in standardised units
     weight = ws / fx.std[:, None] * fy.std[None, :]  # (D, K): y = my + sy * ((x - mx) / sx) @ ws
     return LinearProbe(weight, fy.mean - fx.mean @ weight, float(ridge))

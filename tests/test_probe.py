@@ -102,6 +102,37 @@ def test_ridge_equals_the_augmented_least_squares_solution():
     np.testing.assert_allclose(fit_linear(x, y, ridge=lam).predict(x), expected, rtol=1e-10, atol=1e-9)
 
 
+def held_out_mse_by_hand(x, y, fit, held, lam) -> float:
+    """A ridge probe fitted on the rows `fit` alone (their own mean and std, augmented least squares),
+    scored on the rows `held` by the MSE of the targets standardised with the fitting rows' statistics."""
+    d, k = x.shape[1], y.shape[1]
+    mx, sx, my, sy = x[fit].mean(0), x[fit].std(0), y[fit].mean(0), y[fit].std(0)
+    xs, ys = (x[fit] - mx) / sx, (y[fit] - my) / sy
+    ws = np.linalg.lstsq(np.r_[xs, math.sqrt(len(fit) * lam) * np.eye(d)], np.r_[ys, np.zeros((d, k))],
+                         rcond=None)[0]
+    return float(np.mean((((x[held] - mx) / sx) @ ws - (y[held] - my) / sy) ** 2))
+
+
+def test_the_ridge_is_chosen_without_looking_at_the_held_out_rows_statistics():
+    """The held-out episodes only score the candidate ridges: scaling their features (as a drifted
+    episode would) must not change how the fitting rows are standardised, so the choice equals a
+    by-hand selection that standardises with the fitting rows alone."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(40), 5)  # (N,) 40 episodes of 5 rows
+    fit, held = holdout_split(len(groups), groups, 0.2, 0)
+    x = rng.normal(size=(200, 8))  # (N, D)
+    y = x @ rng.normal(size=(8, 2)) * 0.3 + rng.normal(size=(200, 2))  # (N, K), noisy
+    chosen = []
+    for scale in (1.0, 30.0):  # the held-out rows' features 30x wider: all-row std would grow about 13x
+        xd = x.copy()
+        xd[held] *= scale
+        expected = RIDGES[int(np.argmin([held_out_mse_by_hand(xd, y, fit, held, lam) for lam in RIDGES]))]
+        assert probe_mod.select_ridge(xd, y, groups, 0.2, 0) == expected
+        assert fit_linear(xd, y, groups=groups).ridge == expected
+        chosen.append(expected)
+    assert chosen[0] != chosen[1]  # the case is one where the held-out rows' values matter at all
+
+
 # ---- MLP probe -------------------------------------------------------------------------------------------
 def test_mlp_fits_a_nonlinear_function_much_better_than_the_linear_probe():
     rng = np.random.default_rng(0)
