@@ -6,6 +6,7 @@ Run: pytest tests/test_model.py -q
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -167,6 +168,78 @@ def test_uint8_and_float_pixels_encode_the_same(encoder):
     pixels = torch.randint(0, 256, (B, 2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(model.encode(pixels), model.encode(pixels.float() / 255))
+
+
+def test_encode_normalises_pixels_with_the_imagenet_statistics():
+    """encode = projector(encoder((pixels / 255 - mean) / std)), with the ImageNet mean and std
+    per channel written out here, frame by frame."""
+    model = make("cnn").double()
+    pixels = torch.randint(0, 256, (B, 2, 3, 32, 32), dtype=torch.uint8)
+    mean, std = (torch.tensor(v, dtype=torch.float32).double().tolist()  # stored as float32 buffers
+                 for v in ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    with torch.no_grad():
+        got = model.encode(pixels)  # (B, 2, D)
+        for b in range(B):
+            for t in range(2):
+                x = torch.stack([(pixels[b, t, c].double() / 255 - mean[c]) / std[c] for c in range(3)])
+                want = model.projector(model.encoder(x[None]))[0]  # (D,)
+                torch.testing.assert_close(got[b, t], want, rtol=1e-12, atol=1e-12)
+
+
+def hand_layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
+    """(..., D) -> normalised over D with the population variance."""
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    y = (x - mu) / torch.sqrt(var + eps)
+    return y if weight is None else y * weight + bias
+
+
+def hand_block(block, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+    """One AdaLN-zero block from its definition, token by token and head by head (float64):
+    h = x + g_a * Attn(LN(x) * (1 + s_a) + b_a); out = h + g_m * MLP(LN(h) * (1 + s_m) + b_m),
+    Attn causal softmax(q k^T / sqrt(hs)) v per head, MLP Linear-GELU(erf)-Linear."""
+    Bn, T, Dm = x.shape
+    nh, hs = block.attn.heads, block.attn.head_dim
+    b_a, s_a, g_a, b_m, s_m, g_m = (mod[..., i * Dm:(i + 1) * Dm] for i in range(6))
+    a = hand_layer_norm(x, 1e-6) * (1 + s_a) + b_a
+    wq, wk, wv = block.attn.qkv.weight.split(nh * hs)
+    bq, bk, bv = block.attn.qkv.bias.split(nh * hs)
+    q, k, v = a @ wq.T + bq, a @ wk.T + bk, a @ wv.T + bv  # (B, T, nh*hs)
+    heads_out = torch.zeros(Bn, T, nh * hs, dtype=x.dtype)
+    for n in range(Bn):
+        for h in range(nh):
+            sl = slice(h * hs, (h + 1) * hs)
+            for i in range(T):
+                scores = [float(q[n, i, sl] @ k[n, j, sl]) / math.sqrt(hs) for j in range(i + 1)]  # keys j <= i
+                top = max(scores)
+                w = [math.exp(c - top) for c in scores]
+                heads_out[n, i, sl] = sum(wj / math.fsum(w) * v[n, j, sl] for j, wj in enumerate(w))
+    hidden = x + g_a * (heads_out @ block.attn.proj.weight.T + block.attn.proj.bias)
+    m = hand_layer_norm(hidden, 1e-6) * (1 + s_m) + b_m
+    up, down = block.mlp[0], block.mlp[3]
+    u = m @ up.weight.T + up.bias
+    gelu = 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))
+    return hidden + g_m * (gelu @ down.weight.T + down.bias)
+
+
+@pytest.mark.parametrize("T", [3, 12])  # 12 > SHORT: the fused attention kernel
+def test_predictor_matches_a_hand_written_float64_predictor(T):
+    """Positions, every block (modulation from the condition) and the final LayerNorm against
+    `hand_block`; T above the short-attention limit takes the fused kernel."""
+    model = make("cnn", history=T).double().eval()
+    perturb_adaln(model)
+    pred = model.predictor
+    emb, cond = torch.randn(B, T, D, dtype=torch.float64), torch.randn(B, T, D, dtype=torch.float64)
+    with torch.no_grad():
+        got = pred(emb, cond)
+        x = emb + pred.pos_embed[:, :T]
+        for block in pred.blocks:
+            c = cond * torch.sigmoid(cond)  # SiLU
+            mod = c @ block.adaLN[1].weight.T + block.adaLN[1].bias  # (B, T, 6D)
+            assert mod.abs().max() > 0.1  # the blocks are not the identity
+            x = hand_block(block, x, mod)
+        want = hand_layer_norm(x, pred.norm.eps, pred.norm.weight, pred.norm.bias)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_wrong_shapes_give_clear_errors():

@@ -1,6 +1,8 @@
 """Planners: convergence on a known quadratic, action bounds, determinism, no host sync, MPC history."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,146 @@ def test_cem_matches_a_direct_single_problem_loop():
     assert torch.allclose(out, mean.clamp(-3, 3), atol=1e-12)
 
 
+def test_cem_std_floor_holds_on_a_sharp_minimum():
+    """With min_std the refitted std never falls below the floor, so the last iteration's samples
+    still spread by about the floor around the mean (without it they collapse onto the minimum)."""
+    target = torch.zeros(1, 2, 2, dtype=torch.float64)
+    spreads = {}
+    for floor in (0.0, 0.3):
+        problem = Quadratic(target, low=-10.0, high=10.0)
+        CEM(num_samples=400, topk=40, iterations=15, min_std=floor, seed=0).plan(problem)
+        spreads[floor] = float(problem.seen[-1].std(1).min())  # the last samples' spread, per (T, A)
+    assert spreads[0.0] < 0.05
+    assert 0.27 < spreads[0.3] < 0.33
+
+
+def reference_mppi(target, num_samples, iterations, temperature, init_std, min_std, seed, low=-3.0, high=3.0):
+    """MPPI from its definition, one problem and one sample at a time in float64 (math.exp weights)."""
+    B, T, A = target.shape
+    g = torch.Generator().manual_seed(seed)
+    mean, std = torch.zeros_like(target), torch.full_like(target, init_std)
+    floored = False  # whether the floor lifted a std that later iterations sample with
+    for i in range(iterations):
+        noise = torch.randn((B, num_samples, T, A), generator=g, dtype=torch.float64)
+        for b in range(B):
+            samples = [mean[b].clone()] + [(mean[b] + std[b] * noise[b, s]).clamp(low, high)
+                                           for s in range(1, num_samples)]  # sample 0: the current mean
+            cost = [float(((x - target[b]) ** 2).sum()) for x in samples]
+            spread = float(np.std(cost, ddof=1))
+            raw = [math.exp(-(c - min(cost)) / (temperature * spread)) for c in cost]
+            w = [r / math.fsum(raw) for r in raw]
+            new_mean = sum(wi * x for wi, x in zip(w, samples))
+            var = sum(wi * (x - new_mean) ** 2 for wi, x in zip(w, samples))
+            floored |= i < iterations - 1 and bool((var.sqrt() < min_std).any())
+            mean[b], std[b] = new_mean, var.sqrt().clamp_min(min_std)
+    return mean.clamp(low, high), floored
+
+
+@pytest.mark.parametrize("temperature, min_std", [(0.5, 0.05), (2.0, 0.3)])
+def test_mppi_matches_its_definition(temperature, min_std):
+    """Softmin weights in units of the cost spread, weighted mean and std, the std floor, the mean
+    competing as sample 0: against a per-sample loop. The floor binds in both cases."""
+    target = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = MPPI(num_samples=40, iterations=12, temperature=temperature, min_std=min_std, seed=2).plan(Quadratic(target))
+    want, floored = reference_mppi(target, 40, 12, temperature, 1.0, min_std, 2)
+    assert floored
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+
+
+def reference_coloured_filter(T: int, beta: float) -> torch.Tensor:
+    """L (T, T) with L @ w the circular convolution of w with h, where h has the real DFT
+    amplitudes |f|^(-beta/2) (the zero frequency given the lowest nonzero one's), rows scaled to norm 1."""
+    freq = [min(k, T - k) / T for k in range(T)]
+    amp = [(f if k else freq[1] if T > 1 else 1.0) ** (-beta / 2) for k, f in enumerate(freq)]
+    h = [math.fsum(amp[k] * math.cos(2 * math.pi * k * n / T) for k in range(T)) / T for n in range(T)]
+    L = torch.tensor([[h[(t - s) % T] for s in range(T)] for t in range(T)], dtype=torch.float64)
+    return L / L.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+def test_icem_noise_filter_is_pink_with_unit_variance(T):
+    from leworld.planning.icem import coloured_filter
+    torch.testing.assert_close(coloured_filter(T, 0.0, dtype=torch.float64), torch.eye(T, dtype=torch.float64))
+    L = coloured_filter(T, 2.0, dtype=torch.float64)
+    torch.testing.assert_close(L, reference_coloured_filter(T, 2.0), rtol=0, atol=1e-12)
+    if T > 1:  # the filter's amplitude at frequency k/T falls as (k/T)^(-beta/2): 1/f power
+        response = torch.fft.rfft(L[0].flip(0).roll(1))  # (T//2+1,) DFT of the kernel h
+        k = torch.arange(1, T // 2 + 1, dtype=torch.float64)
+        torch.testing.assert_close(response.abs()[1:] / response.abs()[1], 1 / k, rtol=1e-12, atol=0)
+        assert float(response.abs()[0]) == pytest.approx(float(response.abs()[1]), rel=1e-12)
+        assert float(response.imag.abs().max()) < 1e-12  # a symmetric kernel: no phase shift
+
+
+def reference_icem(target, S0, K, iterations, beta, decay, keep, m, init_std, min_std, seed, low=-3.0, high=3.0):
+    """iCEM from its description, one problem at a time in float64: coloured noise, population
+    S0 * decay^-i (at least 2K), the cheapest keep*K elites carried over, momentum, the mean as a
+    sample in the last iteration, and the cheapest sequence ever evaluated returned."""
+    B, T, A = target.shape
+    g = torch.Generator().manual_seed(seed)
+    L = reference_coloured_filter(T, beta)
+    mean, std = torch.zeros_like(target), torch.full_like(target, init_std)
+    kept = [[] for _ in range(B)]
+    best, best_cost = [None] * B, [math.inf] * B
+    sizes = []
+    for i in range(iterations):
+        S = max(2 * K, round(S0 * decay ** -i))
+        sizes.append(S)
+        white = torch.randn((B, S, A, T), generator=g, dtype=torch.float64)
+        for b in range(B):
+            samples = [(mean[b] + std[b] * (L @ white[b, s].T)).clamp(low, high) for s in range(S)]  # (T, A) each
+            if i == iterations - 1:
+                samples[0] = mean[b].clone()
+            samples += kept[b]
+            cost = [float(((x - target[b]) ** 2).sum()) for x in samples]
+            order = np.argsort(cost, kind="stable")
+            if cost[order[0]] < best_cost[b]:
+                best[b], best_cost[b] = samples[order[0]], cost[order[0]]
+            top = torch.stack([samples[j] for j in order[:K]])
+            kept[b] = [samples[j] for j in order[:round(keep * K)]]
+            mean[b] = m * mean[b] + (1 - m) * top.mean(0)
+            std[b] = (m * std[b] + (1 - m) * top.std(0)).clamp_min(min_std)
+    return torch.stack(best).clamp(low, high), sizes
+
+
+def test_icem_matches_its_definition():
+    target = torch.randn(2, 5, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    kw = dict(num_samples=60, topk=6, iterations=6, beta=2.0, decay=1.5, keep_elites=0.5, momentum=0.2,
+              init_std=1.0, min_std=0.15, seed=4)
+    problem = Quadratic(target)
+    out = ICEM(**kw).plan(problem)
+    want, sizes = reference_icem(target, 60, 6, 6, 2.0, 1.5, 0.5, 0.2, 1.0, 0.15, 4)
+    assert sizes == [60, 40, 27, 18, 12, 12]  # shrinking population with its floor of 2K
+    kept = [0] + [3] * 5  # 0.5 * 6 elites carried into every iteration after the first
+    assert [s.shape[1] for s in problem.seen] == [n + k for n, k in zip(sizes, kept)]
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("S", [1, 6])
+def test_gradient_planner_equals_torch_adam_with_projection(S):
+    """Projected Adam, written with torch.optim.Adam per problem; the cheapest restart is returned
+    (few steps, so the restarts still differ), and restart 0 starts from `init`."""
+    target = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    init = torch.full_like(target, 0.5)
+    steps, lr, low, high = 4, 0.2, -1.0, 1.0
+    out = GradientPlanner(num_samples=S, iterations=steps, lr=lr, init_std=0.8, seed=3).plan(
+        Quadratic(target, low=low, high=high), init=init)
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn((2, S, 3, 2), generator=g, dtype=torch.float64)
+    noise[:, 0] = 0
+    x = torch.nn.Parameter((init[:, None] + 0.8 * noise).clamp(low, high))  # (B, S, T, A)
+    opt = torch.optim.Adam([x], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((x - target[:, None]) ** 2).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(low, high)
+    cost = ((x.detach() - target[:, None]) ** 2).sum((-1, -2))  # (B, S)
+    assert len(set(cost[0].tolist())) == S  # the restarts have not met yet
+    want = torch.stack([x.detach()[b, int(cost[b].argmin())] for b in range(2)])
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+
+
 def test_cem_with_predrawn_noise_equals_drawing_each_iteration():
     """`plan(noise=...)` with the generator's own draws gives the same plan; a wrong shape is refused."""
     target = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -144,6 +286,19 @@ def test_latent_problem_bounds_are_the_env_bounds_in_normalised_space():
     out = CEM(num_samples=16, topk=4, iterations=2).plan(problem)
     raw = model.denormalize_actions(out)
     assert out.shape == (3, 4, 6) and raw.abs().max() <= 1 + 1e-5
+
+
+def test_latent_problem_bounds_differ_per_action_dimension():
+    """A block holds frameskip steps of A numbers, step after step: per-dimension bounds repeat per step."""
+    model = tiny_model()  # action_dim 2, frameskip 3
+    problem = LatentProblem(model, torch.zeros(1, 2, 16), torch.zeros(1, 16), horizon=2,
+                            action_low=[-1.0, -2.0], action_high=[1.0, 0.5])
+    want_low, want_high = torch.tensor([-1.0, -2.0] * 3), torch.tensor([1.0, 0.5] * 3)
+    mean, std = torch.tensor([0.2, -0.1] * 3), torch.tensor([0.5, 0.25] * 3)  # the model's action stats
+    torch.testing.assert_close(problem.low, (want_low - mean) / std)
+    torch.testing.assert_close(problem.high, (want_high - mean) / std)
+    raw = model.denormalize_actions(CEM(num_samples=32, topk=4, iterations=2).plan(problem)).view(2, 3, 2)
+    assert (raw[..., 0].abs() <= 1 + 1e-5).all() and (raw[..., 1] >= -2 - 1e-5).all() and (raw[..., 1] <= 0.5 + 1e-5).all()
 
 
 def test_latent_problem_rejects_bad_shapes():

@@ -74,6 +74,17 @@ def linear_data(n: int, seed: int):
     return x, x @ weight + bias, weight, bias
 
 
+def test_targets_follow_the_env_state_layouts():
+    """Two-Room state: agent x, y first; Push-T: agent x, y, block x, y, angle (rad), velocity."""
+    state = np.array([[10.0, 20.0, 30.0, 40.0, math.pi / 6, 7.0, 8.0]])
+    got = probe_mod.targets("pusht", state)
+    np.testing.assert_array_equal(got["agent"], [[10.0, 20.0]])
+    np.testing.assert_array_equal(got["block"], [[30.0, 40.0]])
+    np.testing.assert_allclose(got["angle"], [[math.sqrt(3) / 2, 0.5]], rtol=1e-15)
+    assert list(probe_mod.targets("tworoom", state[:, :4])) == ["agent"]
+    np.testing.assert_array_equal(probe_mod.targets("tworoom", state[:, :4])["agent"], [[10.0, 20.0]])
+
+
 def test_linear_probe_recovers_an_exact_linear_map():
     x, y, weight, bias = linear_data(400, 0)
     groups = np.repeat(np.arange(50), 8)
@@ -167,6 +178,17 @@ def test_mlp_is_no_worse_than_the_linear_probe_when_the_truth_is_linear():
     assert mlp_mse < 1.1 * lin_mse, (mlp_mse, lin_mse)
 
 
+def test_mlp_that_never_improves_is_the_linear_probe_and_stops_after_its_patience():
+    """With a zero learning rate no epoch beats epoch 0 (the linear probe alone): it is kept, and
+    training stops once `patience` epochs have passed without improvement."""
+    rng = np.random.default_rng(2)
+    x, groups = rng.normal(size=(300, 6)), np.arange(300) // 6
+    y = np.c_[x[:, 0] ** 2, x[:, 1]]  # (N, 2)
+    mlp = fit_mlp(x, y, epochs=10, lr=0.0, patience=3, groups=groups)
+    assert mlp.best_epoch == 0 and mlp.epochs_run == 3
+    np.testing.assert_allclose(mlp.predict(x), mlp.linear.predict(x), rtol=1e-6, atol=1e-6)
+
+
 def test_mlp_is_seeded_and_leaves_the_global_torch_state_alone():
     rng = np.random.default_rng(0)
     x, groups = rng.normal(size=(200, 6)), np.arange(200) // 5
@@ -252,6 +274,8 @@ def test_cli_smoke_writes_a_complete_json(tmp_path, dataset):
     for kind in ("linear", "mlp"):
         assert len(agent[kind]["r_per_output"]) == 2 and agent[kind]["mse"] >= 0
         assert agent[kind]["r"] == pytest.approx(np.mean(agent[kind]["r_per_output"]))
+        assert len(agent[kind]["mse_per_output"]) == 2
+        assert agent[kind]["mse"] == pytest.approx(np.mean(agent[kind]["mse_per_output"]))
     assert not list(tmp_path.glob(".probe.json.*"))  # no temporary file left behind
 
 

@@ -221,6 +221,17 @@ def test_first_detection_rate_latency_and_false_alarms():
     assert false_alarm_rate(flags) == 5 / 40
 
 
+def test_first_detection_equals_a_loop_over_the_window():
+    """Every start and window (edges included) against a plain search of [start, start + window)."""
+    flags = torch.rand(40, 12, generator=torch.Generator().manual_seed(0)) < 0.15  # (B, L)
+    for start in range(14):
+        for window in (None, 1, 2, 3, 5, 20):
+            end = 12 if window is None else min(12, start + window)
+            want = [next((t - start for t in range(start, end) if flags[b, t]), -1) for b in range(40)]
+            assert first_detection(flags, start, window).tolist() == want, (start, window)
+            assert detection_rate(flags, start, window) == sum(w >= 0 for w in want) / 40
+
+
 # ---- statistics against independent computations -------------------------------------------------------
 def test_auroc_equals_brute_force_pair_counting_with_ties():
     g = torch.Generator().manual_seed(0)
