@@ -214,3 +214,12 @@ def test_result_path_adds_a_seed_other_than_zero(tmp_path):
     ckpt = run.parent / "checkpoints" / "last.ckpt"
     assert result_path("forecast", ckpt, seed=1) == Path("runs") / "forecast" / "pusht_tiny-last-seed1.json"
     assert result_path("probe", run, seed=1) != result_path("probe", run, seed=0)
+
+
+def test_a_model_of_a_newer_format_is_refused(tmp_path):
+    export_model(tiny_model("cnn"), tmp_path / "m")
+    info = json.loads((tmp_path / "m" / "config.json").read_text())
+    info["format_version"] = checkpoint.FORMAT_VERSION + 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="newer than this leworld reads"):
+        load_model(tmp_path / "m")

@@ -399,3 +399,80 @@ def test_a_bad_generate_setting_is_named_as_the_config_key(tmp_path):
     with pytest.raises(ValueError, match="data.generate: --episodes must be a positive integer"):
         dm.prepare_data()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_module_uses_its_split_seed_and_training_action_statistics(dataset):
+    """The episode split follows data.split_seed, and the action statistics are those of the
+    training episodes alone (computed here from the raw rows)."""
+    dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=4, num_workers=0, val_fraction=0.34,
+                        split_seed=3)
+    dm.setup("fit")
+    train, val = split_episodes(6, 0.34, 3)
+    np.testing.assert_array_equal(dm.val_episodes, val)
+    np.testing.assert_array_equal(dm.train_episodes, train)
+    assert not np.array_equal(val, split_episodes(6, 0.34, 0)[1])  # seed 3 is another split than seed 0
+    store = EpisodeStore(dataset)
+    rows = np.concatenate([store.episode(e)["action"][:-1] for e in train]).astype(np.float64)  # actions taken
+    everything = np.concatenate([store.episode(e)["action"][:-1] for e in range(6)]).astype(np.float64)
+    np.testing.assert_allclose(dm.action_mean, rows.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(dm.action_std, rows.std(0), rtol=1e-5)
+    assert np.abs(dm.action_mean - everything.mean(0)).max() > 1e-3  # validation rows would show
+
+
+def test_validation_order_is_the_same_whatever_epoch_lightning_sets(dataset):
+    """Lightning calls set_epoch on every sampler that has it: the validation clips must not move."""
+    dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=4, num_workers=0, val_fraction=0.34)
+    dm.setup("fit")
+    sampler = dm.val_dataloader().sampler
+    first = list(sampler)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(3)
+    assert list(sampler) == first and first != sorted(first)
+
+
+@pytest.mark.parametrize("batch_size", [7, 103])
+def test_no_training_batch_holds_a_single_clip(dataset, batch_size):
+    """A last batch of one clip would break the projector's BatchNorm: with 104 training clips,
+    batches of 103 would leave exactly one."""
+    dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=batch_size, num_workers=0,
+                        val_fraction=0.34)
+    dm.setup("fit")
+    assert len(dm.train_set) == 104
+    sizes = [len(b["action"]) for b in dm.train_dataloader()]
+    assert sizes == [batch_size] * (104 // batch_size)  # full batches only
+
+
+def test_an_episode_exactly_one_clip_long_gives_one_clip(tmp_path):
+    path = tmp_path / "short.h5"
+    collect("tworoom", episodes=2, steps=10, resolution=16, seed=0, out=path, progress=False)
+    store = EpisodeStore(path)
+    steps = int(store.episode_length[0]) - 1  # actions taken in episode 0
+    assert len(ClipDataset(store, [0], num_frames=2, frameskip=steps)) == 1
+    assert len(ClipDataset(store, [0], num_frames=3, frameskip=steps // 2)) == steps - 2 * (steps // 2) + 1
+    with pytest.raises(ValueError, match="long enough"):
+        ClipDataset(store, [0], num_frames=2, frameskip=steps + 1)
+
+
+def test_split_keeps_a_training_episode_at_any_fraction():
+    for n in range(2, 12):
+        for fraction in (0.0, 0.1, 0.5, 0.9, 0.99):
+            train, val = split_episodes(n, fraction, seed=n)
+            assert len(train) >= 1 and sorted([*train, *val]) == list(range(n))
+            assert len(val) == (0 if fraction == 0 else min(n - 1, max(1, round(fraction * n))))
+
+
+@pytest.mark.parametrize("world, processed, done", [
+    (1, 0, 0), (1, 13, 91), (1, 14, 0),  # 104 clips in batches of 7: 14 full batches an epoch
+    (2, 3, 42), (2, 6, 84), (2, 7, 0),  # two ranks of 52 clips: 7 batches each
+])
+def test_clips_done_at_a_resume_count_whole_batches_and_restart_at_an_epoch_end(dataset, world, processed, done):
+    """Where a resumed epoch picks up: the clips all ranks trained on, or 0 when the checkpoint
+    was written after the epoch's last batch (the resumed run starts the next epoch whole)."""
+    from types import SimpleNamespace
+
+    dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=7, num_workers=0, val_fraction=0.34)
+    dm.setup("fit")
+    progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
+    dm.trainer = SimpleNamespace(world_size=world, limit_train_batches=1.0,
+                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    assert dm._clips_done_this_epoch() == done

@@ -182,6 +182,46 @@ def test_baselines_on_identical_pairs(tworoom_data):
     assert again.success.mean() == rates["random"]  # seeded
 
 
+def test_an_episode_takes_exactly_its_budget_of_env_steps(tworoom_data):
+    """The policy acts `budget` times; a recording holds the start and every step's frame."""
+    store = EpisodeStore(tworoom_data)
+    pairs = sample_pairs(store, get_protocol("paper-v3").replace(num_episodes=3), seed=0)
+
+    class Counting:
+        calls = 0
+
+        def reset(self, env):
+            pass
+
+        def act(self, env, obs):
+            Counting.calls += 1
+            return np.zeros((env.num_envs, 2), np.float32)
+
+    env = envs.make_batch("tworoom", 3, resolution=RES, seed=0)
+    res = run_episodes(env, Counting(), pairs, 7, record=True, progress=False)
+    assert Counting.calls == 7 and res.env_steps == 21 and res.frames.shape[:2] == (3, 8)
+
+
+def test_pairs_do_not_repeat_an_episode_while_unused_ones_remain(tworoom_data):
+    store = EpisodeStore(tworoom_data)
+    for n in (5, 12):  # 12 validation episodes at val_fraction 0.2
+        pairs = sample_pairs(store, get_protocol("paper-v3").replace(num_episodes=n), seed=3, val_fraction=0.2)
+        assert len(set(pairs.episode.tolist())) == n
+
+
+def test_straight_line_baselines_head_for_the_goal_agent_position():
+    tworoom = envs.make_batch("tworoom", 2, resolution=RES, seed=0)
+    tworoom.set_state([[50.0, 100.0, 52.0, 90.0], [150.0, 100.0, 100.0, 100.0]])
+    action = make_baseline("straight", "tworoom").act(tworoom, None)
+    np.testing.assert_allclose(action, [[0.4, -1.0], [-1.0, 0.0]])  # (target - agent) / 5 px per step, clipped
+    pusht = envs.make_batch("pusht", 1, resolution=16, seed=0)
+    pusht.reset_to([[100.0, 100.0, 300.0, 300.0, 0.0, 0.0, 0.0]], [[150.0, 80.0, 400.0, 400.0, 1.0, 0.0, 0.0]])
+    from envs.push_t_physics import ACTION_SCALE
+
+    want = np.clip(np.array([[50.0, -20.0]]) / ACTION_SCALE, -1, 1)  # toward the goal's agent, not its block
+    np.testing.assert_allclose(make_baseline("straight", "pusht").act(pusht, None), want, rtol=1e-6)
+
+
 def test_episode_errors_track_the_distance_to_the_goal(tworoom_data):
     """run_episodes reports each episode's final and smallest distance to the goal: the final one
     is that of the final state, the smallest one decides success (Two-Room: < 16 px)."""
@@ -254,6 +294,23 @@ def test_plan_cli_writes_complete_results(tmp_path, tiny_model_dir):
                     "--topk", "4", "--no-baselines", "--out", str(out2), cwd=tmp_path).returncode == 0
     res2 = json.loads(out2.read_text())
     assert res2["results"][0]["per_episode"] == model_row["per_episode"] and res2["pairs"] == res["pairs"]
+
+
+def test_plan_cli_draws_pairs_from_the_models_own_validation_split(tmp_path, tiny_model_dir, tworoom_data):
+    """The split settings a model records (here val_fraction 0.3, split_seed 3) choose the episodes
+    that plan.py draws its pairs from, and the results say so."""
+    model_dir = tmp_path / "seed3"
+    export_model(load_model(tiny_model_dir), model_dir, extra={
+        "dataset": {"env": "tworoom"}, "data": {"path": str(tworoom_data), "val_fraction": 0.3, "split_seed": 3}})
+    out = tmp_path / "res.json"
+    proc = run_plan("--model", str(model_dir), "--policy", "random", "--num-episodes", "30", "--no-baselines",
+                    "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["data"]["split_seed"] == 3 and res["data"]["val_fraction"] == 0.3
+    episodes = {p["episode"] for p in res["pairs"]}
+    assert episodes <= set(split_episodes(60, 0.3, 3)[1].tolist())
+    assert not episodes <= set(split_episodes(60, 0.3, 0)[1].tolist())  # seed 0 would give other episodes
 
 
 def test_plan_cli_plans_an_ensemble_of_models(tmp_path, tiny_model_dir, tworoom_data):

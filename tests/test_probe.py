@@ -318,7 +318,8 @@ def test_a_training_checkpoint_is_probed_like_the_model_exported_from_it(tmp_pat
 
     L.seed_everything(0)
     module = LeWMModule(LeWMConfig(**TINY, history=1), num_directions=16)
-    dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=8, num_workers=0, val_fraction=0.2)
+    dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=8, num_workers=0, val_fraction=0.2,
+                        split_seed=2)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, default_root_dir=str(tmp_path), logger=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, dm)
@@ -326,7 +327,8 @@ def test_a_training_checkpoint_is_probed_like_the_model_exported_from_it(tmp_pat
     assert ckpt.suffix == ".ckpt" and (exported / "model.safetensors").is_file()
 
     from_ckpt, from_export = model_extra(ckpt), model_extra(exported)
-    assert from_ckpt["data"] == from_export["data"] and from_ckpt["data"]["path"] == str(dataset)
+    assert from_ckpt["data"] == from_export["data"] == {"path": str(dataset), "val_fraction": 0.2, "split_seed": 2,
+                                                        "num_frames": 2, "frameskip": 5}
     assert from_ckpt["global_step"] == from_export["global_step"] == 3
 
     results = {}
@@ -335,7 +337,7 @@ def test_a_training_checkpoint_is_probed_like_the_model_exported_from_it(tmp_pat
         probe_mod.main(["--model", str(model), "--out", str(out), "--mlp-epochs", "2", "--no-progress"])
         results[name] = json.loads(out.read_text())
     assert results["ckpt"]["quantities"] == results["export"]["quantities"]
-    assert results["ckpt"]["settings"]["val_fraction"] == 0.2
+    assert results["ckpt"]["settings"]["val_fraction"] == 0.2 and results["ckpt"]["settings"]["split_seed"] == 2
     assert results["ckpt"]["model_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert results["export"]["model_sha256"] != results["ckpt"]["model_sha256"]
 

@@ -507,3 +507,33 @@ def test_reset_to_checks_starts_and_goals_before_changing_anything():
         env.reset_to(before, before[:1])  # a goal for one env only
     np.testing.assert_array_equal(env.get_state(), before)
     np.testing.assert_array_equal(env.render(), frames)  # colours untouched too
+
+
+def test_reset_seed_chooses_the_episodes():
+    """reset(seed=s) draws the same starts and goals whatever the env's own seed and history, and
+    another seed draws others."""
+    env = make(4, resolution=16, seed=0)
+    env.reset()
+    env.reset(seed=1)
+    one, goal = env.get_state().copy(), env.goal.copy()
+    other = make(4, resolution=16, seed=5)
+    other.reset(seed=1)
+    np.testing.assert_array_equal(other.get_state(), one)
+    np.testing.assert_array_equal(other.goal, goal)
+    env.reset(seed=2)
+    assert not np.allclose(env.get_state(), one)
+
+
+def test_block_speed_cap_is_one_and_a_half_times_the_pusher_plus_twenty():
+    """The cap against solver blow-ups (`PushTSim._limit_block_speed`): direction kept, speed and
+    spin clipped to 1.5 x the reference speed + 20 px/s (spin: that over a 20 px lever)."""
+    from envs.push_t_physics import PushTSim
+
+    sim = PushTSim([100.0, 100.0, 256.0, 256.0, 0.0, 0.0, 0.0])
+    sim.block.velocity, sim.block.angular_velocity = (600.0, -800.0), -50.0
+    sim._limit_block_speed(100.0 ** 2)
+    np.testing.assert_allclose(tuple(sim.block.velocity), (170.0 * 0.6, -170.0 * 0.8), rtol=1e-12)
+    assert sim.block.angular_velocity == pytest.approx(-170.0 / 20.0, rel=1e-12)
+    sim.block.velocity, sim.block.angular_velocity = (100.0, 0.0), 1.0  # under the cap: untouched
+    sim._limit_block_speed(100.0 ** 2)
+    assert tuple(sim.block.velocity) == (100.0, 0.0) and sim.block.angular_velocity == 1.0

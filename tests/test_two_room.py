@@ -282,3 +282,23 @@ def test_policies_accept_the_gym_view_and_reject_unknown_names():
     assert make_policy("tworoom", "expert", env, noise=0.0).act(env).shape == (1, 2)
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("tworoom", "teleport", env)
+
+
+def test_actions_are_clipped_to_one_step_of_speed():
+    env = TwoRoomBatch(num_envs=3, resolution=32)
+    env.set_state([[50.0, 100.0, 20, 20], [50.0, 100.0, 20, 20], [160.0, 100.0, 200, 200]])
+    env.step([[10.0, 0.0], [-3.0, 0.5], [0.4, -7.0]])
+    np.testing.assert_allclose(env.agent_pos, [[55.0, 100.0], [45.0, 102.5], [162.0, 95.0]])
+
+
+def test_reset_seed_chooses_the_episodes():
+    """reset(seed=s) draws what a fresh env built with seed s draws, and another seed draws others."""
+    env = TwoRoomBatch(num_envs=6, resolution=32, seed=0)
+    env.reset()
+    env.reset(seed=1)
+    one = env.get_state().copy()  # agents and targets
+    fresh = TwoRoomBatch(num_envs=6, resolution=32, seed=1)
+    fresh.reset()
+    np.testing.assert_array_equal(fresh.get_state(), one)
+    env.reset(seed=2)
+    assert not np.array_equal(env.get_state(), one)
