@@ -94,6 +94,12 @@ def test_members_that_do_not_act_alike_are_refused_with_the_reason():
     other.set_action_stats(torch.tensor([0.5, 0.0]), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="same dataset"):
         ModelEnsemble([member(0), other])
+    for mean, std in (([0.0, 0.0], [1.0, 1.5]), ([0.0, 0.01], [1.0, 1.0])):  # one statistic differs
+        base, odd = member(0), member(1)
+        base.set_action_stats(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
+        odd.set_action_stats(torch.tensor(mean), torch.tensor(std))
+        with pytest.raises(ValueError, match="same dataset"):
+            ModelEnsemble([base, odd])
     ens = ModelEnsemble([member(0), member(1)])
     with pytest.raises(ValueError, match="16 \\+ 16"):
         ens.split(torch.zeros(2, 16))

@@ -90,11 +90,26 @@ def brute_force(model, store, val_eps, probes, horizon):
     H, fs = m.config.history, m.config.frameskip
     clips = ClipDataset(store, val_eps, num_frames=H + horizon, frameskip=fs, with_state=True)
     rows = {q: [[] for _ in range(horizon)] for q in probes}
-    emb_err = [[] for _ in range(horizon)]
+    floors = {q: [[] for _ in range(horizon)] for q in probes}
+    moves = {q: [[] for _ in range(horizon)] for q in probes}  # (read change, true change) pairs
+    emb_err, emb_copy = [[] for _ in range(horizon)], [[] for _ in range(horizon)]
+    ends = []  # (z of the last context frame, z of the last frame, their states) per clip
+
+    def read(q, z):  # the probe's reading of one embedding: (x, y), or the angle in degrees
+        y = probes[q].predict(z.numpy()[None])[0]
+        return np.array([np.degrees(np.arctan2(y[1], y[0]))]) if q == "angle" else y
+
+    def truth(q, state):
+        return np.array([np.degrees(state[4])]) if q == "angle" else state[[0, 1] if q == "agent" else [2, 3]]
+
+    def diff(q, a, b):  # b - a, wrapped into [-180, 180) degrees for the angle
+        return (b - a + 180.0) % 360.0 - 180.0 if q == "angle" else b - a
+
     with torch.no_grad():
         for i in range(len(clips)):
             clip = clips[i]
             frames = [m.encode(clip["pixels"][t].permute(2, 0, 1)[None, None])[0, 0] for t in range(H + horizon)]
+            states = clip["state"].numpy().astype(np.float64)  # (H+T, S)
             blocks = m.normalize_actions(clip["action"].double())  # (H+T-1, fs*A)
             seq = frames[:H]
             for k in range(1, horizon + 1):
@@ -103,17 +118,17 @@ def brute_force(model, store, val_eps, probes, horizon):
                 emb = torch.stack(seq[lo:n])[None]  # (1, w, D)
                 act = m.encode_actions(blocks[lo:n])[None]  # (1, w, D): block after each frame
                 seq.append(m.predict(emb, act)[0, -1])
-                z = seq[-1].numpy()[None]
-                state = clip["state"][H - 1 + k].numpy()[None].astype(np.float64)
-                for q, p in probes.items():
-                    y = p.predict(z)
-                    if q == "angle":
-                        e = abs(float(wrap_degrees(np.degrees(np.arctan2(y[0, 1], y[0, 0]) - state[0, 4]))))
-                    else:
-                        e = float(np.linalg.norm(y[0] - state[0, (0, 1) if q == "agent" else (2, 3)]))
-                    rows[q][k - 1].append(e)
+                for q in probes:
+                    true_k = truth(q, states[H - 1 + k])
+                    rows[q][k - 1].append(float(np.linalg.norm(diff(q, true_k, read(q, seq[-1])))))
+                    floors[q][k - 1].append(float(np.linalg.norm(diff(q, true_k, read(q, frames[H - 1 + k])))))
+                    moves[q][k - 1].append((diff(q, read(q, frames[H - 1]), read(q, seq[-1])),
+                                            diff(q, truth(q, states[H - 1]), true_k)))
                 emb_err[k - 1].append(float(((seq[-1] - frames[H - 1 + k]) ** 2).sum()))
-    return rows, emb_err, clips
+                emb_copy[k - 1].append(float(((frames[H - 1] - frames[H - 1 + k]) ** 2).sum()))
+            ends.append((frames[H - 1].numpy(), frames[-1].numpy(), states[H - 1], states[-1]))
+    return {"rows": rows, "floors": floors, "moves": moves, "emb_err": emb_err, "emb_copy": emb_copy,
+            "ends": ends}, clips
 
 
 def test_forecast_matches_a_brute_force_rollout_and_the_states(dataset):
@@ -122,15 +137,28 @@ def test_forecast_matches_a_brute_force_rollout_and_the_states(dataset):
     probes = fit_probes(model, store, "pusht", train_eps, progress=False)
     result = forecast(model, store, horizon=horizon, num_clips=10**6, val_fraction=0.34, probes=probes,
                       progress=False)
-    rows, emb_err, clips = brute_force(model, store, val_eps, probes, horizon)
+    brute, clips = brute_force(model, store, val_eps, probes, horizon)
     assert result["clips"] == len(clips) and result["history"] == 2 and len(clips) > 10
     for q in ("agent", "block", "angle"):
         for k in range(horizon):
             step = result["quantities"][q]["steps"][k]
-            assert step["error"] == pytest.approx(np.mean(rows[q][k]), rel=1e-4, abs=1e-3)
+            assert step["error"] == pytest.approx(np.mean(brute["rows"][q][k]), rel=1e-4, abs=1e-3)
+            assert step["probe_floor"] == pytest.approx(np.mean(brute["floors"][q][k]), rel=1e-4, abs=1e-3)
             assert step["skill"] == pytest.approx(1 - step["error"] / step["copy_error"], abs=1e-12)
+            read, true = (np.concatenate(v) for v in zip(*brute["moves"][q][k]))
+            assert step["displacement_r"] == pytest.approx(np.corrcoef(read, true)[0, 1], abs=1e-4)
     for k in range(horizon):
-        assert result["embedding"][k]["error"] == pytest.approx(np.mean(emb_err[k]), rel=1e-4)
+        row = result["embedding"][k]
+        assert row["error"] == pytest.approx(np.mean(brute["emb_err"][k]), rel=1e-4)
+        assert row["copy_error"] == pytest.approx(np.mean(brute["emb_copy"][k]), rel=1e-4)
+        assert row["skill"] == pytest.approx(1 - np.mean(brute["emb_err"][k]) / np.mean(brute["emb_copy"][k]), abs=1e-4)
+    # the cost weights are fitted on (last context frame, last frame) pairs
+    z0, z1, s0, s1 = (np.stack(v) for v in zip(*brute["ends"]))
+    want = cost_weights("pusht", z0, z1, s0, s1)
+    assert result["cost_weights"]["pairs"] == want["pairs"] == len(clips)
+    assert result["cost_weights"]["r2"] == pytest.approx(want["r2"], rel=1e-3, abs=1e-4)
+    for q, w in want["quantities"].items():
+        assert result["cost_weights"]["quantities"][q]["weight"] == pytest.approx(w["weight"], rel=1e-3, abs=1e-9)
     # "nothing moves" straight from the stored states
     starts = clips.starts
     now = store.read("state", starts + 5 * 1).astype(np.float64)  # last context frame (history 2)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,29 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"old": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path):
+    """Ctrl-C while writing (KeyboardInterrupt is not an Exception) keeps the old file and no temp file."""
+    path = write_json(tmp_path / "r.json", {"old": 1})
+
+    def interrupted(tmp):
+        open(tmp, "w").write("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, interrupted)
+    assert json.loads(path.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_results_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_sha256_file_matches_hashlib(tmp_path):

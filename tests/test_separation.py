@@ -29,7 +29,7 @@ def brute_force(z, states, episode, env, band, radius=16.0):
     """separation() with every frame a goal, written as plain loops over goals and candidates."""
     z = np.asarray(z, np.float64)
     kinds = ("pose", "angle") if env == "pusht" else ("agent",)
-    aucs, top1 = {q: [] for q in kinds}, []
+    aucs, top1, chance = {q: [] for q in kinds}, [], []
     for g in range(len(z)):
         cands = []
         for n in range(len(z)):
@@ -45,12 +45,14 @@ def brute_force(z, states, episode, env, band, radius=16.0):
         if not passing:
             continue
         top1.append(all(v < 1 for v in min(cands, key=lambda ce: ce[0])[1].values()))
+        chance.append(len(passing) / len(cands))  # a candidate of another episode drawn at random passes
         for q in kinds:
             miss = [c for c, e in cands if 1 <= e[q] < band and all(e[k] < 1 for k in kinds if k != q)]
             if miss:
                 wins = sum(1.0 if p < m else 0.5 if p == m else 0.0 for p, m in itertools.product(passing, miss))
                 aucs[q].append(wins / (len(passing) * len(miss)))
-    return {q: (np.mean(v) if v else float("nan"), len(v)) for q, v in aucs.items()}, (np.mean(top1), len(top1))
+    return ({q: (np.mean(v) if v else float("nan"), len(v)) for q, v in aucs.items()},
+            (np.mean(top1), len(top1), np.mean(chance)))
 
 
 def pusht_states(rng, n_episodes=8, per=40):
@@ -89,6 +91,10 @@ def test_goal_errors_are_the_success_test_of_push_t():
         passes = (err["pose"][i] < 1) & (err["angle"][i] < 1)
         assert np.array_equal(passes, is_success(states, np.repeat(g[None], len(states), 0)))
     assert 0 < passes.sum() < len(states)  # the draw does exercise both outcomes
+    # angles either side of +-pi are close: 3.1 and -3.1 rad differ by 2 pi - 6.2 rad
+    near = np.array([[100.0, 100.0, 200.0, 200.0, 3.1, 0.0, 0.0]])
+    far_side = np.array([[100.0, 100.0, 200.0, 200.0, -3.1, 0.0, 0.0]])
+    assert goal_errors("pusht", near, far_side)["angle"][0, 0] == pytest.approx((2 * math.pi - 6.2) / (math.pi / 9))
     with pytest.raises(ValueError, match="no success test"):
         goal_errors("cartpole", states, goals)
 
@@ -100,9 +106,10 @@ def test_separation_matches_brute_force(env):
     states, episode = pusht_states(rng, 5, 16)
     z = np.concatenate([states[:, :5] / np.array([20, 20, 20, 20, 0.3]), rng.normal(0, 1.0, (len(states), 6))], 1)
     result = separation(z, states, episode, env, num_goals=10**6, band=3.0)
-    expected, (top1, goals) = brute_force(z, states, episode, env, band=3.0)
+    expected, (top1, goals, chance) = brute_force(z, states, episode, env, band=3.0)
     assert result["goals"] == len(states) and result["top1"]["goals"] == goals > 0
     assert result["top1"]["rate"] == pytest.approx(top1, abs=1e-12)
+    assert result["top1"]["chance"] == pytest.approx(chance, abs=1e-12)
     for q, (value, n) in expected.items():
         assert n > 0 and result["misses"][q]["goals"] == n
         assert result["misses"][q]["auc"] == pytest.approx(value, abs=1e-12)
@@ -182,7 +189,7 @@ def test_cli_equals_the_brute_force_over_the_models_embeddings(tmp_path, dataset
     _, val = split_episodes(store.num_episodes, 0.5, 0)
     rows, owner = validation_frames(store, val)
     z = embed_frames(model, store, rows, progress=False)
-    expected, (top1, goals) = brute_force(z, store.read("state", rows), owner, "tworoom", band=3.0)
+    expected, (top1, goals, _) = brute_force(z, store.read("state", rows), owner, "tworoom", band=3.0)
     assert result["frames"] == len(rows) and result["top1"]["goals"] == goals > 0
     assert result["top1"]["rate"] == pytest.approx(top1, abs=1e-9)
     assert result["misses"]["agent"]["goals"] == expected["agent"][1] > 0

@@ -956,13 +956,6 @@ def test_a_resumed_run_trains_its_first_step_at_its_own_schedules_rate(data_path
     rate of the new schedule; the restored optimiser held the old schedule's rate for that step."""
     import math
 
-    class RecordRate(L.Callback):
-        def __init__(self):
-            self.rates = {}
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.rates[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
-
     L.seed_everything(0)
     module, dm = make(data_path, tmp_path / "a")
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
@@ -978,6 +971,59 @@ def test_a_resumed_run_trains_its_first_step_at_its_own_schedules_rate(data_path
     assert rec.rates.keys() == want.keys()
     for s in want:
         assert rec.rates[s] == pytest.approx(want[s], rel=1e-12), s
+
+
+class RecordRate(L.Callback):
+    """The learning rate each optimiser step trains at."""
+
+    def __init__(self):
+        self.rates = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.rates[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero(data_path, tmp_path):
+    """warmup_fraction 0.25 of 12 steps: 3 warm-up steps at lr/3, 2lr/3, lr, then step s >= 3 at
+    lr (1 + cos(pi (s - 3) / 9)) / 2, written out here step by step."""
+    import math
+
+    module, dm = make(data_path, tmp_path, warmup_fraction=0.25)
+    rec = RecordRate()
+    trainer(tmp_path, max_steps=12, callbacks=[rec], enable_checkpointing=False).fit(module, dm)
+    lr = 3e-3
+    want = [lr / 3, 2 * lr / 3, lr] + [lr * (1 + math.cos(math.pi * (s - 3) / 9)) / 2 for s in range(3, 12)]
+    assert sorted(rec.rates) == list(range(12))
+    for s in range(12):
+        assert rec.rates[s] == pytest.approx(want[s], rel=1e-12), s
+
+
+def test_sigreg_term_regularises_the_embeddings_of_every_frame(data_path):
+    """The loss's SIGReg term is the statistic of all B x T embeddings of the clip, not of a part."""
+    from leworld.sigreg import sigreg
+
+    module, dm = make(data_path, "unused")
+    dm.setup("fit")
+    module.model.set_action_stats(torch.as_tensor(dm.action_mean), torch.as_tensor(dm.action_std))
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        pred_loss, reg, emb = module.losses(batch)
+        assert emb.shape[:2] == (16, 4)
+        want = sigreg(emb, step=0, num_directions=64, num_knots=module.hparams.num_knots,
+                      t_max=module.hparams.t_max, seed=module.hparams.sigreg_seed)
+        first = sigreg(emb[:, :1], step=0, num_directions=64, num_knots=module.hparams.num_knots,
+                       t_max=module.hparams.t_max, seed=module.hparams.sigreg_seed)
+    assert float(reg) == pytest.approx(float(want), rel=1e-6) and abs(float(first) - float(want)) > 1e-3
+
+
+def test_validation_loss_uses_the_sigreg_weight_in_force(data_path, tmp_path):
+    """With a schedule, val/loss is val/pred_loss + lambda(step) * val/sigreg at the step it ran."""
+    module, dm = make(data_path, tmp_path, lambda_sigreg=0.5, lambda_schedule=[[2, 3.0]])
+    t = trainer(tmp_path, max_steps=4, val_check_interval=4, enable_checkpointing=False)
+    t.fit(module, dm)
+    m = t.callback_metrics
+    assert float(m["val/sigreg"]) > 0
+    assert float(m["val/loss"]) == pytest.approx(float(m["val/pred_loss"]) + 3.0 * float(m["val/sigreg"]), rel=1e-6)
 
 
 def test_a_run_limited_by_time_alone_is_told_what_the_schedule_needs(data_path, tmp_path):
