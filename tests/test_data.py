@@ -476,3 +476,19 @@ def test_clips_done_at_a_resume_count_whole_batches_and_restart_at_an_epoch_end(
     dm.trainer = SimpleNamespace(world_size=world, limit_train_batches=1.0,
                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
     assert dm._clips_done_this_epoch() == done
+
+
+def test_collection_blocks_draw_other_episodes_and_follow_the_noise_setting():
+    """Every block of a collection has its own env and policy streams, and `noise` reaches the policy."""
+    from leworld.data.collect import collect_block
+
+    a, b = (collect_block("tworoom", 4, 5, 16, "random", None, seed=0, block=k) for k in (0, 1))
+    assert not np.array_equal(a["state"][:, 0], b["state"][:, 0])  # other starts
+    assert not np.array_equal(a["action"][:, :-1], b["action"][:, :-1])  # other random actions
+    again = collect_block("tworoom", 4, 5, 16, "random", None, seed=0, block=1)
+    np.testing.assert_array_equal(again["action"], b["action"])
+    quiet = collect_block("tworoom", 8, 10, 16, "expert", 0.0, seed=0, block=0)
+    norms = np.linalg.norm(quiet["action"][:, :-1].astype(np.float64), axis=-1)
+    np.testing.assert_allclose(norms[norms > 0], 1.0, rtol=1e-6)  # noiseless: unit steps toward the aim
+    noisy = collect_block("tworoom", 8, 10, 16, "expert", 0.5, seed=0, block=0)
+    assert np.abs(np.linalg.norm(noisy["action"][:, :-1], axis=-1) - 1).max() > 0.1

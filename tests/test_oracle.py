@@ -108,6 +108,56 @@ def test_oracle_reaches_goals_that_need_a_push_and_is_seeded():
     assert runs[0][2] < 4 * 4  # envs that passed the test are not planned for again
 
 
+def test_oracle_plans_each_env_in_its_own_world_shortens_to_the_deadline_and_warm_starts():
+    """Env 0 starts at its goal: only envs 1 and 2 are planned, each in a copy of its own world.
+    With a 12-step deadline and 5-step blocks, plans hold 3, 2, then 1 blocks, each warm-started
+    from the unexecuted rest of the previous plan; a reset starts over."""
+    starts, goals = _pushed_pairs(3)
+    goals[0] = starts[0]  # already there
+    env = envs.make_batch("pusht", num_envs=3, resolution=32)
+    env.reset_to(starts, goals)
+    cloned, calls = [], []
+    clone = env.clone_sim
+    env.clone_sim = lambda i: cloned.append(i) or clone(i)
+    oracle = SimulatorOracle(num_samples=8, topk=2, iterations=1, horizon=5, deadline=12, seed=3)
+    plan = oracle.cem.plan
+    oracle.cem.plan = lambda problem, init, g: calls.append((init.clone(), plan(problem, init, g))) or calls[-1][1]
+    for _ in range(2):
+        oracle.reset(env)
+        cloned.clear()
+        calls.clear()
+        horizons = []
+        for step in range(12):
+            if step % 5 == 0:
+                horizons.append(oracle.plan_horizon())
+            env.step(oracle.act(env, None))
+        assert horizons == [3, 2, 1]
+        assert set(cloned) == {1, 2}  # the worlds of the envs planned for, never env 0's
+        assert [init.shape[1] for init, _ in calls] == [3, 2, 1]
+        assert not calls[0][0].any()  # the first plan starts from zeros, also after a reset
+        for (_, before), (init, _) in zip(calls, calls[1:]):
+            torch.testing.assert_close(init, before[:, 1:1 + init.shape[1]])  # the rest of the last plan
+        env.reset_to(starts, goals)
+    oracle.reset(env)
+    oracle.act(env, None)  # a plan of 3 blocks: 2 left over
+    oracle.reset(env)  # a new episode forgets them
+    calls.clear()
+    oracle.act(env, None)
+    assert calls[0][0].shape[1] == 3 and not calls[0][0].any()
+
+
+def test_oracle_seed_changes_its_plans():
+    starts, goals = _pushed_pairs(2)
+    actions = []
+    for seed in (0, 0, 1):
+        env = envs.make_batch("pusht", num_envs=2, resolution=32)
+        env.reset_to(starts, goals)
+        oracle = SimulatorOracle(num_samples=8, topk=2, iterations=1, horizon=2, seed=seed)
+        oracle.reset(env)
+        actions.append(oracle.act(env, None))
+    assert np.array_equal(actions[0], actions[1]) and not np.array_equal(actions[0], actions[2])
+
+
 def test_oracle_refuses_two_room():
     env = envs.make_batch("tworoom", num_envs=1, resolution=32)
     with pytest.raises(ValueError, match="--policy expert"):

@@ -379,6 +379,37 @@ def test_policies_return_bounded_actions_and_are_seeded(name):
             acts.append(a)
         outs.append(np.stack(acts))
     np.testing.assert_array_equal(outs[0], outs[1])
+    env = make(6, seed=1)
+    env.reset()
+    other = make_policy("pusht", name, env, seed=4)
+    other.reset(env)
+    assert not np.array_equal(np.stack([other.act(env) for _ in range(3)]), outs[0][:3])  # another seed
+
+
+@pytest.mark.parametrize("noise, std", [(None, 0.05), (0.2, 0.2)])  # None: the contact policy's default
+def test_contact_policy_noise_is_gaussian_with_the_given_std(noise, std):
+    """Same seed, with and without noise: the first actions differ by the noise draws (away from the clip)."""
+    env = make(3000, resolution=8, seed=0)
+    env.reset()
+    quiet = make_policy("pusht", "contact", env, noise=0.0, seed=5)
+    noisy = make_policy("pusht", "contact", env, noise=noise, seed=5)
+    a, b = quiet.act(env), noisy.act(env)
+    inside = np.abs(a) < 1 - 3 * std  # where clipping (beyond 3 std) almost never touches the noisy action
+    d = (b - a)[inside].astype(np.float64)
+    assert inside.sum() > 1000 and abs(d.mean()) < 4 * std / np.sqrt(inside.sum())
+    assert d.std() == pytest.approx(std, rel=0.06)
+
+
+def test_mix_policy_draws_sub_policies_with_its_weights():
+    env = make(4000, resolution=8, seed=0)
+    env.reset()
+    mix = make_policy("pusht", "mix", env, seed=0, weights={"contact": 0.25, "pusher": 0.0, "random": 0.75})
+    counts = np.bincount(mix.choice, minlength=3) / 4000
+    assert mix.names == ["contact", "pusher", "random"]
+    assert counts[1] == 0 and counts[0] == pytest.approx(0.25, abs=0.03) and counts[2] == pytest.approx(0.75, abs=0.03)
+    default = make_policy("pusht", "mix", env, seed=0)  # pusher 0.6, contact 0.3, random 0.1
+    shares = dict(zip(default.names, np.bincount(default.choice, minlength=3) / 4000))
+    assert shares == pytest.approx({"pusher": 0.6, "contact": 0.3, "random": 0.1}, abs=0.03)
 
 
 def test_policy_errors():

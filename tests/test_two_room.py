@@ -302,3 +302,32 @@ def test_reset_seed_chooses_the_episodes():
     np.testing.assert_array_equal(fresh.get_state(), one)
     env.reset(seed=2)
     assert not np.array_equal(env.get_state(), one)
+
+
+@pytest.mark.parametrize("noise", [0.3, None])  # None: the expert's default, 2.0
+def test_expert_noise_is_gaussian_with_the_given_std_before_clipping(noise):
+    """Targets straight to the right: the noiseless action is (1, 0), so the y action is the noise
+    alone, clipped to [-1, 1]; its variance is that of a clipped N(0, noise^2), in closed form."""
+    import math
+
+    n = 4000
+    env = TwoRoomBatch(num_envs=n, resolution=8)
+    env.set_state(np.tile([[40.0, 100.0, 90.0, 100.0]], (n, 1)))
+    kwargs = {} if noise is None else {"noise": noise}
+    y = make_policy("tworoom", "expert", env, seed=2, **kwargs).act(env)[:, 1].astype(np.float64)
+    sigma = 2.0 if noise is None else noise
+    c = 1.0 / sigma  # the clip in units of sigma
+    phi, inside = math.exp(-c * c / 2) / math.sqrt(2 * math.pi), math.erf(c / math.sqrt(2))
+    var = sigma**2 * (inside - 2 * c * phi) + (1 - inside)  # E[clip(sigma z, -1, 1)^2]
+    assert y.var() == pytest.approx(var, rel=0.06) and abs(y.mean()) < 4 * math.sqrt(var / n)
+    from envs.policies.two_room import ExpertPolicy
+
+    assert ExpertPolicy().noise == 2.0  # the class's own default is make_policy's
+
+
+def test_policies_with_another_seed_act_otherwise():
+    env = TwoRoomBatch(num_envs=8, resolution=8)
+    env.reset(seed=0)
+    for name in ("expert", "random"):
+        a, b, c = (make_policy("tworoom", name, env, seed=s).act(env) for s in (1, 1, 2))
+        assert np.array_equal(a, b) and not np.array_equal(a, c)
