@@ -297,6 +297,82 @@ def test_conditions_share_the_trajectory_until_the_perturbation(env):
     assert px["nominal"][1].shape == (6, 4, 4)  # (N, L-1, frameskip*A)
 
 
+@pytest.mark.parametrize("env", ["tworoom", "pusht"])
+def test_recorded_action_blocks_replay_the_recorded_frames(env):
+    """The blocks generate() returns are the actions it executed: replayed from the same start in a
+    fresh env they give the same frames."""
+    import envs
+
+    cli = load_cli()
+    setup = {"env": env, "env_params": {}, "policy": cli.DEFAULT_POLICY[env][0], "noise": cli.DEFAULT_POLICY[env][1]}
+    pixels, blocks = cli.generate(setup, "nominal", n=4, num_frames=4, frameskip=3, resolution=32, seed=5,
+                                  perturb_step=10)
+    env_seed = int(np.random.SeedSequence(5).generate_state(3)[0])  # generate()'s env stream
+    replay = envs.make_batch(env, 4, resolution=32, seed=env_seed)
+    frames = [replay.reset()["pixels"]]
+    for k in range(3):
+        for i in range(3):
+            obs = replay.step(blocks[:, k, 2 * i : 2 * i + 2])
+        frames.append(obs["pixels"])
+    np.testing.assert_array_equal(np.stack(frames, 1), pixels)
+    assert np.abs(blocks).max() > 0.1
+
+
+@pytest.mark.parametrize("env", ["tworoom", "pusht"])
+def test_teleport_moves_the_agent_or_block_far_and_keeps_the_two_room_target(env):
+    import envs
+
+    cli = load_cli()
+    e = envs.make_batch(env, 16, resolution=32, seed=3)
+    e.reset()
+    before = e.get_state().copy()
+    cli.teleport(e, env, seed=11)
+    after = e.get_state()
+    moved = slice(0, 2) if env == "tworoom" else slice(2, 4)
+    jump = np.linalg.norm(after[:, moved] - before[:, moved], axis=1)
+    assert (jump >= cli.MIN_JUMP[env]).mean() >= 0.9  # the farthest of 4 draws otherwise
+    if env == "tworoom":
+        np.testing.assert_array_equal(after[:, 2:], before[:, 2:])  # the target stays
+
+
+def test_statistics_on_surprise_with_known_spikes():
+    """Nominal N(0, 1) surprise; 'colour' adds a spike at the perturbation frame p, 'teleport' one
+    frame later: AUROC 1 and detection of both, latencies 0 and 1, t-test and false alarms as
+    written out here. The first `horizon` frames have no surprise (NaN)."""
+    cli = load_cli()
+    g = torch.Generator().manual_seed(0)
+    n, L, p, horizon = 40, 14, 6, 2
+    cal = calibrate(torch.randn(200, L, generator=g, dtype=torch.float64), 0.01)
+    nominal = torch.randn(n, L, generator=g, dtype=torch.float64)
+    nominal[:, :horizon] = float("nan")
+    surprise = {"nominal": nominal, "colour": nominal.clone(), "teleport": nominal.clone()}
+    surprise["colour"][:, p] += 50.0
+    surprise["teleport"][:, p + 1] += 50.0
+    stats = cli.statistics(surprise, cal, p, window=3, horizon=horizon)
+    assert stats["colour"]["auroc"] == 1.0 and stats["teleport"]["auroc"] == 0.5  # all ties at p
+    assert stats["colour"]["detection_rate"] == 1.0 and stats["colour"]["mean_latency"] == 0.0
+    assert stats["teleport"]["detection_rate"] == 1.0 and stats["teleport"]["mean_latency"] == 1.0
+    t, pval = paired_t_test(surprise["colour"][:, p], nominal[:, p])
+    assert stats["colour"]["t_statistic"] == t and stats["colour"]["p_value"] == pval and t > 1e6
+    flags = cal.detect(nominal)
+    assert stats["nominal"]["false_alarm_rate_per_step"] == float(flags[:, horizon:].double().mean())
+    assert stats["nominal"]["false_alarm_rate_in_window"] == float(flags[:, p:p + 3].any(1).double().mean())
+
+
+def test_calibration_runs_are_other_runs_than_the_scored_ones(tmp_path, monkeypatch):
+    """The threshold is set on nominal runs that are not the scored ones (their own seed)."""
+    cli = load_cli()
+    seeds = []
+    real = cli.generate
+    monkeypatch.setattr(cli, "generate", lambda setup, c, n, seed, **kw: seeds.append((c, seed)) or real(
+        setup, c, n, seed=seed, **kw))
+    model_dir = tiny_model(tmp_path / "model", TWOROOM_DATA)
+    cli.main(["--model", str(model_dir), "--num-trajectories", "3", "--num-frames", "6", "--perturb-step", "3",
+              "--out", str(tmp_path / "out"), "--no-progress"])
+    calibration, scored = seeds[0][1], {s for c, s in seeds[1:]}
+    assert len(scored) == 1 and calibration not in scored and len(seeds) == 1 + len(cli.CONDITIONS)
+
+
 def tiny_model(path: Path, dataset: dict | None, **overrides) -> Path:
     torch.manual_seed(0)
     model = LeWorldModel(LeWMConfig(**{**TINY, "history": 2, **overrides}))
