@@ -682,6 +682,40 @@ def test_recalibrate_command_matches_re_estimation_at_the_end_of_training(data_p
     assert any("running_var" in n and not torch.allclose(got[n], old[n]) for n in got)
 
 
+def test_recalibrate_reads_the_recorded_split_and_clip_length_and_scores_validation_clips(data_path, tmp_path):
+    """A run with split_seed 3 and 2-frame clips (history 1): the command averages over that run's
+    training batches and reports the loss of its validation batches, both rebuilt here by hand;
+    the export records what it did."""
+    import itertools
+
+    from leworld.checkpoint import model_extra
+    from leworld.recalibrate import main as recalibrate_main
+
+    def data_module():
+        return LeWMDataModule(str(data_path), num_frames=2, frameskip=5, batch_size=16, num_workers=0,
+                              val_fraction=0.2, split_seed=3)
+
+    L.seed_everything(0)
+    module = LeWMModule(LeWMConfig(**{**TINY, "history": 1}), lr=3e-3, num_directions=64, bn_recalibration_batches=0)
+    trainer(tmp_path / "a", max_steps=3, enable_checkpointing=False).fit(module, data_module())
+    result = recalibrate_main(["--model", str(tmp_path / "a" / "model"), "--out", str(tmp_path / "c"),
+                               "--batches", "2", "--batch-size", "16", "--val-batches", "2", "--force"])
+    dm = data_module()
+    dm.setup("fit")
+    by_hand = load_model(tmp_path / "a" / "model")
+    check = LeWMModule(by_hand.config)
+    check.model = by_hand
+    assert recalibrate_batchnorm(by_hand, check.losses, itertools.islice(dm.train_dataloader(), 2)) == 2
+    by_hand.eval()
+    got = load_model(tmp_path / "c")
+    for name, value in by_hand.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        val = [float(check.losses(b)[0]) for b in itertools.islice(dm.val_dataloader(), 2)]
+    assert result["val_pred_loss_after"] == pytest.approx(sum(val) / 2, rel=1e-5)
+    assert model_extra(tmp_path / "c")["bn_recalibration"] == {"batches": 2, "batch_size": 16}
+
+
 def test_recalibrate_writes_nothing_when_the_validation_loss_gets_worse(data_path, tmp_path, monkeypatch):
     from leworld import recalibrate as recalibrate_mod
 
