@@ -65,7 +65,9 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 
 
 @pytest.mark.parametrize("env", [{OPT_OUT: "0"}, {"MALLOC_MMAP_THRESHOLD_": "65536"},
-                                 {"MALLOC_TRIM_THRESHOLD_": "65536"}, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+                                 {"MALLOC_TRIM_THRESHOLD_": "65536"}, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},
+                                 {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"},
+                                 {"LD_PRELOAD": "/opt/lib/libmimalloc.so"}])
 def test_leaves_the_allocator_alone_when_the_user_chose(monkeypatch, env):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
