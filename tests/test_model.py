@@ -242,6 +242,96 @@ def test_predictor_matches_a_hand_written_float64_predictor(T):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def hand_vit(vit, image: torch.Tensor) -> torch.Tensor:
+    """The ViT from its definition for one image (C, H, W) in float64: patches in row-major order,
+    each flattened (channel, row, column) and projected; CLS first; learned positions; pre-LN blocks
+    with softmax attention over all tokens, head by head; final LayerNorm of the CLS token."""
+    C, H, W = image.shape
+    p = vit.patch_embed.kernel_size[0]
+    w_patch = vit.patch_embed.weight.reshape(vit.width, -1)  # (width, C*p*p)
+    tokens = [vit.cls_token[0, 0]]
+    for r in range(H // p):
+        for c in range(W // p):
+            patch = image[:, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)  # (C*p*p,)
+            tokens.append(w_patch @ patch + vit.patch_embed.bias)
+    x = torch.stack(tokens) + vit.pos_embed[0]  # (N+1, width)
+    for block in vit.blocks:
+        a = hand_layer_norm(x, block.norm1.eps, block.norm1.weight, block.norm1.bias)
+        nh = block.attn.heads
+        hs = vit.width // nh
+        q, k, v = (a @ w.T + b for w, b in zip(block.attn.qkv.weight.split(vit.width),
+                                                block.attn.qkv.bias.split(vit.width)))
+        out = torch.zeros_like(x)
+        for h in range(nh):
+            sl = slice(h * hs, (h + 1) * hs)
+            for i in range(len(x)):
+                scores = [float(q[i, sl] @ k[j, sl]) / math.sqrt(hs) for j in range(len(x))]  # every token
+                top = max(scores)
+                w = [math.exp(c - top) for c in scores]
+                out[i, sl] = sum(wj / math.fsum(w) * v[j, sl] for j, wj in enumerate(w))
+        x = x + out @ block.attn.proj.weight.T + block.attn.proj.bias
+        m = hand_layer_norm(x, block.norm2.eps, block.norm2.weight, block.norm2.bias)
+        up, down = block.mlp[0], block.mlp[2]
+        u = m @ up.weight.T + up.bias
+        x = x + (0.5 * u * (1 + torch.erf(u / math.sqrt(2)))) @ down.weight.T + down.bias
+    return hand_layer_norm(x[0], vit.norm.eps, vit.norm.weight, vit.norm.bias)
+
+
+def test_vit_matches_a_hand_written_float64_vit():
+    """Every parameter random (LayerNorms included, so that swapping them shows), two images."""
+    from leworld.model.vit import ViT
+
+    torch.manual_seed(0)
+    vit = ViT(image_size=16, patch_size=8, width=8, depth=2, heads=2, mlp=16).double().eval()
+    with torch.no_grad():
+        for param in vit.parameters():
+            param.copy_(torch.randn_like(param) * 0.5)
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        got = vit(images)
+        want = torch.stack([hand_vit(vit, im) for im in images])
+        assert not torch.allclose(want[0], want[1], atol=1e-3)  # the CLS token sees the image
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_projector_and_flatten_cnn_match_hand_written_float64():
+    """Projector: Linear, BatchNorm (batch statistics in training, running ones in eval), GELU,
+    Linear; the flatten CNN: three convolutions with GELU after each, then a linear head."""
+    import torch.nn.functional as F
+
+    from leworld.model.lewm import Projector
+
+    torch.manual_seed(0)
+    proj = Projector(6, 10, 4).double()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)  # (B, T, in): normalised over all B*T rows
+    lin1, bn, _, lin2 = proj.net
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+        h = x.reshape(15, 6) @ lin1.weight.T + lin1.bias  # (15, 10)
+        for train in (True, False):
+            proj.train(train)
+            mean, var = (h.mean(0), h.var(0, unbiased=False)) if train else (bn.running_mean, bn.running_var)
+            z = (h - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+            want = ((0.5 * z * (1 + torch.erf(z / math.sqrt(2)))) @ lin2.weight.T + lin2.bias).view(3, 5, 4)
+            running = bn.running_mean.clone()
+            torch.testing.assert_close(proj(x), want, rtol=1e-12, atol=1e-12)
+            if train:
+                bn.running_mean.copy_(running)  # undo the update of the running statistics
+
+    cnn = CNN(image_size=32, channels=(4, 6, 8), width=5).double().eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = images
+        for conv in (cnn.convs[0], cnn.convs[2], cnn.convs[4]):
+            y = F.conv2d(y, conv.weight, conv.bias, conv.stride, conv.padding)
+            y = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
+        want = y.reshape(2, -1) @ cnn.head.weight.T + cnn.head.bias
+        torch.testing.assert_close(cnn(images), want, rtol=1e-12, atol=1e-12)
+
+
 def test_wrong_shapes_give_clear_errors():
     model = make()
     with pytest.raises(ValueError, match="unsqueeze"):

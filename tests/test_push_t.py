@@ -261,7 +261,7 @@ def test_render_draws_objects_at_scaled_places(resolution):
     pose = (300.0, 200.0, 0.8)
     env = make(1, resolution=resolution, goal_overlay=True)
     env.set_state(state((100, 380), pose[:2], pose[2]))
-    goal_pose = (150.0, 120.0, -1.0)
+    goal_pose = (150.0, 120.0, 2.5)
     env.set_goal(np.array([[400, 400, *goal_pose, 0, 0]]))
     frame = env.render()[0]
     assert frame.shape == (resolution, resolution, 3) and frame.dtype == np.uint8
@@ -269,6 +269,9 @@ def test_render_draws_objects_at_scaled_places(resolution):
     assert pixel(frame, (100, 380), resolution) == ROYAL_BLUE
     assert pixel(frame, block_point(pose, inside), resolution) == LIGHT_SLATE_GRAY
     assert pixel(frame, block_point(goal_pose, inside), resolution) == LIGHT_GREEN
+    for far in ((45.0, -12.0), (-45.0, -12.0), (0.0, 55.0)):  # 15 px inside the bar's ends and the stem's:
+        assert pixel(frame, block_point(pose, far), resolution) == LIGHT_SLATE_GRAY  # the drawn angles show here
+        assert pixel(frame, block_point(goal_pose, far), resolution) == LIGHT_GREEN
     assert pixel(frame, (480, 30), resolution) == (255, 255, 255)
     goal = env.goal_pixels()[0]  # the goal image: agent and block at the goal state
     assert pixel(goal, (400, 400), resolution) == ROYAL_BLUE
