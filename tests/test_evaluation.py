@@ -313,6 +313,43 @@ def test_plan_cli_draws_pairs_from_the_models_own_validation_split(tmp_path, tin
     assert not episodes <= set(split_episodes(60, 0.3, 0)[1].tolist())  # seed 0 would give other episodes
 
 
+def test_plan_cli_passes_every_planning_option_on_and_runs_baselines_on_the_same_pairs(tmp_path, tiny_model_dir,
+                                                                                       tworoom_data):
+    """Non-default values of every MPC option reach the policy (its recorded settings), --seed draws
+    the pairs and names the file, and every baseline starts from the model's pairs."""
+    proc = run_plan("--model", str(tiny_model_dir), "--num-episodes", "3", "--seed", "1", "--iterations", "2",
+                    "--num-samples", "16", "--topk", "4", "--init-std", "0.5", "--horizon", "3", "--receding-horizon",
+                    "2", "--cost", "sum", "--deadline", "--warm-start", "--hold-actions", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "runs" / "plan" / f"{tiny_model_dir.name}-paper-v3+num_episodes=3-seed1.json"
+    res = json.loads(out.read_text())
+    want = {"num_samples": 16, "topk": 4, "iterations": 2, "init_std": 0.5, "horizon": 3, "receding_horizon": 2,
+            "cost": "sum", "deadline": 50, "warm_start": True, "hold_actions": True, "seed": 1,
+            "replan_every": 10}  # 2 blocks of 5 env steps
+    assert {k: res["planner"][k] for k in want} == want
+    assert res["seed"] == 1 and res["policy"] == "model"
+    store = EpisodeStore(tworoom_data)
+    protocol = get_protocol("paper-v3").replace(num_episodes=3)
+    pairs = sample_pairs(store, protocol, seed=1, val_fraction=0.1, split_seed=0)
+    assert res["pairs"] == pairs.to_records()
+    assert res["pairs"] != sample_pairs(store, protocol, seed=0, val_fraction=0.1, split_seed=0).to_records()
+    starts = [[e["start_errors"] for e in row["per_episode"]] for row in res["results"]]
+    assert len(starts) == 4 and all(s == starts[0] for s in starts)  # model, random, straight, expert: same pairs
+    every = tmp_path / "every.json"
+    assert run_plan("--model", str(tiny_model_dir), "--num-episodes", "2", "--iterations", "1", "--num-samples", "8",
+                    "--topk", "2", "--replan-every", "2", "--no-baselines", "--out", str(every),
+                    cwd=tmp_path).returncode == 0
+    assert json.loads(every.read_text())["planner"]["replan_every"] == 2
+
+
+@pytest.mark.parametrize("args, ok", [(["--horizon", "3", "--receding-horizon", "3"], True),
+                                      (["--topk", "1"], False), (["--replan-every", "0"], False)])
+def test_plan_cli_option_limits_are_where_the_planner_needs_them(tmp_path, tiny_model_dir, args, ok):
+    proc = run_plan("--model", str(tiny_model_dir), "--num-episodes", "1", "--iterations", "1", "--num-samples", "8",
+                    "--topk", "2", "--no-baselines", "--out", str(tmp_path / "r.json"), *args, cwd=tmp_path)
+    assert (proc.returncode == 0) == ok and (ok or proc.returncode == 2), proc.stderr
+
+
 def test_plan_cli_plans_an_ensemble_of_models(tmp_path, tiny_model_dir, tworoom_data):
     torch.manual_seed(1)
     second = load_model(tiny_model_dir)
@@ -345,6 +382,7 @@ def test_plan_cli_baseline_without_a_model(tmp_path, tworoom_data):
     out = tmp_path / "runs" / "plan" / "tworoom-paper-v3+num_episodes=4-expert-seed0.json"  # no model: the policy
     res = json.loads(out.read_text())
     assert res["results"][0]["policy"] == "expert" and res["results"][0]["rate"] == 1.0
+    assert res["policy"] == "expert"
 
 
 def test_plan_cli_clear_errors(tmp_path, tiny_model_dir, tworoom_data):

@@ -177,6 +177,14 @@ def test_plan_cli_runs_the_oracle(tmp_path):
     assert [r["policy"] for r in res["results"]] == ["oracle"]
     assert res["planner"]["planner"] == "cem-simulator" and res["planner"]["num_samples"] == 8
     assert res["planner"]["deadline"] == 50 and res["results"][0]["planning"]["plans"] >= 1
+    proc = subprocess.run([sys.executable, str(ROOT / "plan.py"), "--policy", "oracle", "--env", "pusht",
+                           "--data", str(path), "--num-episodes", "2", "--num-samples", "8", "--topk", "2",
+                           "--iterations", "1", "--horizon", "2", "--seed", "3", "--oracle-cost", "terminal",
+                           "--no-baselines", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "runs" / "plan" / "pusht-paper-v3+num_episodes=2-oracle-terminal-seed3.json").read_text())
+    assert res["planner"]["horizon"] == 2 and res["planner"]["seed"] == 3 and res["seed"] == 3
+    assert res["planner"]["deadline"] is None and res["policy"] == "oracle"
 
 
 @pytest.mark.parametrize("env_name", ["tworoom", "pusht"])

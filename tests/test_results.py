@@ -95,6 +95,20 @@ def test_resolve_device_names_what_is_missing():
     if not torch.backends.mps.is_available():
         with pytest.raises(ValueError, match="MPS is not available"):
             resolve_device("mps")
+    if not torch.cuda.is_available():  # a torch.device object is checked like its name
+        with pytest.raises(ValueError, match="no CUDA GPU is usable"):
+            resolve_device(torch.device("cuda"))
+
+
+def test_describe_device_counts_the_cores_this_process_may_use(monkeypatch):
+    import os
+
+    from leworld import device
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert "(1 cores visible" in device.describe_device("cpu")
+    monkeypatch.setattr(device.torch.cuda, "get_device_name", lambda d: f"GPU {d}")
+    assert device.describe_device("cuda:1") == f"GPU {device.torch.device('cuda:1')}"  # the device asked about
 
 
 def test_describe_device_names_the_cpu_model_and_threads(monkeypatch):

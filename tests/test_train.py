@@ -811,7 +811,9 @@ def test_resuming_through_the_cli_trains_with_the_command_line_settings(tmp_path
     assert resumed["extra"]["hparams"]["lambda_sigreg"] == 0.003 and resumed["extra"]["global_step"] == 5
     assert not any(k.startswith("_") for k in resumed["extra"]["hparams"])
     for override, message in ((["--model.model.pred_depth", "2"], "model.pred_depth: 2 (the checkpoint: 1)"),
-                              (["--model.lr", "0.5"], "lr: 0.5 (the checkpoint:")):
+                              (["--model.model.image_size", "64"], "model.image_size: 64 (the checkpoint: 32)"),
+                              (["--model.lr", "0.5"], "lr: 0.5 (the checkpoint:"),
+                              (["--model.weight_decay", "0.5"], "weight_decay: 0.5 (the checkpoint:")):
         with pytest.raises(SystemExit) as exit_info:
             train_script.main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), *override])
         err = capsys.readouterr().err
@@ -977,6 +979,7 @@ def test_a_generate_resolution_the_model_cannot_take_stops_before_generating(tmp
 @pytest.mark.parametrize("accelerator, cuda, precision", [
     ("cpu", True, "32-true"),  # a GPU machine told to train on its CPU: float32, not CPU bf16
     ("auto", False, "32-true"),
+    ("auto", True, "bf16-mixed"),  # a GPU machine: bf16 mixed precision
 ])
 def test_default_precision_follows_the_chosen_accelerator(build_cli, monkeypatch, accelerator, cuda, precision):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
