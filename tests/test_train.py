@@ -961,7 +961,9 @@ def test_every_shipped_config_builds_through_the_cli(name, build_cli):
         assert [module.lambda_at(s) for s in (0, 5999, 6000, 11999)] == [0.09, 0.09, 0.003, 0.003]
 
 
-def test_a_generate_resolution_the_model_cannot_take_stops_before_generating(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("resolution", [48, 16])  # larger and smaller than the model's 32 px
+def test_a_generate_resolution_the_model_cannot_take_stops_before_generating(tmp_path, monkeypatch, capsys,
+                                                                            resolution):
     import importlib.util
 
     monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
@@ -971,8 +973,8 @@ def test_a_generate_resolution_the_model_cannot_take_stops_before_generating(tmp
     spec.loader.exec_module(train_script)
     config = write_config(tmp_path)  # 32 px model, 32 px data
     with pytest.raises(SystemExit):
-        train_script.main(["fit", "--config", str(config), "--data.generate.resolution", "48"])
-    assert "data.generate.resolution is 48 px but model.model.image_size is 32 px" in capsys.readouterr().err
+        train_script.main(["fit", "--config", str(config), "--data.generate.resolution", str(resolution)])
+    assert f"data.generate.resolution is {resolution} px but model.model.image_size is 32 px" in capsys.readouterr().err
     assert not (tmp_path / "gen.h5").exists()
 
 
