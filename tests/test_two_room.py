@@ -154,22 +154,24 @@ def _centroid(frames, background):
     return np.stack([(w * cols).sum((1, 2)) / total, (w * rows).sum((1, 2)) / total], 1)
 
 
-def _brute_force_frame(env, x, y, colour):
-    """Full-frame float64 render, an independent reference for the windowed renderer."""
+def _blended_frame(env, x, y, colour):
+    """Full-frame float64 blend of the dot over the background, before rounding: an independent
+    reference for the windowed renderer."""
     r = env.resolution
     u = (np.arange(r) + 0.5) * 224 / r
     w = np.exp(-((u[None, :] - x) ** 2 + (u[:, None] - y) ** 2) / (2 * env.agent_std**2))[..., None]
     bg = env.background.astype(np.float64)
-    return np.floor(bg + w * (np.asarray(colour, float) - bg) + 0.5)
+    return bg + w * (np.asarray(colour, float) - bg)
+
+
+def _brute_force_frame(env, x, y, colour):
+    """The reference frame, rounded to nearest."""
+    return np.floor(_blended_frame(env, x, y, colour) + 0.5)
 
 
 def _near_rounding_tie(env, x, y, colour, tol=1e-3):
     """Where the exact blended value lies within `tol` of a .5, float32 may round either way."""
-    r = env.resolution
-    u = (np.arange(r) + 0.5) * 224 / r
-    w = np.exp(-((u[None, :] - x) ** 2 + (u[:, None] - y) ** 2) / (2 * env.agent_std**2))[..., None]
-    bg = env.background.astype(np.float64)
-    value = bg + w * (np.asarray(colour, float) - bg)
+    value = _blended_frame(env, x, y, colour)
     return np.abs(value - np.floor(value) - 0.5) < tol
 
 
