@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
+# Example:
+#   bash bench/gpu_wheels.sh                 # here, once: the wheels the GPU image lacks, in .whl/
+#   bash bench/gpu_all.sh                    # there, with .whl carried along
+#   QUICK=1 bash bench/gpu_all.sh            # tiny sizes, to check the script on a CPU (no .whl/ there)
 # Every GPU check in one command that ends within 10 minutes: planning latency at paper config
 # (50 envs with CUDA graphs per rollout; one env as one CUDA graph per plan), then Push-T at the
 # paper's architecture end to end (bench/pusht_gpu.sh) with the time that is left, its data
 # generated on the CPU cores while the latency benchmarks use the GPU. For the longest Push-T
 # training instead, run `MINUTES=5 bash bench/pusht_gpu.sh` alone.
-#   bash bench/gpu_wheels.sh                 # here, once: the wheels the GPU image lacks, in .whl/
-#   bash bench/gpu_all.sh                    # there, with .whl carried along
-#   QUICK=1 bash bench/gpu_all.sh            # tiny sizes, to check the script on a CPU (no .whl/ there)
 # BUDGET (585 s) is the whole run's length: the Push-T training gets what the other stages leave.
 # Results in $OUT (or bench/out), at most 8 files: plan_latency.jsonl, plan.json, probe.json,
 # plan_deadline.json, logs.tgz (every log and the TensorBoard events) and

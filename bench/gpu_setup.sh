@@ -1,3 +1,5 @@
+# Example (what the GPU scripts in bench/ do first):
+#   . bench/gpu_setup.sh && limit 60 python3 bench/plan_latency.py --config configs/tworoom_tiny.yaml --batch 1
 # Sourced by the GPU scripts in bench/: the carried wheels (.whl/, from bench/gpu_wheels.sh)
 # installed once into /tmp/site, the repository on PYTHONPATH, and `limit SECONDS CMD...`, which
 # runs one stage under its own time limit and reports a stage it had to stop.

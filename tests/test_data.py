@@ -520,3 +520,25 @@ def test_collection_timings_and_counts_reach_the_file_and_its_summary(dataset):
         assert json.loads(f.attrs["metadata"])["seconds"] == store.metadata["seconds"]
     summary = store.summary()
     assert "collected in" in summary and "episodes  6, 186 frames, 180 steps" in summary  # 6 x (30 + 1) rows
+
+
+def test_a_file_whose_writer_has_not_closed_is_refused_as_incomplete(tmp_path):
+    """The writer marks its file complete only in `close()`: a copy taken while it is still writing
+    (all episodes appended and flushed to disk) is refused, and the same file closed is read."""
+    from leworld.data.store import EpisodeWriter
+    path = tmp_path / "d.h5"
+    block = {"pixels": np.zeros((2, 3, 4, 4, 3), np.uint8), "action": np.zeros((2, 3, 2), np.float32),
+             "proprio": np.zeros((2, 3, 2), np.float32), "state": np.zeros((2, 3, 4), np.float64)}
+    writer = EpisodeWriter(path, resolution=4, action_dim=2, proprio_dim=2, state_dim=4, metadata={"env": "tworoom"})
+    writer.append(block)
+    writer._file.create_dataset("episode_offset", data=np.array([0, 3]))  # everything a reader needs but the mark
+    writer._file.create_dataset("episode_length", data=np.array([3, 3]))
+    writer._file.flush()
+    snapshot = tmp_path / "snapshot.h5"
+    snapshot.write_bytes(writer.tmp_path.read_bytes())
+    writer.abort()
+    with pytest.raises(DatasetError, match="incomplete"):
+        EpisodeStore(snapshot)
+    with h5py.File(snapshot, "a") as f:  # the very same file once marked complete is accepted
+        f.attrs["complete"] = True
+    assert EpisodeStore(snapshot).num_episodes == 2

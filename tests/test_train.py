@@ -1069,3 +1069,19 @@ def test_a_run_limited_by_time_alone_is_told_what_the_schedule_needs(data_path, 
     module, dm = make(data_path, tmp_path)
     with pytest.raises(ValueError, match="needs the run's length: set trainer.max_steps or trainer.max_epochs"):
         trainer(tmp_path, max_steps=-1, max_epochs=-1, max_time="00:00:00:05").fit(module, dm)
+
+
+def test_train_cli_defaults_follow_the_paper_where_a_config_says_nothing(tmp_path):
+    """A config without trainer settings trains with clipping 1.0, seed 0, logs every 10 steps and
+    writes under runs/: the CLI's own defaults, not Lightning's (no clipping, no seed, 50, cwd)."""
+    config = yaml.safe_load((ROOT / "configs" / "tworoom_tiny.yaml").read_text())
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump({"model": config["model"], "data": config["data"]}))
+    out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(bare), "--print_config"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["seed_everything"] == 0
+    trainer = resolved["trainer"]
+    assert trainer["gradient_clip_val"] == 1.0 and trainer["log_every_n_steps"] == 10
+    assert trainer["default_root_dir"] == "runs" and trainer["precision"] is None  # chosen per device at start
