@@ -12,6 +12,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import envs
 from leworld.data import collect as collect_mod
@@ -542,3 +543,25 @@ def test_a_file_whose_writer_has_not_closed_is_refused_as_incomplete(tmp_path):
     with h5py.File(snapshot, "a") as f:  # the very same file once marked complete is accepted
         f.attrs["complete"] = True
     assert EpisodeStore(snapshot).num_episodes == 2
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_loader_workers_started_without_fork_give_the_same_batches(dataset, context):
+    """macOS and Windows start DataLoader workers with spawn, and Python 3.14 on Linux with
+    forkserver: the dataset, sampler and collate function must cross into such a worker, which
+    opens its own file handle, and the batches must be those read in this process."""
+    def batches(workers):
+        dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=8, num_workers=workers,
+                            val_fraction=0.3)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        if workers:
+            loader.multiprocessing_context = context
+        return [{k: v.clone() for k, v in b.items()} for b in loader]
+
+    here, spawned = batches(0), batches(1)
+    assert len(here) == len(spawned) >= 2
+    for a, b in zip(here, spawned):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

@@ -18,13 +18,17 @@ host-to-device copy of pixels per step. The batches are the same as when reading
 """
 from __future__ import annotations
 
+import re
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
@@ -46,6 +50,11 @@ class CollectSpec:
     workers: int | None = None  # worker processes (None: the env's default)
     compression: str | None = None  # pixel compression: None, "lzf" or "gzip"
     supersample: int = 1  # Push-T: draw at this many times the resolution, then box-filter down
+
+
+# The start of the warning Lightning gives when a run resumes inside an epoch with a loader that
+# has no `state_dict`: the samplers below resume exactly without one.
+_LIGHTNING_NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 class EpochSampler(Sampler[int]):
@@ -292,7 +301,14 @@ class LeWMDataModule(L.LightningDataModule):
         if trainer is not None and trainer.fit_loop.restarting:  # resuming a run
             # loader workers draw their first indices before Lightning sets the epoch: set it here
             sampler.set_epoch(self.trainer.current_epoch)
-            sampler.resume_at(self._clips_done_this_epoch())
+            done = self._clips_done_this_epoch()
+            sampler.resume_at(done)
+            if done:
+                rank_zero_info(f"resuming inside epoch {trainer.current_epoch}: its clips go on from clip {done} of the "
+                               "order the uninterrupted run draws")
+                # Lightning warns that a loader without `state_dict` cannot resume inside an epoch; this one does
+                warnings.filterwarnings("ignore", message=re.escape(_LIGHTNING_NOT_RESUMABLE),
+                                        category=PossibleUserWarning)
         world = trainer.world_size if trainer is not None else 1
         per_rank = -(-len(train_set) // world)  # each process's share of the epoch
         return self._loader(train_set, sampler, drop_last=per_rank > self.hparams.batch_size)
