@@ -465,7 +465,7 @@ class LeWMModule(L.LightningModule):
         averaged over the ranks, so every rank exports the same."""
         trainer = self.trainer
         dm = getattr(trainer, "datamodule", None)
-        loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
+        loader = dm.train_dataloader(from_start=True) if dm is not None else trainer.train_dataloader
 
         def batches():
             for i, batch in enumerate(loader):

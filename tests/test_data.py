@@ -370,6 +370,18 @@ def test_epoch_sampler_orders_resume_and_shards_like_the_uninterrupted_epoch():
     resumed.resume_at(2 * bs)
     assert list(resumed)[: size - 2 * bs] == order[2 * bs:]  # the rest of the epoch comes first
     assert list(resumed) == order  # one resumed pass, then whole epochs again
+    # resumed with the epoch of the order: Lightning may announce another number (a stop inside an
+    # epoch advances its count); the first announcement stands for the resumed epoch, later ones keep the offset
+    shifted = EpochSampler(size, seed=4)
+    shifted.resume_at(2 * bs, epoch=2)
+    assert list(shifted)[: size - 2 * bs] == order[2 * bs:]  # its workers may draw before any announcement
+    shifted.resume_at(2 * bs, epoch=2)
+    shifted.set_epoch(5)
+    shifted.set_epoch(5)  # Lightning may announce an epoch twice (sampler and batch sampler)
+    assert list(shifted)[: size - 2 * bs] == order[2 * bs:]
+    shifted.set_epoch(6)
+    whole.set_epoch(3)
+    assert list(shifted) == list(whole)
     # sharded: rank r takes positions r, r + world, ... of the padded order
     shards = [DistributedEpochSampler(size, 4, world, r) for r in range(world)]
     for s in shards:
@@ -464,21 +476,25 @@ def test_split_keeps_a_training_episode_at_any_fraction():
             assert len(val) == (0 if fraction == 0 else min(n - 1, max(1, round(fraction * n))))
 
 
-@pytest.mark.parametrize("world, processed, done", [
-    (1, 0, 0), (1, 13, 91), (1, 14, 0),  # 104 clips in batches of 7: 14 full batches an epoch
-    (2, 3, 42), (2, 6, 84), (2, 7, 0),  # two ranks of 52 clips: 7 batches each
+@pytest.mark.parametrize("world, processed, total, epoch, done", [
+    (1, 0, 0, 0, 0), (1, 13, 13, 0, 91), (1, 14, 14, 1, 0),  # 104 clips in batches of 7: 14 full batches an epoch
+    (1, 3, 31, 2, 21), (1, 14, 42, 3, 0),  # in and at the end of the third epoch
+    (2, 3, 3, 0, 42), (2, 6, 20, 2, 84), (2, 7, 21, 3, 0),  # two ranks of 52 clips: 7 batches each
 ])
-def test_clips_done_at_a_resume_count_whole_batches_and_restart_at_an_epoch_end(dataset, world, processed, done):
-    """Where a resumed epoch picks up: the clips all ranks trained on, or 0 when the checkpoint
-    was written after the epoch's last batch (the resumed run starts the next epoch whole)."""
+def test_a_resume_point_counts_whole_batches_and_epochs_from_the_batches_trained_on(dataset, world, processed, total,
+                                                                                    epoch, done):
+    """Where a resumed run picks up: the epoch of the order, from all the batches trained on (not
+    from Lightning's epoch count), and the clips of it all ranks trained on, or 0 when the
+    checkpoint was written after the epoch's last batch (the next epoch then starts whole)."""
     from types import SimpleNamespace
 
     dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=7, num_workers=0, val_fraction=0.34)
     dm.setup("fit")
-    progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
+    progress = SimpleNamespace(current=SimpleNamespace(processed=processed), total=SimpleNamespace(processed=total))
     dm.trainer = SimpleNamespace(world_size=world, limit_train_batches=1.0,
                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
-    assert dm._clips_done_this_epoch() == done
+    assert len(dm.train_set) == 104
+    assert dm._resume_point() == (epoch, done)
 
 
 def test_collection_blocks_draw_other_episodes_and_follow_the_noise_setting():

@@ -1,6 +1,7 @@
 """Lightning training: loss goes down, resume is exact, export/load, clear errors, CLI and DDP."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import subprocess
@@ -149,6 +150,55 @@ def test_resuming_mid_epoch_continues_identically(data_path, tmp_path, num_worke
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resuming mid-epoch")
     # so Lightning's warning that the loader cannot resume inside an epoch would be wrong: it is not given
     assert not [w for w in caught if "resuming from a checkpoint that ended before the epoch" in str(w.message)]
+
+
+class BatchRecorder(L.Callback):
+    """The clips of every training batch, as digests of their pixels."""
+
+    def __init__(self):
+        self.digests = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.digests.append(hashlib.sha1(batch["pixels"].cpu().numpy().tobytes()).hexdigest())
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_with_the_clips_the_uninterrupted_run_draws(data_path, tmp_path):
+    """A run that stops inside an epoch (max_time, a callback, or a max_steps raised later) writes a
+    checkpoint that Lightning resumes as a new epoch: the clips must still go on in the order the
+    uninterrupted run draws them, over several resumes (the loaders once drew the next epoch's order)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    probe = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=16, val_fraction=0.2)
+    probe.setup("fit")
+    per_epoch = len(probe.train_set) // 16  # drop_last
+    total = 2 * per_epoch + 2
+
+    def run(name, max_steps, stop=None, resume=None, **checkpoint):
+        L.seed_everything(0)
+        module, dm = make(data_path, tmp_path / name)
+        rec = BatchRecorder()
+        callbacks = [rec, ModelCheckpoint(dirpath=tmp_path / name / "ckpt", save_last=True, **checkpoint)]
+        if stop is not None:
+            callbacks.append(StopAtStep(stop))
+        ckpt = str(tmp_path / resume / "ckpt" / "last.ckpt") if resume else None
+        trainer(tmp_path / name, max_steps=max_steps, limit_val_batches=0, callbacks=callbacks).fit(module, dm,
+                                                                                                   ckpt_path=ckpt)
+        return rec.digests
+
+    straight = run("a", total)
+    assert len(straight) == total and len(set(straight[:per_epoch])) == per_epoch
+    assert straight[:per_epoch] != straight[per_epoch:2 * per_epoch]  # each epoch has its own order
+    # stopped inside the first epoch, then inside the second, then run to the end
+    parts = [run("b", total, stop=3), run("c", total, stop=per_epoch + 4, resume="b"), run("d", total, resume="c")]
+    assert [len(p) for p in parts] == [3, per_epoch + 1, per_epoch - 2]
+    assert sum(parts, []) == straight
+    # trained to a max_steps inside the first epoch, then resumed with more; the second time with
+    # checkpoints every n steps (as the configs write them), so the last one is written when training
+    # ends, after Lightning has counted the cut epoch as completed
+    assert run("e", 3) + run("f", total, resume="e") == straight
+    assert run("g", 3, every_n_train_steps=50) + run("h", total, resume="g") == straight
+    state = torch.load(tmp_path / "g" / "ckpt" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]
+    assert state["epoch_progress"]["current"]["completed"] == 1  # the case this covers
 
 
 def test_effective_rank_against_direct_formula_and_extremes():
@@ -511,7 +561,8 @@ def test_every_rank_gets_batches_when_its_share_is_below_one_batch(data_path):
     dm.hparams.batch_size = size - 1  # more than half the clips: the whole set still fills a batch
     lengths = []
     for rank in range(2):
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, fit_loop=SimpleNamespace(restarting=False))
+        fresh = SimpleNamespace(batch_progress=SimpleNamespace(total=SimpleNamespace(processed=0)))  # no batch yet
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, fit_loop=SimpleNamespace(epoch_loop=fresh))
         lengths.append(len(dm.train_dataloader()))
     assert lengths == [1, 1]
 

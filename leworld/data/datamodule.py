@@ -60,22 +60,33 @@ _LIGHTNING_NOT_RESUMABLE = "You're resuming from a checkpoint that ended before 
 class EpochSampler(Sampler[int]):
     """A shuffling sampler whose order depends only on (seed, epoch), so resuming replays it.
 
-    `resume_at(n)` makes the next pass start at position n of its epoch's order, for a run
+    `resume_at(n, epoch)` makes the next pass start at position n of `epoch`'s order, for a run
     resumed from a checkpoint written after n clips of that epoch (all ranks together). Lightning
     counts a resumed epoch's batches on from where the checkpoint was, so the pass is rotated
     rather than cut: the clips at positions n, n + 1, ... come first, exactly those the
     uninterrupted run would have drawn next, and the pass keeps its length (a distributed
-    sampler wrapping this one sizes its shards from it)."""
+    sampler wrapping this one sizes its shards from it).
+
+    The epoch Lightning announces (`set_epoch`) is not always the data's: a run stopped inside an
+    epoch (`max_time`, `max_steps` raised later, a callback) counts that epoch as a new one when it
+    resumes. So the first epoch announced after `resume_at(n, epoch)` stands for `epoch`, and every
+    later one keeps that offset."""
 
     def __init__(self, size: int, seed: int = 0):
         self.size, self.seed, self.epoch = size, seed, 0
         self._start = 0
+        self._offset = 0  # the data's epoch minus the one Lightning announces
+        self._resumed_epoch: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if self._resumed_epoch is not None:  # the first epoch announced after a resume is the resumed one
+            self._offset, self._resumed_epoch = self._resumed_epoch - epoch, None
+        self.epoch = epoch + self._offset
 
-    def resume_at(self, position: int) -> None:
+    def resume_at(self, position: int, epoch: int | None = None) -> None:
         self._start = int(position) % max(self.size, 1)
+        if epoch is not None:
+            self.epoch = self._resumed_epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.size
@@ -104,8 +115,8 @@ class DistributedEpochSampler(DistributedSampler):
         super().set_epoch(epoch)
         self._order.set_epoch(epoch)
 
-    def resume_at(self, position: int) -> None:
-        self._order.resume_at(position)
+    def resume_at(self, position: int, epoch: int | None = None) -> None:
+        self._order.resume_at(position, epoch)
 
     def __iter__(self):
         order = list(self._order)
@@ -286,7 +297,10 @@ class LeWMDataModule(L.LightningDataModule):
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                           collate_fn=collate_batch, generator=generator)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, *, from_start: bool = False) -> DataLoader:
+        """The training clips in the uninterrupted run's order: from where a resumed run left it, or
+        with `from_start` from the start of the first epoch whatever the trainer has done (the
+        BatchNorm re-estimation at the end of training reads its batches that way)."""
         train_set = self.train_set
         if len(train_set) < 2:
             raise ValueError(f"{self.path} gives {len(train_set)} training clip(s): the projector's BatchNorm needs "
@@ -298,14 +312,14 @@ class LeWMDataModule(L.LightningDataModule):
                                               trainer.global_rank)
         else:
             sampler = EpochSampler(len(train_set), self.hparams.shuffle_seed)
-        if trainer is not None and trainer.fit_loop.restarting:  # resuming a run
-            # loader workers draw their first indices before Lightning sets the epoch: set it here
-            sampler.set_epoch(self.trainer.current_epoch)
-            done = self._clips_done_this_epoch()
-            sampler.resume_at(done)
+        if trainer is not None and not from_start and trainer.fit_loop.epoch_loop.batch_progress.total.processed > 0:
+            # where the uninterrupted run's order is; set here too, as loader workers draw their first
+            # indices before Lightning announces the epoch
+            epoch, done = self._resume_point()
+            sampler.resume_at(done, epoch)
             if done:
-                rank_zero_info(f"resuming inside epoch {trainer.current_epoch}: its clips go on from clip {done} of the "
-                               "order the uninterrupted run draws")
+                rank_zero_info(f"resuming inside epoch {epoch} of the clips' order: they go on from clip {done}, as "
+                               "the uninterrupted run draws them")
                 # Lightning warns that a loader without `state_dict` cannot resume inside an epoch; this one does
                 warnings.filterwarnings("ignore", message=re.escape(_LIGHTNING_NOT_RESUMABLE),
                                         category=PossibleUserWarning)
@@ -313,21 +327,24 @@ class LeWMDataModule(L.LightningDataModule):
         per_rank = -(-len(train_set) // world)  # each process's share of the epoch
         return self._loader(train_set, sampler, drop_last=per_rank > self.hparams.batch_size)
 
-    def _clips_done_this_epoch(self) -> int:
-        """Clips of the current epoch's order that a run resumed from a mid-epoch checkpoint has
-        already trained on (all ranks together); 0 for a fresh run or an epoch boundary."""
+    def _resume_point(self) -> tuple[int, int]:
+        """(epoch, clips) where a resumed run's clips go on: the epoch of the uninterrupted run's
+        order, and the clips of it already trained on (all ranks together; 0 when the checkpoint
+        was written after an epoch's last batch, and the next epoch starts whole). Counted from the
+        batches trained on, not from Lightning's epoch number, which a stop inside an epoch advances."""
         trainer = self.trainer
-        # batches of this epoch trained on, per rank: a checkpoint written in on_train_batch_end
-        # counts its batch as processed, not yet completed (Lightning completes it on restart)
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        # batches trained on, per rank, in this epoch and in the whole run: a checkpoint written in
+        # on_train_batch_end counts its batch as processed, not yet completed (Lightning completes it on restart)
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        batches, total = progress.current.processed, progress.total.processed
         world, size, bs = trainer.world_size, len(self.train_set), self.hparams.batch_size
         per_rank = -(-size // world)  # a distributed sampler pads the epoch to a multiple of the ranks
         per_epoch = per_rank // bs if per_rank > bs else 1  # drop_last as in train_dataloader
         limit = trainer.limit_train_batches
         per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
         if batches >= per_epoch:  # written at the epoch's end: the next epoch starts whole
-            return 0
-        return batches * bs * world
+            return total // per_epoch, 0
+        return (total - batches) // per_epoch, batches * bs * world
 
     def val_dataloader(self):
         if self.val_set is None:
