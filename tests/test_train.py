@@ -183,8 +183,10 @@ def test_a_run_stopped_inside_an_epoch_resumes_with_the_clips_the_uninterrupted_
         ckpt = str(tmp_path / resume / "ckpt" / "last.ckpt") if resume else None
         trainer(tmp_path / name, max_steps=max_steps, limit_val_batches=0, callbacks=callbacks).fit(module, dm,
                                                                                                    ckpt_path=ckpt)
+        models[name] = module
         return rec.digests
 
+    models = {}
     straight = run("a", total)
     assert len(straight) == total and len(set(straight[:per_epoch])) == per_epoch
     assert straight[:per_epoch] != straight[per_epoch:2 * per_epoch]  # each epoch has its own order
@@ -192,6 +194,8 @@ def test_a_run_stopped_inside_an_epoch_resumes_with_the_clips_the_uninterrupted_
     parts = [run("b", total, stop=3), run("c", total, stop=per_epoch + 4, resume="b"), run("d", total, resume="c")]
     assert [len(p) for p in parts] == [3, per_epoch + 1, per_epoch - 2]
     assert sum(parts, []) == straight
+    for (name, a), b in zip(models["a"].state_dict().items(), models["d"].state_dict().values()):  # same schedule
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after two resumes")
     # trained to a max_steps inside the first epoch, then resumed with more; the second time with
     # checkpoints every n steps (as the configs write them), so the last one is written when training
     # ends, after Lightning has counted the cut epoch as completed
