@@ -899,12 +899,13 @@ def test_resume_differences_compare_plain_values():
         "lambda_schedule": ([[100, 0.1]], None), "model.cnn_channels": ([8, 16], [8, 32])}
 
 
-@pytest.mark.parametrize("stop, name", [(5, "epoch=0-step=5.ckpt"), (7, "epoch=1-step=7.ckpt")],
-                         ids=["at-the-epochs-last-batch", "inside-the-second-epoch"])
+@pytest.mark.parametrize("stop, name", [(5, "epoch=0-step=5.ckpt"), (7, "epoch=1-step=7.ckpt"), (7, "last.ckpt")],
+                         ids=["at-the-epochs-last-batch", "inside-the-second-epoch", "written-as-the-stopped-run-ends"])
 def test_two_process_ddp_resumes_identically(tmp_path, stop, name):
     """Under DDP the resumed epoch's clips are rotated over both ranks' shards together: the
-    model after a resume is the uninterrupted one, from a checkpoint written inside an epoch or
-    at its last batch. The data gives 80 training clips: 5 batches of 8 per rank and epoch."""
+    model after a resume is the uninterrupted one, from a checkpoint written inside an epoch, at
+    its last batch, or when a run stopped inside an epoch ends (Lightning then counts that epoch as
+    done). The data gives 80 training clips: 5 batches of 8 per rank and epoch."""
     import os
 
     def fit(run, interrupt=False, ckpt=None):
@@ -912,6 +913,8 @@ def test_two_process_ddp_resumes_identically(tmp_path, stop, name):
         spec = yaml.safe_load(config.read_text())
         spec["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                          "init_args": {"every_n_train_steps": stop, "save_top_k": -1}}]
+        if name == "last.ckpt":  # only the checkpoint written at the end of the stopped run
+            spec["trainer"]["callbacks"][0]["init_args"] = {"every_n_train_steps": 100, "save_last": True}
         if interrupt:  # stops after step `stop`; the schedule still runs to 12 steps
             spec["trainer"]["callbacks"].append({"class_path": "test_train.StopAtStep", "init_args": {"step": stop}})
         config.write_text(yaml.safe_dump(spec))
