@@ -365,34 +365,43 @@ def test_epoch_sampler_orders_resume_and_shards_like_the_uninterrupted_epoch():
     assert sorted(order) == list(range(size)) and order == list(whole)  # a permutation, fixed by (seed, epoch)
     whole.set_epoch(3)
     assert list(whole) != order
-    resumed = EpochSampler(size, seed=4)
-    resumed.set_epoch(2)
-    resumed.resume_at(2 * bs)
-    assert list(resumed)[: size - 2 * bs] == order[2 * bs:]  # the rest of the epoch comes first
-    assert list(resumed) == order  # one resumed pass, then whole epochs again
-    # resumed with the epoch of the order: Lightning may announce another number (a stop inside an
-    # epoch advances its count); the first announcement stands for the resumed epoch, later ones keep the offset
-    shifted = EpochSampler(size, seed=4)
-    shifted.resume_at(2 * bs, epoch=2)
-    assert list(shifted)[: size - 2 * bs] == order[2 * bs:]  # its workers may draw before any announcement
-    shifted.resume_at(2 * bs, epoch=2)
-    shifted.set_epoch(5)
-    shifted.set_epoch(5)  # Lightning may announce an epoch twice (sampler and batch sampler)
-    assert list(shifted)[: size - 2 * bs] == order[2 * bs:]
-    shifted.set_epoch(6)
-    whole.set_epoch(3)
-    assert list(shifted) == list(whole)
-    # sharded: rank r takes positions r, r + world, ... of the padded order
+
+    def orders(epochs):
+        s = EpochSampler(size, seed=4)
+        out = []
+        for e in range(epochs):
+            s.set_epoch(e)
+            out.append(list(s))
+        return out
+
+    def stream(shards, per_epoch, span):
+        """The uninterrupted run's batches, written out: epoch after epoch, each cut into batches."""
+        return [shard[b * span:(b + 1) * span] for shard in shards for b in range(per_epoch)]
+
+    # following a run: a pass begins at the batch the run has reached, across an epoch's end too,
+    # whatever epoch was announced; 7 batches of 3 an epoch (2 clips dropped), or 4 under a limit
+    for per_epoch in (7, 4):
+        batches = stream(orders(6), per_epoch, bs)
+        for start in (0, 2, 6, 7, 9, 20):
+            s = EpochSampler(size, seed=4)
+            s.follow(lambda: start, per_epoch, bs)
+            s.set_epoch(99)
+            drawn = list(s)
+            assert len(drawn) == size
+            assert [drawn[i * bs:(i + 1) * bs] for i in range(per_epoch)] == batches[start:start + per_epoch]
+    # sharded: rank r takes positions r, r + world, ... of the padded order, and follows its own stream
     shards = [DistributedEpochSampler(size, 4, world, r) for r in range(world)]
     for s in shards:
         s.set_epoch(2)
     padded = order + order[:1]  # 23 -> 24 positions
     assert [list(s) for s in shards] == [padded[r::world] for r in range(world)]
     assert all(len(s) == 12 for s in shards)
-    for r, s in enumerate(shards):  # resumed after 2 batches on every rank: each shard continues its own
-        s.set_epoch(2)
-        s.resume_at(2 * bs * world)
-        assert list(s)[: 12 - 2 * bs] == padded[r::world][2 * bs:]
+    for r, s in enumerate(shards):  # 4 batches of 3 on every rank an epoch
+        rank_batches = stream([(o + o[:1])[r::world] for o in orders(6)], 4, bs)
+        for start in (0, 3, 4, 9):
+            s.follow(lambda: start, 4, bs)
+            drawn = list(s)
+            assert len(drawn) == 12 and [drawn[i * bs:(i + 1) * bs] for i in range(4)] == rank_batches[start:start + 4]
 
 
 @pytest.mark.parametrize("size, world", [(1, 3), (3, 8), (5, 4)])
@@ -476,25 +485,30 @@ def test_split_keeps_a_training_episode_at_any_fraction():
             assert len(val) == (0 if fraction == 0 else min(n - 1, max(1, round(fraction * n))))
 
 
-@pytest.mark.parametrize("world, processed, total, epoch, done", [
-    (1, 0, 0, 0, 0), (1, 13, 13, 0, 91), (1, 14, 14, 1, 0),  # 104 clips in batches of 7: 14 full batches an epoch
-    (1, 3, 31, 2, 21), (1, 14, 42, 3, 0),  # in and at the end of the third epoch
-    (2, 3, 3, 0, 42), (2, 6, 20, 2, 84), (2, 7, 21, 3, 0),  # two ranks of 52 clips: 7 batches each
+@pytest.mark.parametrize("world, limit, per_epoch, span", [
+    (1, 1.0, 14, 7), (1, 5, 5, 7), (1, 0.5, 7, 7),  # 104 clips in batches of 7: 14 full batches an epoch
+    (2, 1.0, 7, 7), (20, 1.0, 1, 6),  # two ranks of 52 clips: 7 batches each; 20 ranks of 6: one batch of 6
 ])
-def test_a_resume_point_counts_whole_batches_and_epochs_from_the_batches_trained_on(dataset, world, processed, total,
-                                                                                    epoch, done):
-    """Where a resumed run picks up: the epoch of the order, from all the batches trained on (not
-    from Lightning's epoch count), and the clips of it all ranks trained on, or 0 when the
-    checkpoint was written after the epoch's last batch (the next epoch then starts whole)."""
+def test_training_follows_the_run_with_lightnings_batches_per_epoch(dataset, world, limit, per_epoch, span):
+    """The training sampler follows the trainer's count of batches trained on, with as many batches
+    an epoch as Lightning runs (drop_last, limit_train_batches) and their size; without a trainer,
+    or for the re-estimation at the end (`from_start`), it draws its epoch's order from the start."""
     from types import SimpleNamespace
 
     dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=7, num_workers=0, val_fraction=0.34)
     dm.setup("fit")
-    progress = SimpleNamespace(current=SimpleNamespace(processed=processed), total=SimpleNamespace(processed=total))
-    dm.trainer = SimpleNamespace(world_size=world, limit_train_batches=1.0,
-                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
     assert len(dm.train_set) == 104
-    assert dm._resume_point() == (epoch, done)
+    progress = SimpleNamespace(total=SimpleNamespace(processed=0))
+    dm.trainer = SimpleNamespace(world_size=world, global_rank=0, limit_train_batches=limit,
+                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    loader = dm.train_dataloader()
+    sampler = loader.sampler._order if world > 1 else loader.sampler
+    batches_done, got_per_epoch, got_span = sampler._run
+    assert (got_per_epoch, got_span) == (per_epoch, span)
+    progress.total.processed = 11  # read when a pass begins, not when the loader is built
+    assert batches_done() == 11
+    assert dm.train_dataloader(from_start=True).sampler._order._run is None if world > 1 else \
+        dm.train_dataloader(from_start=True).sampler._run is None
 
 
 def test_collection_blocks_draw_other_episodes_and_follow_the_noise_setting():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import shutil
 import subprocess
 import sys
 import traceback
@@ -203,6 +204,65 @@ def test_a_run_stopped_inside_an_epoch_resumes_with_the_clips_the_uninterrupted_
     assert run("g", 3, every_n_train_steps=50) + run("h", total, resume="g") == straight
     state = torch.load(tmp_path / "g" / "ckpt" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]
     assert state["epoch_progress"]["current"]["completed"] == 1  # the case this covers
+
+
+class CopyCheckpointAtFirstEpochEnd(L.Callback):
+    """Keeps the checkpoint as it was at the end of epoch 0 (written by validation's end there)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 0:
+            shutil.copy(self.folder / "last.ckpt", self.folder / "epoch0.ckpt")
+
+
+@pytest.mark.parametrize("case", ["max-epochs-mid-epoch-checkpoint", "max-epochs-stopped", "validation-at-epoch-end",
+                                  "limit-train-batches", "epoch-end-checkpoint"])
+def test_resumed_runs_draw_the_uninterrupted_clips_however_the_checkpoint_was_written(data_path, tmp_path, case):
+    """Runs whose length is set by max_epochs (as the paper configs) build their loader before
+    Lightning restores its counters; a checkpoint written when validation ends an epoch makes
+    Lightning close that epoch again with no batch; one written by the epoch's end hook makes it
+    train one more batch in that epoch; limit_train_batches shortens epochs. In each, the resumed
+    run must draw the clips the uninterrupted run draws."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    probe = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=16, val_fraction=0.2)
+    probe.setup("fit")
+    per_epoch = len(probe.train_set) // 16  # drop_last
+    settings, checkpoint, stop, kept = {
+        "max-epochs-mid-epoch-checkpoint": (dict(max_epochs=3, max_steps=-1), dict(every_n_train_steps=per_epoch + 3),
+                                            per_epoch + 3, f"epoch=1-step={per_epoch + 3}.ckpt"),
+        "max-epochs-stopped": (dict(max_epochs=3, max_steps=-1), dict(save_last=True), 4, "last.ckpt"),
+        "validation-at-epoch-end": (dict(max_steps=2 * per_epoch + 2, val_check_interval=per_epoch,
+                                         limit_val_batches=1), dict(save_last=True), None, "epoch0.ckpt"),
+        "limit-train-batches": (dict(max_steps=12, limit_train_batches=5), dict(save_last=True), 7, "last.ckpt"),
+        "epoch-end-checkpoint": (dict(max_steps=2 * per_epoch + 2), dict(every_n_epochs=1, save_on_train_epoch_end=True),
+                                 None, f"epoch=0-step={per_epoch}.ckpt"),
+    }[case]
+
+    def run(name, stop=None, resume=None):
+        L.seed_everything(0)
+        module, dm = make(data_path, tmp_path / name)
+        rec = BatchRecorder()
+        folder = tmp_path / name / "ckpt"
+        callbacks = [rec, ModelCheckpoint(dirpath=folder, save_top_k=-1, **checkpoint),
+                     CopyCheckpointAtFirstEpochEnd(folder) if case == "validation-at-epoch-end" and not resume
+                     else L.Callback()]
+        if stop is not None:
+            callbacks.append(StopAtStep(stop))
+        ckpt = str(tmp_path / resume / "ckpt" / kept) if resume else None
+        options = {"limit_val_batches": 0, **settings}
+        trainer(tmp_path / name, callbacks=callbacks, **options).fit(module, dm, ckpt_path=ckpt)
+        return rec.digests
+
+    straight = run("a")
+    first = run("b", stop=stop) if stop is not None else straight[:per_epoch]
+    resumed = run("c", resume="b" if stop is not None else "a")
+    assert len(straight) > len(first) > 0 and len(resumed) > 0
+    if case == "max-epochs-stopped":  # Lightning counts the cut epoch as one of max_epochs: the run ends sooner
+        straight = straight[:len(first) + len(resumed)]
+    assert first + resumed == straight
 
 
 def test_effective_rank_against_direct_formula_and_extremes():
@@ -566,7 +626,8 @@ def test_every_rank_gets_batches_when_its_share_is_below_one_batch(data_path):
     lengths = []
     for rank in range(2):
         fresh = SimpleNamespace(batch_progress=SimpleNamespace(total=SimpleNamespace(processed=0)))  # no batch yet
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, fit_loop=SimpleNamespace(epoch_loop=fresh))
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, limit_train_batches=1.0,
+                                     fit_loop=SimpleNamespace(epoch_loop=fresh))
         lengths.append(len(dm.train_dataloader()))
     assert lengths == [1, 1]
 

@@ -23,6 +23,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -57,45 +58,68 @@ class CollectSpec:
 _LIGHTNING_NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
+def _stream_pass(order_of: Callable[[int], list[int]], length: int, start: int, per_epoch: int,
+                 span: int) -> list[int]:
+    """`length` positions for a pass that begins at batch `start` of a run: batch k of a run holds
+    positions (k mod per_epoch) * span ... + span of epoch (k div per_epoch)'s order, and the pass
+    holds batches start ... start + per_epoch - 1 of that stream, across an epoch's end if it comes,
+    then the first positions of its epoch's order as a tail that no batch draws (it only keeps the
+    pass's length: the loader drops an incomplete last batch, or `limit_train_batches` stops first)."""
+    orders: dict[int, list[int]] = {}
+    out: list[int] = []
+    for k in range(start, start + per_epoch):
+        epoch, b = divmod(k, per_epoch)
+        if epoch not in orders:
+            orders[epoch] = order_of(epoch)
+        out += orders[epoch][b * span:(b + 1) * span]
+    tail = orders[start // per_epoch]
+    return out + tail[:max(length - len(out), 0)]
+
+
 class EpochSampler(Sampler[int]):
     """A shuffling sampler whose order depends only on (seed, epoch), so resuming replays it.
 
-    `resume_at(n, epoch)` makes the next pass start at position n of `epoch`'s order, for a run
-    resumed from a checkpoint written after n clips of that epoch (all ranks together). Lightning
-    counts a resumed epoch's batches on from where the checkpoint was, so the pass is rotated
-    rather than cut: the clips at positions n, n + 1, ... come first, exactly those the
-    uninterrupted run would have drawn next, and the pass keeps its length (a distributed
-    sampler wrapping this one sizes its shards from it).
-
-    The epoch Lightning announces (`set_epoch`) is not always the data's: a run stopped inside an
-    epoch (`max_time`, `max_steps` raised later, a callback) counts that epoch as a new one when it
-    resumes. So the first epoch announced after `resume_at(n, epoch)` stands for `epoch`, and every
-    later one keeps that offset."""
+    Alone, each pass is the order of the epoch last given to `set_epoch`. Training follows the
+    run instead (`follow`): each pass begins at the batch the run has reached, counted from the
+    batches trained on, so a resumed run draws the clips the uninterrupted run would have drawn
+    next, from the middle of an epoch too, whatever epoch number Lightning announces (it counts an
+    epoch cut short by a stop, such as `max_time`, as finished) and whenever it builds the loader
+    (before it restores its counters, when `max_epochs` sets the schedule's length)."""
 
     def __init__(self, size: int, seed: int = 0):
         self.size, self.seed, self.epoch = size, seed, 0
-        self._start = 0
-        self._offset = 0  # the data's epoch minus the one Lightning announces
-        self._resumed_epoch: int | None = None
+        self._run: tuple[Callable[[], int], int, int] | None = None
+        self._told = False
 
     def set_epoch(self, epoch: int) -> None:
-        if self._resumed_epoch is not None:  # the first epoch announced after a resume is the resumed one
-            self._offset, self._resumed_epoch = self._resumed_epoch - epoch, None
-        self.epoch = epoch + self._offset
+        self.epoch = epoch
 
-    def resume_at(self, position: int, epoch: int | None = None) -> None:
-        self._start = int(position) % max(self.size, 1)
-        if epoch is not None:
-            self.epoch = self._resumed_epoch = int(epoch)
+    def follow(self, batches_done: Callable[[], int], per_epoch: int, span: int) -> None:
+        """Begin each pass at batch `batches_done()` of the run, with `per_epoch` batches of `span`
+        clips (on this process) in an epoch."""
+        self._run = (batches_done, max(int(per_epoch), 1), max(int(span), 1))
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def _positions(self, order_of: Callable[[int], list[int]], length: int) -> list[int]:
+        if self._run is None:
+            return order_of(self.epoch)
+        batches_done, per_epoch, span = self._run
+        start = int(batches_done())
+        if start % per_epoch and not self._told:  # a run resumed inside an epoch
+            self._told = True
+            epoch, b = divmod(start, per_epoch)
+            rank_zero_info(f"resuming inside an epoch: the training clips go on at batch {b} of epoch {epoch} of "
+                           "their order, as the uninterrupted run draws them")
+        return _stream_pass(order_of, length, start, per_epoch, span)
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        start, self._start = self._start, 0  # one resumed pass, then whole epochs
-        return iter(order[start:] + order[:start])
+        return iter(self._positions(self.order, self.size))
 
 
 class DistributedEpochSampler(DistributedSampler):
@@ -103,9 +127,9 @@ class DistributedEpochSampler(DistributedSampler):
     r, r + R, r + 2R, ... of the epoch's order (padded from its start to a multiple of R).
 
     Lightning leaves a DistributedSampler in place. Its own wrapper for other samplers would
-    shuffle the positions again with a generator of its own, so a resumed epoch could not start
-    where the checkpoint left it. Here `resume_at(n)` rotates the whole order by n before the
-    split: with n a multiple of R every rank continues its own shard exactly."""
+    shuffle the positions again with a generator of its own, so a resumed epoch could not go on
+    where the checkpoint left it. Following a run (`follow`), each rank draws its own batches of
+    the stream: the batches every rank has trained on are the same in number."""
 
     def __init__(self, size: int, seed: int, num_replicas: int, rank: int):
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
@@ -115,14 +139,18 @@ class DistributedEpochSampler(DistributedSampler):
         super().set_epoch(epoch)
         self._order.set_epoch(epoch)
 
-    def resume_at(self, position: int, epoch: int | None = None) -> None:
-        self._order.resume_at(position, epoch)
+    def follow(self, batches_done: Callable[[], int], per_epoch: int, span: int) -> None:
+        self._order.follow(batches_done, per_epoch, span)
 
-    def __iter__(self):
-        order = list(self._order)
+    def shard(self, epoch: int) -> list[int]:
+        """This rank's positions of `epoch`'s order."""
+        order = self._order.order(epoch)
         pad = self.total_size - len(order)  # to a multiple of the ranks, repeating the order as often as needed
         order += (order * -(-pad // max(len(order), 1)))[:pad]
-        return iter(order[self.rank:self.total_size:self.num_replicas])
+        return order[self.rank:self.total_size:self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._order._positions(self.shard, self.num_samples))
 
 
 class FixedShuffleSampler(EpochSampler):
@@ -298,9 +326,10 @@ class LeWMDataModule(L.LightningDataModule):
                           collate_fn=collate_batch, generator=generator)
 
     def train_dataloader(self, *, from_start: bool = False) -> DataLoader:
-        """The training clips in the uninterrupted run's order: from where a resumed run left it, or
-        with `from_start` from the start of the first epoch whatever the trainer has done (the
-        BatchNorm re-estimation at the end of training reads its batches that way)."""
+        """The training clips in the uninterrupted run's order: each pass from the batch the attached
+        trainer's run has reached (a resumed run goes on where it left off), or with `from_start` (or
+        no trainer) the order of the sampler's epoch from its start (the BatchNorm re-estimation at the
+        end of training reads the first epoch's batches that way)."""
         train_set = self.train_set
         if len(train_set) < 2:
             raise ValueError(f"{self.path} gives {len(train_set)} training clip(s): the projector's BatchNorm needs "
@@ -312,39 +341,23 @@ class LeWMDataModule(L.LightningDataModule):
                                               trainer.global_rank)
         else:
             sampler = EpochSampler(len(train_set), self.hparams.shuffle_seed)
-        if trainer is not None and not from_start and trainer.fit_loop.epoch_loop.batch_progress.total.processed > 0:
-            # where the uninterrupted run's order is; set here too, as loader workers draw their first
-            # indices before Lightning announces the epoch
-            epoch, done = self._resume_point()
-            sampler.resume_at(done, epoch)
-            if done:
-                rank_zero_info(f"resuming inside epoch {epoch} of the clips' order: they go on from clip {done}, as "
-                               "the uninterrupted run draws them")
-                # Lightning warns that a loader without `state_dict` cannot resume inside an epoch; this one does
-                warnings.filterwarnings("ignore", message=re.escape(_LIGHTNING_NOT_RESUMABLE),
-                                        category=PossibleUserWarning)
         world = trainer.world_size if trainer is not None else 1
         per_rank = -(-len(train_set) // world)  # each process's share of the epoch
-        return self._loader(train_set, sampler, drop_last=per_rank > self.hparams.batch_size)
-
-    def _resume_point(self) -> tuple[int, int]:
-        """(epoch, clips) where a resumed run's clips go on: the epoch of the uninterrupted run's
-        order, and the clips of it already trained on (all ranks together; 0 when the checkpoint
-        was written after an epoch's last batch, and the next epoch starts whole). Counted from the
-        batches trained on, not from Lightning's epoch number, which a stop inside an epoch advances."""
-        trainer = self.trainer
-        # batches trained on, per rank, in this epoch and in the whole run: a checkpoint written in
-        # on_train_batch_end counts its batch as processed, not yet completed (Lightning completes it on restart)
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        batches, total = progress.current.processed, progress.total.processed
-        world, size, bs = trainer.world_size, len(self.train_set), self.hparams.batch_size
-        per_rank = -(-size // world)  # a distributed sampler pads the epoch to a multiple of the ranks
-        per_epoch = per_rank // bs if per_rank > bs else 1  # drop_last as in train_dataloader
-        limit = trainer.limit_train_batches
-        per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
-        if batches >= per_epoch:  # written at the epoch's end: the next epoch starts whole
-            return total // per_epoch, 0
-        return (total - batches) // per_epoch, batches * bs * world
+        drop_last = per_rank > self.hparams.batch_size
+        if trainer is not None and not from_start:
+            # every pass goes on from the batches the run has trained on (read when the pass begins,
+            # after Lightning has restored its counters), so a resumed run draws what the
+            # uninterrupted run would have drawn next
+            per_epoch = per_rank // self.hparams.batch_size if drop_last else 1
+            limit = trainer.limit_train_batches
+            per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
+            # a checkpoint written in on_train_batch_end counts its batch as processed, not yet
+            # completed: it was trained on (Lightning completes it on restart)
+            sampler.follow(lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed, per_epoch,
+                           self.hparams.batch_size if drop_last else per_rank)
+            # Lightning warns that a loader without `state_dict` cannot resume inside an epoch; this one does
+            warnings.filterwarnings("ignore", message=re.escape(_LIGHTNING_NOT_RESUMABLE), category=PossibleUserWarning)
+        return self._loader(train_set, sampler, drop_last=drop_last)
 
     def val_dataloader(self):
         if self.val_set is None:
