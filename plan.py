@@ -21,6 +21,7 @@ default), that test at the plan's end only (`terminal`) or a model's embedding d
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -107,8 +108,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What each kind of policy reads. The baselines that run beside the model read none of these.
+PLANNER_OPTIONS = ("planner", "receding_horizon", "replan_every", "hold_actions", "cost", "warm_start", "compile",
+                   "compile_mode", "amp")  # the model's MPC only
+# the model's MPC and the oracle
+SEARCH_OPTIONS = ("num_samples", "topk", "iterations", "init_std", "horizon", "deadline")
+
+
+def ignored_options(parser: argparse.ArgumentParser, args) -> list[str]:
+    """The options given a value other than their default that `--policy` would not read."""
+    if args.policy == "model":
+        unused = ("oracle_cost",)
+    elif args.policy == "oracle":
+        unused = PLANNER_OPTIONS
+    else:
+        unused = PLANNER_OPTIONS + SEARCH_OPTIONS + ("oracle_cost",)
+    return [f"--{k.replace('_', '-')}" for k in unused if getattr(args, k) != parser.get_default(k)]
+
+
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """Reject option values no run can use before any work starts (argparse's usage error, exit 2)."""
+    ignored = ignored_options(parser, args)
+    if ignored:
+        uses = {"model": "--oracle-cost sets the cost of --policy oracle",
+                "oracle": "the oracle plans with CEM in the env's physics and reads --num-samples, --topk, "
+                          "--iterations, --init-std, --horizon, --deadline and --oracle-cost"}
+        parser.error(f"--policy {args.policy} does not use {', '.join(ignored)}: "
+                     f"{uses.get(args.policy, 'a baseline takes no planning options')}")
+    if args.warm_start and args.replan_every is None and args.receding_horizon in (None, args.horizon):
+        parser.error("--warm-start starts each plan from the unexecuted rest of the previous one, but with "
+                     "--receding-horizon equal to --horizon (the default) every plan runs to its end and leaves no "
+                     "rest: replan earlier (--receding-horizon or --replan-every), or drop --warm-start")
     for flag in ("num_episodes", "num_samples", "iterations", "horizon", "receding_horizon", "replan_every"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -339,14 +369,19 @@ def main(argv: list[str] | None = None) -> int:
         args.model = [find_model(m) for m in args.model]
         for path in args.model:
             if not path.exists():
+                preset = Path("configs") / f"{path.name}.yaml"  # runs/<name> is trained by configs/<name>.yaml
+                config = preset if preset.is_file() else "configs/<preset>.yaml"
                 raise SystemExit(f"error: no model at {path}: train one with `python train.py fit --config "
-                                 "configs/tworoom_tiny.yaml`, then pass its runs/<name>/version_N/model directory")
+                                 f"{config}`, then pass its run directory (runs/<name>) or a "
+                                 "runs/<name>/version_N/model directory")
         try:
             models = [load_model(path, map_location=device) for path in args.model]
             infos = [model_info(path) for path in args.model]
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
         info = infos[0]
+        for path, member in zip(args.model, infos):  # a run directory resolves to its newest export: say which
+            print(f"model: {path} (sha256 {str(member['sha256'])[:12]})")
         if len(models) == 1:
             model = models[0]
         else:
@@ -369,16 +404,24 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError:
         raise SystemExit(f"error: dataset {data_path} does not exist: generate it (the training command does) or pass --data")
     except DatasetError as e:
-        raise SystemExit(f"error: {e}")
+        # the collector's default resolution (224 px) is rarely the model's: say the one it needs
+        need = f" (for this model add --resolution {model.config.image_size})" if model is not None else ""
+        raise SystemExit(f"error: {e}{need}")
     check_dataset(store, env_name, model if args.policy in ("model", "oracle") else None)
     if protocol.dataset is not None and args.data is not None:
         check_heldout_data(store, protocol)
     if args.policy == "oracle" and env_name != "pusht":
         raise SystemExit(f"error: --policy oracle plans in Push-T's physics; it has no {env_name} version")
+    if args.policy == "oracle" and (args.oracle_cost == "latent") != (model is not None):
+        raise SystemExit("error: --oracle-cost latent plans with a model's cost and needs --model; the other oracle "
+                         "costs use none")
     if args.amp and device.type != "cuda":
         print(f"note: --amp applies on CUDA only; planning on {device.type} in float32", file=sys.stderr)
 
-    pairs = sample_pairs(store, protocol, seed=args.seed, **split)
+    try:
+        pairs = sample_pairs(store, protocol, seed=args.seed, **split)
+    except ValueError as e:  # too few episodes or steps for the protocol's pairs
+        raise SystemExit(f"error: {e}") from None
     torch.manual_seed(args.seed)
 
     policies = [args.policy] + ([b for b in BASELINES if b != args.policy] if args.baselines else [])
@@ -418,7 +461,11 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "wall_seconds": time.perf_counter() - t_start,
         }
+        replaced = replaced_model(out, results["model"])
         write_json(out, results)
+        if replaced:
+            print(f"note: {out} held the results of another model ({replaced}); they were replaced. Give --out to "
+                  "keep both", file=sys.stderr)
         if videos_tmp is not None:  # this run's GIFs replace any earlier run's, never mix with them
             if videos.exists():
                 shutil.rmtree(videos)
@@ -428,7 +475,24 @@ def main(argv: list[str] | None = None) -> int:
         if videos_tmp is not None:
             shutil.rmtree(videos_tmp, ignore_errors=True)
     print_table(protocol, rows, args.seed, out)
+    distinct = len(np.unique(pairs.episode))
+    if distinct < len(pairs.episode):
+        print(f"note: the {len(pairs.episode)} pairs come from {distinct} dataset episodes (distinct starts); pairs "
+              "of one episode are not independent, so the 95% intervals are too narrow: evaluate on a dataset with "
+              f"at least {len(pairs.episode)} {'validation ' if protocol.split == 'val' else ''}episodes")
     return 0
+
+
+def replaced_model(out: Path, model: dict) -> str | None:
+    """The model path of the results in `out` when they are another model's (default file names
+    name the run, not its version), else None."""
+    try:
+        old = json.loads(out.read_text()).get("model") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if old.get("sha256") is None or old.get("sha256") == model.get("sha256"):
+        return None
+    return str(old.get("path"))
 
 
 def run_one(name: str, args, model, store, env_name: str, protocol, pairs, device, out: Path, videos_tmp):
@@ -450,9 +514,6 @@ def run_one(name: str, args, model, store, env_name: str, protocol, pairs, devic
             actions = store.read("action", at.ravel()).reshape(len(at), steps.max(), -1)
             policy, label = ReplayBaseline(actions), name
         elif name == "oracle":
-            if (args.oracle_cost == "latent") != (model is not None):
-                raise SystemExit("error: --oracle-cost latent plans with a model's cost and needs --model; the other "
-                                 "oracle costs use none")
             policy = SimulatorOracle(100 if args.num_samples is None else args.num_samples,
                                      10 if args.topk is None else args.topk,
                                      5 if args.iterations is None else args.iterations, args.init_std,
@@ -472,6 +533,7 @@ def run_one(name: str, args, model, store, env_name: str, protocol, pairs, devic
 
         out.parent.mkdir(parents=True, exist_ok=True)
         videos_tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.stem}_videos."))
+        os.chmod(videos_tmp, 0o755)  # mkdtemp makes it private; the videos are shared like the results (0o644)
         for i in range(protocol.num_episodes):
             tag = "success" if result.success[i] else "failure"
             write_episode_gif(videos_tmp / f"ep{i:03d}_{tag}.gif", result.frames[i], result.goal_frames[i])
@@ -479,4 +541,9 @@ def run_one(name: str, args, model, store, env_name: str, protocol, pairs, devic
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever planning was
+        print("\ninterrupted: no results file was written (one is written once every policy has run)",
+              file=sys.stderr)
+        sys.exit(130)

@@ -13,7 +13,7 @@ nominal; colour (Two-Room: agent, Push-T: block); teleport (Two-Room: agent, Pus
 block, to a reset-distribution state). Frame p is the first perturbed frame. Separate nominal
 runs (another seed) calibrate per-step z-scores and the threshold (`--false-alarm-rate`).
 Written to `--out` (default runs/surprise/<the model's run name>, with `-seed<N>` for a seed other
-than 0): surprise.png and surprise.json (protocol `surprise-v2`, settings, model sha256, every
+than 0): surprise.png and surprise.json (protocol `surprise-v3`, settings, model sha256, every
 statistic); the table is printed.
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ from leworld.surprise import (
     auroc, calibrate, detection_rate, false_alarm_rate, mean_latency, paired_t_test, trajectory_surprise,
 )
 
-PROTOCOL = "surprise-v2"  # v2: leave-one-out calibration threshold, true medians
+# v2: leave-one-out calibration threshold, true medians; v3: fresh runs scored against N - 1 runs
+PROTOCOL = "surprise-v3"
 CONDITIONS = ("nominal", "colour", "teleport")
 DEFAULT_POLICY = {"tworoom": ("expert", 2.0), "pusht": ("mix", None)}  # when config.json names none
 COLOUR = {"tworoom": (0, 0, 255), "pusht": (220, 20, 60)}  # red agent -> blue; grey block -> crimson
@@ -184,10 +185,11 @@ def statistics(surprise: dict, cal, p: int, window: int, horizon: int) -> dict:
 
 
 def table(stats: dict) -> str:
+    # AUROC with 4 decimals: 0.9997 (3 of 10,000 pairs misordered) must not print as 1.000
     rows = [f"{'condition':<10} {'t':>8} {'p-value':>10} {'AUROC':>6} {'detect':>7} {'latency':>8} {'false alarm':>12}"]
     for c in CONDITIONS[1:]:
         s = stats[c]
-        rows.append(f"{c:<10} {s['t_statistic']:>8.2f} {s['p_value']:>10.2e} {s['auroc']:>6.3f} "
+        rows.append(f"{c:<10} {s['t_statistic']:>8.2f} {s['p_value']:>10.2e} {s['auroc']:>6.4f} "
                     f"{s['detection_rate']:>7.1%} {s['mean_latency']:>8.2f} {'':>12}")
     s = stats["nominal"]
     rows.append(f"{'nominal':<10} {'':>8} {'':>10} {'':>6} {'':>7} {'':>8} "

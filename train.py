@@ -17,8 +17,12 @@ A resumed run (`--ckpt_path`) trains with the settings of its config and command
 those saved in the checkpoint, so `--model.lambda_sigreg 0.003` switches the SIGReg weight from
 the resumed step on. It prints every setting that differs from the checkpoint's, and stops
 before training when one cannot apply: the architecture (`model.model.*`: the weights would not
-fit) or the optimiser's `lr` and `weight_decay` (the optimiser state, learning rates included,
-is restored from the checkpoint). To resume a run as it was: `--config runs/NAME/version_N/config.yaml`.
+fit), the optimiser's `lr`, `weight_decay` and `fused` (the optimiser state, learning rates
+included, is restored from the checkpoint), or the data's split and clips (`data.val_fraction`,
+`data.split_seed`, `data.num_frames`, `data.frameskip`: a new split would hold out episodes the
+model has trained on). `data.path` may change when the file moved, but the resumed run checks
+that the file holds the same dataset. To resume a run as it was:
+`--config runs/NAME/version_N/config.yaml`.
 """
 from __future__ import annotations
 
@@ -35,7 +39,10 @@ from leworld.data.datamodule import LeWMDataModule
 from leworld.module import LeWMModule
 
 # Settings restored with the optimiser's state on resume: a new value would not take effect.
-FIXED_ON_RESUME = ("lr", "weight_decay")
+FIXED_ON_RESUME = ("lr", "weight_decay", "fused")
+# Data settings that define the run's validation episodes and clips: a new split would score
+# episodes the model trained on as held out (and the model's history and action blocks are fixed).
+DATA_FIXED_ON_RESUME = ("val_fraction", "split_seed", "num_frames", "frameskip")
 
 
 def _plain(value):
@@ -80,22 +87,39 @@ class LeWMCLI(LightningCLI):
             self.parser.error(f"--ckpt_path {ckpt_path}: no such checkpoint file (a run's checkpoints are in "
                               "runs/<name>/version_N/checkpoints/)")
         try:
-            saved = read_checkpoint(Path(ckpt_path)).get("hyper_parameters") or {}
+            ckpt = read_checkpoint(Path(ckpt_path))
         except ValueError as e:
             self.parser.error(str(e))
-        diffs = resume_differences(saved, _plain(self.config[sub]["model"]))
+        done, max_steps = int(ckpt.get("global_step") or 0), self.config[sub]["trainer"].get("max_steps")
+        if max_steps is not None and 0 <= max_steps <= done:
+            self.parser.error(f"{ckpt_path} has trained {done} steps and trainer.max_steps is {max_steps}: nothing "
+                              f"is left to train. Raise --trainer.max_steps to train further (e.g. --trainer.max_steps "
+                              f"{done + max(max_steps, 1)})")
+        diffs = resume_differences(ckpt.get("hyper_parameters") or {}, _plain(self.config[sub]["model"]))
+        data = resume_differences(ckpt.get("datamodule_hyper_parameters") or {}, _plain(self.config[sub]["data"]))
+        diffs.update({f"data.{k}": v for k, v in data.items()})
         if not diffs:
             return
         lines = [f"  {k}: {new!r} (the checkpoint: {old!r})" for k, (old, new) in diffs.items()]
-        fixed = [k for k in diffs if k.startswith("model.") or k in FIXED_ON_RESUME]
+        why = {"model.": "the architecture must match the saved weights",
+               "optimiser": "lr, weight_decay and fused are restored with the optimiser's state",
+               "data.": "the data's split and clips are the run's (a new split would hold out episodes the model "
+                        "trained on)"}
+
+        def kind(key: str) -> str | None:
+            if key.startswith("data."):
+                return "data." if key[len("data."):] in DATA_FIXED_ON_RESUME else None
+            return "model." if key.startswith("model.") else "optimiser" if key in FIXED_ON_RESUME else None
+
+        fixed = [k for k in diffs if kind(k)]
         if fixed:
             run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
             hint = f" (the run's own: --config {run_config})" if run_config.is_file() else ""
+            reasons = "; ".join(why[r] for r in why if any(kind(k) == r for k in fixed))
             self.parser.error(
                 f"cannot resume {ckpt_path} with these settings:\n" + "\n".join(
                     line for k, line in zip(diffs, lines) if k in fixed) +
-                "\nthe architecture must match the saved weights, and lr / weight_decay are restored with the "
-                f"optimiser's state. Use the checkpoint's values{hint}, or start a new run without --ckpt_path.")
+                f"\n{reasons}. Use the checkpoint's values{hint}, or start a new run without --ckpt_path.")
         print(f"resuming {ckpt_path} with settings that differ from the checkpoint's; they apply from its step "
               "on:\n" + "\n".join(lines), file=sys.stderr)
 

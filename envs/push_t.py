@@ -114,7 +114,18 @@ class PushTBatch:
         return self._obs()
 
     def _indices(self, index) -> np.ndarray:
-        idx = np.arange(self.num_envs) if index is None else np.atleast_1d(np.asarray(index, dtype=np.int64))
+        """Env indices of `index`: None (all), an int, a sequence of ints, or a boolean mask over the envs."""
+        if index is None:
+            return np.arange(self.num_envs)
+        raw = np.atleast_1d(np.asarray(index))
+        if raw.dtype == bool:  # a mask, as numpy indexing reads it (Two-Room's setters index numpy arrays)
+            if raw.shape != (self.num_envs,):
+                raise IndexError(f"a boolean env mask must have one entry per env ({self.num_envs}), got shape "
+                                 f"{raw.shape}")
+            return np.flatnonzero(raw)
+        if raw.size and raw.dtype.kind not in "iu":
+            raise IndexError(f"env index must be int(s) or a boolean mask, got {index!r}")
+        idx = raw.astype(np.int64)
         if idx.size and (idx.min() < -self.num_envs or idx.max() >= self.num_envs):
             raise IndexError(f"env index {index} out of range for num_envs={self.num_envs}")
         return idx % self.num_envs

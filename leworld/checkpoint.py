@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from leworld.model import LeWMConfig, LeWorldModel
 from leworld.results import package_version
@@ -84,9 +84,23 @@ def export_model(model: LeWorldModel, directory: str | os.PathLike, extra: dict 
     # (or one written beside other weights) is caught at load time, even where the shapes still fit
     meta = {"format": "pt", "leworld_format_version": str(FORMAT_VERSION),
             "leworld_config": json.dumps(model.config.to_dict(), sort_keys=True)}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(_safetensors_bytes(tensors, meta)))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     return directory
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of `tensors`, byte for byte the same for the same tensors and metadata.
+
+    safetensors writes its JSON header's metadata in a random order, so the same weights exported
+    twice would have different sha256s (which results files identify models by). The header is
+    written again with sorted keys, padded with spaces to 8 bytes as the format asks; the tensor
+    data and its offsets are unchanged."""
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
 
 
 def _check_matches(model: LeWorldModel, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -225,6 +239,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     path = find_model(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: {_HOW_TO_MAKE}.")
+    if path.is_dir() and not (path / WEIGHTS_NAME).exists() and _no_export_hint(path):
+        raise FileNotFoundError(_no_export_hint(path).strip())
     if path.is_file() and path.suffix == ".ckpt":
         return _load_lightning(path, map_location)
     if path.is_dir():
@@ -298,18 +314,33 @@ def result_path(kind: str, model: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def find_model(path: str | os.PathLike) -> Path:
-    """Resolve a model location: an exported directory, a weights or .ckpt file, or a run directory.
+    """Resolve a model location: an exported directory, a weights or .ckpt file, a run's version
+    directory (`runs/<name>/version_N`: its `model/`), or a run directory.
 
     For a run directory (e.g. `runs/tworoom_tiny`, holding `version_N/model`) the newest version's
     exported model is returned, so `plan.py --model runs/tworoom_tiny` follows the last training run.
     """
     path = Path(path)
     if path.is_dir() and not (path / WEIGHTS_NAME).exists():
+        if (path / "model" / WEIGHTS_NAME).is_file():  # a version directory
+            return path / "model"
         versions = [p for p in path.glob("version_*/model") if (p / WEIGHTS_NAME).is_file()]
         versions.sort(key=lambda p: int(p.parent.name.split("_")[-1]) if p.parent.name.split("_")[-1].isdigit() else -1)
         if versions:
             return versions[-1]
     return path
+
+
+def _no_export_hint(path: Path) -> str:
+    """For a run or version directory without an exported model: the checkpoints it holds."""
+    if not path.is_dir():
+        return ""
+    ckpts = sorted(path.glob("checkpoints/*.ckpt")) + sorted(path.glob("version_*/checkpoints/*.ckpt"))
+    if not ckpts:
+        return ""
+    shown = ", ".join(str(c) for c in ckpts[-3:])
+    return (f" {path} holds no exported model (a run exports one when it ends), but it has training checkpoints, "
+            f"which load too: {shown}")
 
 
 def recorded_data_path(model_path: str | os.PathLike, recorded: str | os.PathLike | None) -> Path | None:

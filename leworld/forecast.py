@@ -229,8 +229,10 @@ def table(result: dict) -> str:
     lines = [f"{'quantity':<10}{'step':>5}{'forecast':>10}{'copy':>9}{'floor':>9}{'skill':>8}{'disp. r':>9}"]
     for name, q in result["quantities"].items():
         for s in q["steps"]:
-            lines.append(f"{name + ' (' + q['unit'][:3] + ')':<10}{s['step']:>5}{s['error']:>10.1f}"
-                         f"{s['copy_error']:>9.1f}{s['probe_floor']:>9.1f}{s['skill']:>8.2f}{s['displacement_r']:>9.3f}")
+            # a space before every number: a large one (skill -1438.91) must not run into its neighbour
+            lines.append(f"{name + ' (' + q['unit'][:3] + ')':<10}{s['step']:>5} {s['error']:>9.1f} "
+                         f"{s['copy_error']:>8.1f} {s['probe_floor']:>8.1f} {s['skill']:>7.2f} "
+                         f"{s['displacement_r']:>8.3f}")
     last = result["embedding"][-1]
     lines.append(f"embedding, step {last['step']}: squared error {last['error']:.4g}, copying "
                  f"{last['copy_error']:.4g}, skill {last['skill']:.2f}")

@@ -150,10 +150,17 @@ class LeWMModule(L.LightningModule):
         self._open_loop_mse = None  # the open-loop part of the last prediction term (open_loop_frames)
         self._bad_step = self._bad_values = self._grad_norm = None
         self._directions_device = None  # SIGReg directions drawn on the embeddings' device (`on_fit_start`)
+        self._streams_restored = False  # this rank's random streams came from a checkpoint (`on_load_checkpoint`)
         # Check for a NaN loss after every step (True), only on logging steps and before a
         # checkpoint or the export (False), or None: every step on the CPU, where the check costs
         # nothing, and on logging steps elsewhere, where it would stall the device.
         self.check_finite_every_step: bool | None = None
+
+    def configure_callbacks(self):
+        """On Ctrl-C, say which checkpoint the run can resume from (`leworld.callbacks`)."""
+        from leworld.callbacks import InterruptNote
+
+        return [InterruptNote()]
 
     def configure_model(self) -> None:
         """Compile the network in place if asked (`compile`); Lightning calls this before training."""
@@ -397,18 +404,65 @@ class LeWMModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the random streams dropout draws from: the CPU's and, where this process trains on
+        a GPU, that GPU's. Under several processes this hook runs on every rank and rank 0 writes
+        the file, so every rank's streams are gathered into it (`rng_state["ranks"]`)."""
         self._raise_if_nonfinite()  # never write weights that a NaN step has already spoiled
         state = {"torch": torch.get_rng_state()}  # dropout continues identically on resume
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()  # dropout on the GPU draws from these
+        device = self._cuda_device()
+        if device is not None:  # not every device's: under DDP the other GPUs are other processes'
+            state["cuda_device"] = torch.cuda.get_rng_state(device)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            # one tensor per rank, each its own storage (rows of one tensor would load as views into a
+            # shared storage, and torch.set_rng_state crashes the process on a view with an offset)
+            state["ranks"] = {k: [row.clone() for row in self._gather(v)] for k, v in state.items()}
         checkpoint["rng_state"] = state
 
+    def _gather(self, state: torch.Tensor) -> torch.Tensor:
+        """A uint8 random-stream state of every rank, (world, n), on the CPU (gathered on the device,
+        as NCCL needs)."""
+        strategy = self.trainer.strategy
+        return strategy.all_gather(state.to(strategy.root_device)).cpu()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore this rank's random streams. A checkpoint of another number of processes (or of
+        an earlier version, which saved rank 0's alone) has none for this rank: the ranks then go
+        on from rank 0's, forked in `on_fit_start`, and dropout no longer follows the interrupted run."""
         state = checkpoint.get("rng_state") or {}
+        trainer = getattr(self, "_trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        ranks = state.get("ranks") or {}
+        if len(ranks.get("torch", ())) == world:
+            state = {k: v[rank].clone() for k, v in ranks.items()}  # its own storage, not a view (see above)
+        elif world > 1 and "torch" in state:
+            rank_zero_warn(f"the checkpoint holds the random streams of {len(ranks.get('torch', ())) or 1} "
+                           f"process(es), this run has {world}: dropout goes on from new streams, not as the "
+                           "interrupted run's would have")
+            state = {k: v for k, v in state.items() if k != "ranks"}
+        self._streams_restored = world == 1 or len(ranks.get("torch", ())) == world
         if "torch" in state:
             torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        device = self._cuda_device()
+        if device is not None and "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"], device)
+        elif "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])  # a checkpoint of an earlier version: every device's
+
+    def _fork_streams(self) -> None:
+        """Give every rank its own random streams. Every process is seeded alike (the run's one
+        seed), so without this each rank would drop the same units of its clips, and DDP over N ranks
+        would not draw the independent dropout of one process with N times the batch. The new seed
+        is drawn from the common stream, so the run's seed still reproduces it."""
+        base = int(torch.randint(0, 2**62, (1,)))  # the same on every rank
+        torch.manual_seed(base + self.trainer.global_rank)  # the CPU and every GPU
+
+    def _cuda_device(self) -> torch.device | None:
+        """The CUDA device this process trains on (the strategy's, also before the module is moved
+        there, as when a checkpoint is restored), or None."""
+        trainer = getattr(self, "_trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        return device if device.type == "cuda" else None
 
     def _export_dir(self) -> Path:
         # log_dir is a collective: every rank asks. A logger without a directory gives None: then the
@@ -432,6 +486,10 @@ class LeWMModule(L.LightningModule):
             rank_zero_warn(f"the ranks' {self.device.type} devices draw different SIGReg directions from the same "
                            "seed (different GPU models?): drawing them on the CPU instead, copied to the device "
                            "every step")
+
+        if self.trainer.world_size > 1 and not self._streams_restored:
+            self._fork_streams()
+        self._streams_restored = False
 
         directory = self._export_dir()
         if (directory / WEIGHTS_NAME).exists() and self.trainer.ckpt_path is None:

@@ -166,6 +166,10 @@ def separation_of_model(model, store, env: str | None = None, val_fraction: floa
     if len(val_eps) < 2:
         raise ValueError("goal separation needs at least 2 validation episodes: raise val_fraction or add episodes")
     rows, owner = validation_frames(store, val_eps, stride, max_frames, seed)
+    if len(np.unique(owner)) < 2:  # the cap left one episode of the several there are
+        raise ValueError(f"max_frames {max_frames} keeps the frames of 1 of the {len(val_eps)} validation episodes "
+                         f"({len(rows)} frames at stride {stride}): goal separation needs at least 2; raise "
+                         "--max-frames or --stride")
     t0 = time.perf_counter()
     z = embed_frames(model, store, rows, batch_size, progress)  # (N, D)
     t1 = time.perf_counter()

@@ -136,13 +136,44 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         export_model(tiny_model("cnn"), tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     assert (tmp_path / "model.safetensors").read_bytes() == before
     with pytest.raises(TypeError, match="JSON"):
         export_model(model, tmp_path / "other", extra={"bad": object()})
+
+
+def test_the_same_weights_export_to_the_same_bytes(tmp_path):
+    """Results files identify a model by its weights file's sha256, so exporting the same model again
+    (in this process or another) must write the same bytes. safetensors itself writes its header's
+    metadata in a random order; the file must still be a valid safetensors file with every tensor."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    model = tiny_model()
+    digests = set()
+    for i in range(6):
+        export_model(model, tmp_path / f"in{i}", extra={"run": 1})
+        digests.add(hashlib.sha256((tmp_path / f"in{i}" / "model.safetensors").read_bytes()).hexdigest())
+    script = ("import sys; from leworld.checkpoint import export_model, load_model; "
+              "export_model(load_model(sys.argv[1]), sys.argv[2], extra={'run': 1})")
+    for i in range(2):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "in0"), str(tmp_path / f"sub{i}")], check=True,
+                       timeout=120)
+        digests.add(hashlib.sha256((tmp_path / f"sub{i}" / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    raw = (tmp_path / "in0" / "model.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    assert header_len % 8 == 0 and raw[8 + header_len - 1:8 + header_len] in (b"}", b" ")
+    with safe_open(tmp_path / "in0" / "model.safetensors", "pt") as f:
+        assert f.metadata()["leworld_config"] == json.dumps(model.config.to_dict(), sort_keys=True)
+        for k, v in model.state_dict().items():
+            assert torch.equal(f.get_tensor(k), v), k
 
 
 def test_loading_never_unpickles(tmp_path, monkeypatch):
@@ -187,7 +218,16 @@ def test_find_model_follows_the_newest_version_of_a_run(tmp_path):
     assert find_model(tmp_path / "run") == tmp_path / "run" / "version_10" / "model"  # numeric, not lexical
     exported = tmp_path / "run" / "version_2" / "model"
     assert find_model(exported) == exported
+    assert find_model(exported.parent) == exported  # a version directory: its model
     assert find_model(tmp_path / "missing") == tmp_path / "missing"
+    # a run (or version) with checkpoints but no export yet: the error names the checkpoints, which load too
+    ckpts = tmp_path / "stopped" / "version_0" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"")
+    for given in (tmp_path / "stopped", tmp_path / "stopped" / "version_0"):
+        with pytest.raises(FileNotFoundError, match=r"holds no exported model .* training checkpoints, which load "
+                                                    r"too: .*stopped/version_0/checkpoints/last.ckpt"):
+            load_model(given)
 
 
 def test_model_name_names_the_run_whatever_part_of_it_is_given(tmp_path, monkeypatch):

@@ -355,6 +355,29 @@ def test_an_existing_file_drawn_otherwise_than_generate_says_is_refused(tmp_path
     dm.setup("fit")  # without a generate spec any existing file is used as it is
 
 
+def test_an_existing_file_of_other_size_or_policy_than_generate_says_is_used_with_a_warning(dataset, caplog):
+    """A leftover file (say a 6-episode trial's) under the configured path is trained on, not
+    regenerated: the run says what the file holds and how it differs from data.generate."""
+    import logging
+    import warnings
+
+    def setup(**spec):
+        dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=2, num_workers=0,
+                            generate=CollectSpec(**{"env": "tworoom", "resolution": RES, **spec}))
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+            warnings.simplefilter("always")
+            dm.setup("fit")
+        return [str(w.message) for w in caught if "not generated as data.generate says" in str(w.message)]
+
+    # the dataset: 6 episodes of 30 steps, expert policy, noise 1.0, seed 3
+    assert setup(episodes=6, steps=30, noise=1.0, seed=3) == []
+    assert f"data: {dataset}: 6 episodes (5 for training, 1 held out), {RES} px, policy expert, seed 3" in caplog.text
+    (message,) = setup(episodes=3000, steps=30, noise=2.0, seed=3, policy="random")
+    assert "it has episodes 6 (data.generate.episodes is 3000), policy 'expert' (data.generate.policy is " \
+           "'random'), noise 1.0 (data.generate.noise is 2.0)" in message and "point data.path at a new file" in message
+    assert setup(episodes=6, steps=30, noise=None, seed=3, policy=None) == []  # the default policy; noise unset
+
+
 def test_epoch_sampler_orders_resume_and_shards_like_the_uninterrupted_epoch():
     from leworld.data.datamodule import DistributedEpochSampler, EpochSampler
 
@@ -416,6 +439,42 @@ def test_shards_are_equal_even_with_fewer_items_than_ranks(size, world):
     theirs = [list(DistributedSampler(range(size), world, r, shuffle=False)) for r in range(world)]
     assert [len(s) for s in shards] == [len(t) for t in theirs] == [-(-size // world)] * world
     assert set(sum(shards, [])) == set(range(size))
+
+
+@pytest.mark.parametrize("size, world", [(81, 2), (80, 2), (10, 3), (2, 3)])
+def test_validation_shares_under_ddp_repeat_no_clip(size, world):
+    """Under DDP each process validates its share of the fixed order, cut to a multiple of the
+    processes: equal shares (SIGReg's all-reduce needs them), no clip twice (Lightning's padding
+    would count repeated clips twice in the metrics), at most world - 1 clips left out."""
+    from leworld.data.datamodule import DistributedFixedShuffleSampler, FixedShuffleSampler
+
+    shares = [list(DistributedFixedShuffleSampler(size, 7, world, r)) for r in range(world)]
+    whole = list(FixedShuffleSampler(size, 7))
+    kept = size // world * world
+    assert [len(x) for x in shares] == [size // world] * world
+    assert sorted(sum(shares, [])) == sorted(whole[:kept])  # the first `kept` of the one-process order
+    assert shares == [list(DistributedFixedShuffleSampler(size, 7, world, r)) for r in range(world)]  # every pass
+
+
+def test_the_validation_loader_under_ddp_keeps_its_shares(dataset):
+    """The data module hands each rank its share (a DistributedSampler, which Lightning leaves in
+    place instead of wrapping it with padding), and one process the whole order."""
+    from types import SimpleNamespace
+
+    from leworld.data.datamodule import DistributedFixedShuffleSampler
+
+    dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=4, num_workers=0, val_fraction=0.34)
+    dm.setup("fit")
+    size = len(dm.val_set)
+    seen = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = dm.val_dataloader()
+        assert isinstance(loader.sampler, DistributedFixedShuffleSampler)
+        seen.append([int(i) for i in loader.sampler])
+    assert len(seen[0]) == len(seen[1]) == size // 2 and not set(seen[0]) & set(seen[1])
+    dm.trainer = None
+    assert len(list(dm.val_dataloader().sampler)) == size
 
 
 def test_a_bad_generate_setting_is_named_as_the_config_key(tmp_path):

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,7 +57,7 @@ def test_pairs_are_deterministic_and_from_validation_episodes(tworoom_data):
     # the states are the dataset's rows for those steps
     rows = store.episode_offset[a.episode] + a.goal
     assert np.array_equal(a.goal_state, store.read("state", rows))
-    # 12 validation episodes for 50 pairs: repeats allowed, but every validation episode is used
+    # 12 validation episodes for 50 pairs: every validation episode is used
     assert set(a.episode) == set(val)
 
 
@@ -209,6 +210,36 @@ def test_pairs_do_not_repeat_an_episode_while_unused_ones_remain(tworoom_data):
         assert len(set(pairs.episode.tolist())) == n
 
 
+def test_more_pairs_than_episodes_spread_over_every_episode_and_never_repeat_a_pair(tworoom_data):
+    """50 pairs from 12 validation episodes: each episode gives 4 or 5 of them, at distinct starts
+    (a repeated pair would count one start twice in the success rate and narrow its interval)."""
+    store = EpisodeStore(tworoom_data)
+    _, val = split_episodes(store.num_episodes, 0.2, 1)
+    for seed in range(3):
+        pairs = sample_pairs(store, get_protocol("paper-v3"), seed=seed, val_fraction=0.2, split_seed=1)
+        keys = list(zip(pairs.episode.tolist(), pairs.start.tolist()))
+        assert len(set(keys)) == len(keys) == 50
+        counts = np.unique(pairs.episode, return_counts=True)
+        assert set(counts[0].tolist()) == set(val.tolist()) and set(counts[1].tolist()) == {4, 5}
+        steps = store.episode_length[pairs.episode] - 1
+        assert (pairs.start >= 0).all() and (pairs.goal <= steps).all()
+    # episodes with fewer starts than their share leave the rest to the others: episodes of 30, 27 and
+    # 60 steps have 6, 3 and 36 starts 25 steps before an end
+    from types import SimpleNamespace
+
+    rows = np.array([31, 28, 61])
+    store = SimpleNamespace(path="lengths.h5", num_episodes=3, episode_length=rows,
+                            episode_offset=np.concatenate([[0], np.cumsum(rows)[:-1]]),
+                            read=lambda field, at: np.asarray(at, np.float64)[:, None])
+    pairs = sample_pairs(store, EvalProtocol("uneven", 1, 20, 25, 50, split="all"), seed=0)
+    keys = set(zip(pairs.episode.tolist(), pairs.start.tolist()))
+    assert len(keys) == 20 and {(0, s) for s in range(6)} | {(1, s) for s in range(3)} <= keys
+    assert (pairs.goal <= rows[pairs.episode] - 1).all()
+    np.testing.assert_array_equal(pairs.start_state[:, 0], store.episode_offset[pairs.episode] + pairs.start)
+    with pytest.raises(ValueError, match="only 45 distinct start/goal pairs 25 steps apart in the 3 episode"):
+        sample_pairs(store, EvalProtocol("uneven", 1, 46, 25, 50, split="all"), seed=0)
+
+
 def test_straight_line_baselines_head_for_the_goal_agent_position():
     tworoom = envs.make_batch("tworoom", 2, resolution=RES, seed=0)
     tworoom.set_state([[50.0, 100.0, 52.0, 90.0], [150.0, 100.0, 100.0, 100.0]])
@@ -264,6 +295,8 @@ def test_plan_cli_writes_complete_results(tmp_path, tiny_model_dir):
     proc = run_plan("--model", str(tiny_model_dir), "--num-episodes", "3", "--iterations", "2", "--num-samples",
                     "16", "--topk", "4", "--video", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    digest = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert f"model: {tiny_model_dir} (sha256 {digest[:12]})" in proc.stdout  # which model, said before the table
     assert "paper-v3+num_episodes=3" in proc.stdout and "straight" in proc.stdout
     res = json.loads(out.read_text())
     for key in ("protocol", "env", "env_params", "data", "model", "planner", "seed", "pairs", "results",
@@ -311,6 +344,8 @@ def test_plan_cli_draws_pairs_from_the_models_own_validation_split(tmp_path, tin
     episodes = {p["episode"] for p in res["pairs"]}
     assert episodes <= set(split_episodes(60, 0.3, 3)[1].tolist())
     assert not episodes <= set(split_episodes(60, 0.3, 0)[1].tolist())  # seed 0 would give other episodes
+    # 30 pairs from 18 validation episodes: said beside the table, whose intervals count 30 independent pairs
+    assert len(episodes) == 18 and "note: the 30 pairs come from 18 dataset episodes" in proc.stdout
 
 
 def test_plan_cli_passes_every_planning_option_on_and_runs_baselines_on_the_same_pairs(tmp_path, tiny_model_dir,
@@ -375,6 +410,44 @@ def test_plan_cli_plans_an_ensemble_of_models(tmp_path, tiny_model_dir, tworoom_
     assert proc.returncode != 0 and "ensemble mismatch" in proc.stderr and "split_seed" in proc.stderr
 
 
+def test_plan_cli_says_when_it_replaces_another_models_results(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Default file names name the run, so two versions of one run write the same file: replacing
+    another model's results is said; rerunning the same model is not."""
+    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+    plan_script = load_plan_script()
+    other = tmp_path / "other"
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.1)
+    export_model(model, other, extra=json.loads((tiny_model_dir / "config.json").read_text())["extra"])
+    out = tmp_path / "r.json"
+    small = ["--num-episodes", "1", "--iterations", "1", "--num-samples", "8", "--topk", "2", "--no-baselines",
+             "--no-progress", "--out", str(out)]
+    for model_dir, replaced in ((tiny_model_dir, None), (tiny_model_dir, None), (other, tiny_model_dir)):
+        assert plan_script.main(["--model", str(model_dir), *small]) == 0
+        err = capsys.readouterr().err
+        assert ("held the results of another model" in err) == (replaced is not None)
+        if replaced is not None:
+            assert f"({replaced})" in err
+    assert json.loads(out.read_text())["model"]["path"] == str(other)
+
+
+def test_plan_cli_interrupted_says_so_in_a_line_and_writes_nothing(tmp_path, tiny_model_dir):
+    import signal
+
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "plan.py"), "--model", str(tiny_model_dir),
+                             "--iterations", "30", "--num-episodes", "50", "--no-progress", "--video", "--out", str(out)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("model: ")  # planning starts next
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: no results file was written" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no results, no videos, no temporary folder
+
+
 def test_plan_cli_baseline_without_a_model(tmp_path, tworoom_data):
     proc = run_plan("--policy", "expert", "--env", "tworoom", "--data", str(tworoom_data), "--num-episodes", "4",
                     "--no-baselines", cwd=tmp_path)
@@ -387,7 +460,11 @@ def test_plan_cli_baseline_without_a_model(tmp_path, tworoom_data):
 
 def test_plan_cli_clear_errors(tmp_path, tiny_model_dir, tworoom_data):
     proc = run_plan("--model", str(tmp_path / "nope"), cwd=tmp_path)
-    assert proc.returncode != 0 and "no model at" in proc.stderr
+    assert proc.returncode != 0 and "no model at" in proc.stderr and "configs/<preset>.yaml" in proc.stderr
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "pusht_tiny.yaml").write_text("")  # a run is named after the config that trains it
+    proc = run_plan("--model", "runs/pusht_tiny", cwd=tmp_path)
+    assert proc.returncode != 0 and "--config configs/pusht_tiny.yaml" in proc.stderr
     proc = run_plan("--model", str(tiny_model_dir), "--env", "pusht", cwd=tmp_path)
     assert proc.returncode != 0 and "env/model mismatch" in proc.stderr
     other = tmp_path / "d32.h5"
@@ -397,6 +474,7 @@ def test_plan_cli_clear_errors(tmp_path, tiny_model_dir, tworoom_data):
     assert proc.returncode != 0 and "32 px" in proc.stderr and "64 px" in proc.stderr
     proc = run_plan("--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.h5"), cwd=tmp_path)
     assert proc.returncode != 0 and "no dataset at" in proc.stderr
+    assert f"(for this model add --resolution {RES})" in proc.stderr  # not the collector's default 224 px
 
 
 def load_plan_script():
@@ -418,6 +496,14 @@ def load_plan_script():
     (["--receding-horizon", "2", "--replan-every", "3"], "both say when to replan: give one of them"),
     (["--num-episodes", "-3"], "--num-episodes must be at least 1"),
     (["--seed", "-1"], "--seed must be >= 0"),
+    # a warm start needs a rest of the plan, which plans executed to their end never leave
+    (["--warm-start"], "--warm-start starts each plan from the unexecuted rest of the previous one"),
+    (["--warm-start", "--receding-horizon", "5"], "every plan runs to its end"),
+    # options the chosen policy would not read
+    (["--policy", "oracle", "--planner", "mppi", "--cost", "sum"], "--policy oracle does not use --planner, --cost"),
+    (["--policy", "straight", "--topk", "2", "--deadline"], "--policy straight does not use --topk, --deadline"),
+    (["--policy", "random", "--oracle-cost", "terminal"], "--policy random does not use --oracle-cost"),
+    (["--oracle-cost", "terminal"], "--policy model does not use --oracle-cost"),
 ])
 def test_plan_cli_rejects_option_values_before_any_work(tmp_path, tiny_model_dir, capsys, args, message):
     plan_script = load_plan_script()
@@ -449,12 +535,13 @@ def test_plan_cli_refuses_what_would_mislabel_or_lose_results(tmp_path, tiny_mod
                                                            "data": {"path": str(tmp_path / "p.h5")}})
     with pytest.raises(SystemExit, match="paper-v1-tworoom.* is for tworoom, not pusht: choose one of paper-v3"):
         plan_script.main(["--model", str(pusht), "--protocol", "paper-v1-tworoom", *small])
+    baseline = ["--num-episodes", "2", "--no-progress"]  # a baseline takes no planning options
     with pytest.raises(SystemExit, match="without --model: pass --env and --data"):
-        plan_script.main(["--policy", "random", *small])
+        plan_script.main(["--policy", "random", *baseline])
     with pytest.raises(SystemExit, match="without --model: pass --data, the dataset the pairs come from"):
-        plan_script.main(["--policy", "random", "--env", "tworoom", *small])
+        plan_script.main(["--policy", "random", "--env", "tworoom", *baseline])
     with pytest.raises(SystemExit, match="pass --data .or --model. to choose the resolution of far-tworoom-v1"):
-        plan_script.main(["--policy", "straight", "--env", "tworoom", "--protocol", "far-tworoom-v1", *small])
+        plan_script.main(["--policy", "straight", "--env", "tworoom", "--protocol", "far-tworoom-v1", *baseline])
     assert list((tmp_path / "adir").iterdir()) == []
 
 
@@ -468,12 +555,16 @@ def test_plan_cli_videos_hold_only_the_last_run(tmp_path, tiny_model_dir, monkey
     first = json.loads(out.read_text())
     assert first["planner"]["amp"] is torch.cuda.is_available()  # recorded as it ran: bf16 on CUDA only
     assert len(list(Path(first["videos"]).iterdir())) == 3
-    assert plan_script.main([*small, "--policy", "random", "--num-episodes", "2"]) == 0
+    assert plan_script.main(["--model", str(tiny_model_dir), "--policy", "random", "--num-episodes", "2",
+                             "--no-baselines", "--no-progress", "--video", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     outcome = ["success" if e["success"] else "failure" for e in res["results"][0]["per_episode"]]
     gifs = sorted(p.name for p in Path(res["videos"]).iterdir())
     assert len(outcome) == 2 and gifs == [f"ep{i:03d}_{o}.gif" for i, o in enumerate(outcome)]  # none of the first run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r_videos"]  # no temporary folder left
+    # shared like the results file (0o644), not private like the temporary folder they were written to
+    assert (tmp_path / "r_videos").stat().st_mode & 0o777 == 0o755
+    assert {(tmp_path / "r_videos" / g).stat().st_mode & 0o777 for g in gifs} == {0o644}
 
 
 @pytest.mark.parametrize("name", ["tworoom", "pusht"])

@@ -191,6 +191,19 @@ def test_forecast_is_seeded_and_checks_its_inputs(dataset):
 
 
 # ---- command line -------------------------------------------------------------------------------------
+def test_table_keeps_large_numbers_apart():
+    """A forecast far worse than copying has a large negative skill; it must not run into the floor
+    column beside it (`23.0-1438.91`)."""
+    step = {"step": 1, "error": 12345.6, "copy_error": 23.0, "probe_floor": 23.0, "skill": -1438.91,
+            "displacement_r": -0.123}
+    result = {"quantities": {"agent": {"unit": "px", "steps": [step]}},
+              "embedding": [{"step": 1, "error": 1.0, "copy_error": 1.0, "skill": 0.0}],
+              "cost_weights": {"pairs": 3, "r2": 0.5, "quantities": {"agent": {"slope": 1.0, "unit": "px"}}},
+              "horizon": 1}
+    row = forecast_mod.table(result).splitlines()[1]
+    assert row.split()[-6:] == ["1", "12345.6", "23.0", "23.0", "-1438.91", "-0.123"]
+
+
 def test_cli_writes_a_complete_json(tmp_path, dataset, capsys):
     model_dir = export_tiny(tmp_path / "model", dataset)
     out = tmp_path / "forecast.json"

@@ -292,3 +292,9 @@ def test_oracle_cost_errors(tmp_path):
                            "--env", "pusht", "--data", str(path), "--no-progress"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "needs --model" in proc.stderr
+    # its one validation episode of 40 steps holds 16 starts 25 steps before its end: not 50 distinct pairs
+    proc = subprocess.run([sys.executable, str(ROOT / "plan.py"), "--policy", "straight", "--env", "pusht",
+                           "--data", str(path), "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "error: " in proc.stderr and "only 16 distinct start/goal pairs" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -349,7 +349,8 @@ def test_mpc_after_a_reset_acts_as_a_fresh_policy():
     """Every reset restarts the planner's random stream: a second run of the same episodes with the
     same policy object gives the actions of the first."""
     model = tiny_model(history=2)
-    policy = MPCPolicy(model, CEM(num_samples=8, topk=2, iterations=2), horizon=2, warm_start=True, seed=4)
+    policy = MPCPolicy(model, CEM(num_samples=8, topk=2, iterations=2), horizon=2, receding_horizon=1,
+                       warm_start=True, seed=4)
     runs = []
     for _ in range(2):
         env = FakeEnv(3, seed=1)  # the same frames both times
@@ -467,6 +468,9 @@ def test_mpc_replan_every_whole_blocks_equals_the_receding_horizon(blocks):
         out.append(np.stack([policy.act(env, env.obs()) for _ in range(21)]))
         assert policy.settings()["receding_horizon"] == blocks and policy.settings()["replan_every"] == 3 * blocks
     np.testing.assert_array_equal(out[0], out[1])
+    for kw in ({}, {"receding_horizon": 3}, {"replan_every": 9}):  # every plan runs to its end: nothing to reuse
+        with pytest.raises(ValueError, match="warm_start starts each plan from the unexecuted rest"):
+            MPCPolicy(model, CEM(num_samples=8, topk=2, iterations=2), horizon=3, warm_start=True, **kw)
     with pytest.raises(ValueError, match="not both: both say when to replan"):
         MPCPolicy(model, CEM(num_samples=8, topk=2, iterations=2), horizon=3, receding_horizon=1, replan_every=3)
 

@@ -533,6 +533,28 @@ def test_set_colour_refuses_what_it_cannot_paint():
     assert np.array_equal(frames[0], plain[0]) and not np.array_equal(frames[1], plain[1])
 
 
+@pytest.mark.parametrize("name", ["pusht", "tworoom"])
+def test_a_boolean_env_mask_selects_the_envs_it_marks(name):
+    """Both envs read index=[False, False, True] as env 2 (as numpy does), not as envs 0 and 1."""
+    env, by_int = envs.make_batch(name, 3, resolution=32, seed=0), envs.make_batch(name, 3, resolution=32, seed=0)
+    plain = env.render()
+    env.set_colour((0, 200, 0), index=[False, False, True])
+    by_int.set_colour((0, 200, 0), index=2)
+    frames = env.render()
+    np.testing.assert_array_equal(frames, by_int.render())
+    assert np.array_equal(frames[:2], plain[:2]) and not np.array_equal(frames[2], plain[2])
+    if name == "pusht":  # Push-T's state setter takes an index too
+        state = env.get_state()
+        moved = state[2:].copy()
+        moved[0, 0] += 20.0
+        env.set_state(moved, index=np.array([False, False, True]))
+        np.testing.assert_allclose(env.get_state()[:2], state[:2])
+        np.testing.assert_allclose(env.get_state()[2, 0], moved[0, 0])
+        for bad in ([True, False], [0.0, 2.0]):  # a mask of the wrong length, or indices that are not integers
+            with pytest.raises(IndexError, match="boolean env mask|int\\(s\\) or a boolean mask"):
+                env.set_colour((0, 200, 0), index=bad)
+
+
 def test_reset_to_checks_starts_and_goals_before_changing_anything():
     env = envs.make_batch("pusht", 2, resolution=32, seed=0)
     env.set_colour((220, 20, 60))

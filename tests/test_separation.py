@@ -197,12 +197,15 @@ def test_cli_equals_the_brute_force_over_the_models_embeddings(tmp_path, dataset
     assert not list(tmp_path.glob(".sep.json.*"))
 
 
-@pytest.mark.parametrize("case, message", [("no model", "no exported model"), ("other env", "trained on pusht")])
+@pytest.mark.parametrize("case, message", [("no model", "no exported model"), ("other env", "trained on pusht"),
+                                           ("cap", "max_frames 5 keeps the frames of 1 of the 4 validation episodes")])
 def test_cli_clear_errors(tmp_path, dataset, case, message):
-    if case == "other env":
-        export_tiny(tmp_path / "model", dataset, env="pusht")
+    if case != "no model":
+        export_tiny(tmp_path / "model", dataset, env="pusht" if case == "other env" else "tworoom")
+    extra = ["--max-frames", "5"] if case == "cap" else []  # fewer frames than one episode holds
     with pytest.raises(SystemExit, match=message):
-        sep_mod.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out.json"), "--no-progress"])
+        sep_mod.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out.json"), "--no-progress",
+                      *extra])
     assert not (tmp_path / "out.json").exists()
 
 

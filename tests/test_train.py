@@ -10,6 +10,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -83,6 +84,19 @@ class StopAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, *args):
         trainer.should_stop = trainer.should_stop or trainer.global_step >= self.step
+
+
+class RecordStreams(L.Callback):
+    """Writes, before every training batch, a digest of this rank's CPU random stream (which
+    dropout draws from) to `<out>/rank<R>.txt`, without drawing from it."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_batch_start(self, trainer, *args):
+        digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+        with open(Path(self.out) / f"rank{trainer.global_rank}.txt", "a") as f:
+            f.write(f"{trainer.global_step} {digest}\n")
 
 
 class StopAfterFirstEpoch(L.Callback):
@@ -285,6 +299,86 @@ def test_collapse_warning_fires_below_the_threshold(data_path, tmp_path):
         warnings.simplefilter("always")
         trainer(tmp_path / "b", max_steps=1, log_every_n_steps=1, enable_checkpointing=False).fit(module, dm)
     assert not [w for w in caught if "embedding collapse" in str(w.message)]
+
+
+def test_each_process_saves_and_restores_the_random_stream_of_its_own_gpu(monkeypatch):
+    """Dropout on a GPU draws from that GPU's stream. A process saves the stream of the GPU it
+    trains on (the strategy's device, also before the module is moved there), not every device's:
+    under DDP the other GPUs' streams are other processes', which this one never advances. Under
+    DDP every rank's streams are gathered into the checkpoint, and rank k restores GPU k's from its
+    own entry. (Faked CUDA streams: no GPU here; the gathering itself runs in the two-process
+    resume tests.)"""
+    streams = {0: torch.tensor([10], dtype=torch.uint8), 1: torch.tensor([0], dtype=torch.uint8)}
+    calls = []
+
+    def get_state(device="cuda"):
+        return streams[torch.device(device).index].clone()
+
+    def set_state(state, device="cuda"):
+        calls.append(torch.device(device).index)
+        streams[torch.device(device).index] = state.clone()
+
+    def set_all(states):
+        calls.append("all")
+        for i, st in enumerate(states):
+            streams[i] = st.clone()
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [get_state(i) for i in sorted(streams)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def on(device: int, world: int = 1, rank: int = 0) -> LeWMModule:
+        module = LeWMModule(LeWMConfig(**TINY), num_directions=8)
+        strategy = SimpleNamespace(root_device=torch.device("cuda", device))
+        module._trainer = SimpleNamespace(world_size=world, global_rank=rank, strategy=strategy)
+        return module
+
+    checkpoint = {}
+    on(1).on_save_checkpoint(checkpoint)  # one process training on GPU 1
+    assert torch.equal(checkpoint["rng_state"]["cuda_device"], streams[1]) and "cuda" not in checkpoint["rng_state"]
+    streams[1] = torch.tensor([99], dtype=torch.uint8)
+    on(1).on_load_checkpoint(checkpoint)
+    assert calls == [1] and streams[1].item() == 0
+    # rank 1 of two takes its own entry of the gathered states, and sets it on its own GPU
+    cpu = torch.get_rng_state()
+    ranks = {"torch": [cpu, cpu], "cuda_device": [torch.tensor([10], dtype=torch.uint8),
+                                                   torch.tensor([42], dtype=torch.uint8)]}
+    module = on(1, world=2, rank=1)
+    module.on_load_checkpoint({"rng_state": {"torch": cpu, "cuda_device": ranks["cuda_device"][0], "ranks": ranks}})
+    assert calls == [1, 1] and streams[1].item() == 42 and module._streams_restored
+
+
+class RaiseInterrupt(L.Callback):
+    """Ctrl-C after optimiser step `at`."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("at", [1, 3])
+def test_ctrl_c_says_which_checkpoint_the_run_resumes_from(data_path, tmp_path, capsys, at):
+    """Lightning only says that it shuts down; the run says what it can be resumed from, and how, or
+    that nothing of it can (no checkpoint yet)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module, dm = make(data_path, tmp_path)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(SystemExit):
+        trainer(tmp_path, max_steps=10, callbacks=[every, RaiseInterrupt(at)]).fit(module, dm)
+    err = capsys.readouterr().err
+    if at == 1:
+        assert "interrupted at step 1: no checkpoint was written yet (checkpoints every 2 steps)" in err
+    else:
+        assert "interrupted at step 3: resume from the newest checkpoint (step 2) with" in err
+        assert f"--ckpt_path {tmp_path / 'ckpts' / 'epoch=0-step=2.ckpt'}" in err
 
 
 def test_nan_loss_stops_with_a_clear_error(data_path, tmp_path):
@@ -933,15 +1027,87 @@ def test_resuming_through_the_cli_trains_with_the_command_line_settings(tmp_path
     for override, message in ((["--model.model.pred_depth", "2"], "model.pred_depth: 2 (the checkpoint: 1)"),
                               (["--model.model.image_size", "64"], "model.image_size: 64 (the checkpoint: 32)"),
                               (["--model.lr", "0.5"], "lr: 0.5 (the checkpoint:"),
-                              (["--model.weight_decay", "0.5"], "weight_decay: 0.5 (the checkpoint:")):
+                              (["--model.weight_decay", "0.5"], "weight_decay: 0.5 (the checkpoint:"),
+                              (["--model.fused", "true"], "fused: True (the checkpoint: None)"),
+                              # the split and the clips: a new split would hold out episodes the model trained on
+                              (["--data.split_seed", "7"], "data.split_seed: 7 (the checkpoint: 0)"),
+                              (["--data.val_fraction", "0.3"], "data.val_fraction: 0.3 (the checkpoint: 0.1)"),
+                              (["--data.frameskip", "2"], "data.frameskip: 2 (the checkpoint: 5)")):
         with pytest.raises(SystemExit) as exit_info:
-            train_script.main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), *override])
+            train_script.main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "5",
+                               *override])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "cannot resume" in err and message in err
+        assert exit_info.value.code == 2 and "cannot resume" in err and message in err, err
         assert f"--config {ckpt.parent.parent / 'config.yaml'}" in err  # how to resume as the run was
+    assert not (tmp_path / "runs" / "tworoom_tiny").exists()  # each refused before a run directory was made
     with pytest.raises(SystemExit) as exit_info:  # a typo in the path stops before any work
         train_script.main(["fit", "--config", str(config), "--ckpt_path", str(ckpt.with_name("lsat.ckpt"))])
     assert exit_info.value.code == 2 and "lsat.ckpt: no such checkpoint file" in capsys.readouterr().err
+    # a finished run resumed with its own max_steps would train nothing and export nothing
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["fit", "--config", str(config), "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "has trained 3 steps and trainer.max_steps is 3" in err
+    assert "--trainer.max_steps 6" in err
+
+
+def test_a_resume_reads_the_dataset_it_trained_on_wherever_the_file_is(tmp_path, monkeypatch, capsys):
+    """Another dataset would be normalised with the checkpoint's action statistics and split anew:
+    the data module refuses a file that holds another dataset, before a step, and a moved copy of
+    the dataset resumes. (New split settings are refused by the CLI: the test above.)"""
+    import importlib.util
+    import shutil
+
+    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    config = write_config(tmp_path)
+    train_script.main(["fit", "--config", str(config), "--trainer.logger.init_args.name", "first"])
+    ckpt = tmp_path / "runs" / "first" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+
+    # another dataset under a new path: refused when the checkpoint is restored, before a step
+    from leworld.data.collect import collect
+    other_data = collect("tworoom", out=tmp_path / "other.h5", episodes=6, steps=20, resolution=32, seed=1,
+                         progress=False)
+    with pytest.raises(ValueError, match=r"other.h5 does not hold the dataset .*last.ckpt was trained on:") as info:
+        train_script.main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "5",
+                           "--data.path", str(other_data), "--trainer.logger.init_args.name", "other"])
+    assert "\n  seed: 1 (the checkpoint's: 0)" in str(info.value)
+    assert not list((tmp_path / "runs" / "other").rglob("*.ckpt"))
+
+    # the same dataset, moved: the new path is printed and the run resumes
+    moved = tmp_path / "moved.h5"
+    shutil.move(tmp_path / "gen.h5", moved)
+    train_script.main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "5",
+                       "--data.path", str(moved), "--trainer.logger.init_args.name", "moved"])
+    assert f"data.path: {str(moved)!r}" in capsys.readouterr().err
+    assert torch.load(tmp_path / "runs" / "moved" / "version_0" / "checkpoints" / "last.ckpt",
+                      weights_only=True)["global_step"] == 5
+
+
+@pytest.mark.parametrize("name", ["tworoom_tiny.yaml", "pusht.yaml"])
+def test_a_shipped_config_trains_without_a_logger(tmp_path, monkeypatch, name):
+    """`--trainer.logger false` (README: runs are then not versioned) must work with the callbacks
+    a shipped config lists: Lightning's LearningRateMonitor, once listed there, refused to run
+    without a logger (the module logs `train/lr` itself)."""
+    import importlib.util
+
+    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    config = write_config(tmp_path, max_steps=2)
+    shipped = yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]["callbacks"]
+    spec = yaml.safe_load(config.read_text())
+    spec["trainer"]["callbacks"] = shipped
+    spec["trainer"]["default_root_dir"] = str(tmp_path / "plain")
+    config.write_text(yaml.safe_dump(spec))
+    train_script.main(["fit", "--config", str(config), "--trainer.logger", "false"])
+    assert load_model(tmp_path / "plain" / "model").config.image_size == 32
 
 
 def test_resume_differences_compare_plain_values():
@@ -996,6 +1162,30 @@ def test_two_process_ddp_resumes_identically(tmp_path, stop, name):
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs after a DDP resume")
+
+
+def test_ddp_ranks_draw_their_own_dropout_and_the_seed_reproduces_them(tmp_path):
+    """Every process is seeded alike; without forking the streams, both ranks would drop the same
+    units of their clips at every step, unlike one process with the whole batch. The forked
+    streams differ between the ranks at every step, and a second run of the same seed repeats them."""
+    import os
+
+    runs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        out.mkdir()
+        config = write_config(tmp_path, strategy="ddp", devices=2, accelerator="cpu", max_steps=3)
+        spec = yaml.safe_load(config.read_text())
+        spec["trainer"]["callbacks"] = [{"class_path": "test_train.RecordStreams", "init_args": {"out": str(out)}}]
+        config.write_text(yaml.safe_dump(spec))
+        proc = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config),
+                               "--trainer.logger.init_args.name", run], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append([(out / f"rank{r}.txt").read_text().splitlines() for r in range(2)])
+    (zero, one), again = runs
+    assert len(zero) == len(one) == 3 and all(a.split()[1] != b.split()[1] for a, b in zip(zero, one))
+    assert again == [zero, one]
 
 
 @pytest.mark.parametrize("every_step", [True, False], ids=["cpu-check", "deferred-check"])

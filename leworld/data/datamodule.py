@@ -18,6 +18,8 @@ host-to-device copy of pixels per step. The batches are the same as when reading
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 import warnings
@@ -28,7 +30,7 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
@@ -163,6 +165,24 @@ class FixedShuffleSampler(EpochSampler):
         pass
 
 
+class DistributedFixedShuffleSampler(DistributedSampler):
+    """Validation under DDP: each process takes its share of `FixedShuffleSampler`'s order, cut to
+    a multiple of the processes. Lightning's own wrapper would pad the shares to equal length with
+    repeated clips, which then count twice in the validation metrics; cutting drops at most
+    `num_replicas - 1` clips, and the shares stay equal, as the all-reduce in SIGReg needs."""
+
+    def __init__(self, size: int, seed: int, num_replicas: int, rank: int):
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
+        self._order = FixedShuffleSampler(size, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        order = self._order.order(0)[: self.total_size]  # (num_replicas * num_samples,)
+        return iter(order[self.rank:self.total_size:self.num_replicas])
+
+
 def free_memory_bytes(device: torch.device) -> int | None:
     """Bytes that can still be allocated on `device` (None where that is not known)."""
     if device.type == "cuda":
@@ -205,6 +225,11 @@ def frames_to_device(store: EpisodeStore, device: torch.device | str, chunk: int
         bar.update(stop - start)
     bar.close()
     return frames
+
+
+def _digest(episodes: np.ndarray) -> str:
+    """sha256 of a list of episode indices."""
+    return hashlib.sha256(np.asarray(episodes, dtype=np.int64).tobytes()).hexdigest()
 
 
 class LeWMDataModule(L.LightningDataModule):
@@ -267,8 +292,51 @@ class LeWMDataModule(L.LightningDataModule):
         self.val_set = (ClipDataset(store, self.val_episodes, hp.num_frames, hp.frameskip, read_pixels=read)
                         if len(self.val_episodes) else None)
         self.action_mean, self.action_std = action_stats(store, self.train_episodes)
+        rank_zero_info(f"data: {self.path}: {store.num_episodes} episodes ({len(self.train_episodes)} for training, "
+                       f"{len(self.val_episodes)} held out), {store.resolution} px, policy "
+                       f"{store.metadata.get('policy')}, seed {store.metadata.get('seed')}")
         if hp.frames_on_device and self.trainer is not None:  # else on the first batch, where it lands
             self._load_frames(self.trainer.strategy.root_device)
+
+    # what a dataset's metadata says about when and how fast it was written, not what it holds
+    _NOT_IDENTITY = ("created", "seconds", "steps_per_second", "chunk_size")
+
+    def dataset_identity(self) -> dict:
+        """What identifies the dataset this module reads: how it was generated (its metadata, less
+        the time and speed of the writing) and its episode and frame counts. A file moved or
+        generated again with the same settings has the same identity."""
+        store = EpisodeStore(self.path)
+        meta = {k: v for k, v in store.metadata.items() if k not in self._NOT_IDENTITY}
+        return json.loads(json.dumps({**meta, "num_episodes": store.num_episodes, "num_frames": store.num_frames},
+                                     default=str))
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the dataset's identity and the split, which a resumed run must
+        share (`load_state_dict` checks them)."""
+        if self.action_mean is None:
+            return {}
+        return {"dataset": self.dataset_identity(), "val_episodes": _digest(self.val_episodes),
+                "train_episodes": _digest(self.train_episodes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: refuse a dataset or split other than the checkpoint's. A different dataset
+        would be normalised with the checkpoint's action statistics, and a different split would
+        hold out episodes the model trained on. Checkpoints written before this check pass."""
+        if not state or self.action_mean is None:
+            return
+        ckpt = getattr(self.trainer, "ckpt_path", None) or "the checkpoint"
+        saved, now = state.get("dataset") or {}, self.dataset_identity()
+        differ = [f"{k}: {now.get(k)!r} (the checkpoint's: {saved.get(k)!r})"
+                  for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if differ:
+            raise ValueError(f"{self.path} does not hold the dataset {ckpt} was trained on:\n  " + "\n  ".join(differ) +
+                             "\npoint data.path at the run's dataset (or one generated with its settings), or start "
+                             "a new run without --ckpt_path")
+        if (state.get("val_episodes"), state.get("train_episodes")) != (_digest(self.val_episodes),
+                                                                          _digest(self.train_episodes)):
+            raise ValueError(f"data.val_fraction / data.split_seed split {self.path} into other validation episodes "
+                             f"than {ckpt} was trained with, so episodes it trained on would be held out: use the "
+                             "checkpoint's values, or start a new run without --ckpt_path")
 
     def _load_frames(self, device: torch.device) -> torch.Tensor:
         def index(d: torch.device) -> int:
@@ -314,6 +382,20 @@ class LeWMDataModule(L.LightningDataModule):
             raise ValueError(f"{self.path} exists but was not generated as data.generate says: it has "
                              f"{', '.join(wrong)}. Point data.path at a new file to generate it, or set "
                              "data.generate to match the file.")
+        # the model can train on a file of other size or policy, but it is likely a leftover (a smaller
+        # trial run's file, say) rather than what the config asks for: train on it, and say so
+        from leworld.data.collect import DEFAULT_POLICY
+
+        found = {k: meta.get(k) for k in ("episodes", "steps", "policy", "noise", "seed")}
+        found["episodes"] = store.num_episodes
+        wanted = {k: spec.get(k) for k in found}
+        wanted["policy"] = wanted["policy"] or DEFAULT_POLICY.get(spec.get("env"), "random")
+        other = [f"{k} {found[k]!r} (data.generate.{k} is {wanted[k]!r})" for k in found
+                 if wanted[k] is not None and found[k] is not None and found[k] != wanted[k]]
+        if other:
+            rank_zero_warn(f"{self.path} exists, so it is used as it is, but it was not generated as data.generate "
+                           f"says: it has {', '.join(other)}. To train on what data.generate describes, point "
+                           "data.path at a new file (it is generated) or move this one away.")
 
     def _loader(self, dataset, sampler=None, drop_last=False) -> DataLoader:
         workers = self.hparams.num_workers
@@ -362,4 +444,8 @@ class LeWMDataModule(L.LightningDataModule):
     def val_dataloader(self):
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, FixedShuffleSampler(len(self.val_set), self.hparams.split_seed + 1))
+        trainer, seed = self.trainer, self.hparams.split_seed + 1
+        if trainer is not None and trainer.world_size > 1:  # shares without repeated clips
+            return self._loader(self.val_set, DistributedFixedShuffleSampler(len(self.val_set), seed,
+                                                                             trainer.world_size, trainer.global_rank))
+        return self._loader(self.val_set, FixedShuffleSampler(len(self.val_set), seed))

@@ -131,6 +131,26 @@ def split_of(store: EpisodeStore, protocol: EvalProtocol, val_fraction: float = 
     return val
 
 
+def _spread_pairs(rng: np.random.Generator, eligible: np.ndarray, room: np.ndarray, n: int, store: EpisodeStore,
+                  protocol: EvalProtocol) -> tuple[np.ndarray, np.ndarray]:
+    """n distinct (episode, start) pairs from fewer than n episodes, where episode i has room[i]
+    possible starts: the episodes share the pairs as evenly as their starts allow (every one is
+    used), and no pair repeats."""
+    if room.sum() < n:
+        raise ValueError(f"{store.path} has only {room.sum()} distinct start/goal pairs {protocol.goal_offset} steps "
+                         f"apart in the {len(eligible)} episode(s) {protocol.name} draws from, fewer than its "
+                         f"{n} episodes: lower --num-episodes, or collect more or longer episodes")
+    order = rng.permutation(len(eligible))
+    counts = np.zeros(len(eligible), np.int64)
+    while counts.sum() < n:  # round-robin over the episodes that still have an unused start
+        open_ = order[counts[order] < room[order]][: n - counts.sum()]
+        counts[open_] += 1
+    chosen = np.repeat(eligible[order], counts[order])
+    start = np.concatenate([rng.choice(room[i], counts[i], replace=False) for i in order])
+    shuffle = rng.permutation(n)
+    return chosen[shuffle], start[shuffle]
+
+
 def sample_pairs(store: EpisodeStore, protocol: EvalProtocol, seed: int = 0, episodes: np.ndarray | None = None,
                  val_fraction: float = 0.1, split_seed: int = 0) -> Pairs:
     """Draw the protocol's start/goal pairs from `episodes` (default: its split of `store`)."""
@@ -149,8 +169,11 @@ def sample_pairs(store: EpisodeStore, protocol: EvalProtocol, seed: int = 0, epi
                          f"{protocol.name}; collect longer episodes (--steps)")
     rng = np.random.default_rng(seed)
     n = protocol.num_episodes
-    chosen = rng.choice(eligible, size=n, replace=n > len(eligible))  # (N,)
-    start = rng.integers(0, steps[chosen] - protocol.goal_offset + 1)  # (N,): goal <= last step
+    if n <= len(eligible):  # one pair from each of n distinct episodes
+        chosen = rng.choice(eligible, size=n, replace=False)  # (N,)
+        start = rng.integers(0, steps[chosen] - protocol.goal_offset + 1)  # (N,): goal <= last step
+    else:
+        chosen, start = _spread_pairs(rng, eligible, steps[eligible] - protocol.goal_offset + 1, n, store, protocol)
     goal = start + protocol.goal_offset
     offset = store.episode_offset[chosen]
     start_state = store.read("state", offset + start)  # (N, S)

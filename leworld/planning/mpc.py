@@ -95,6 +95,10 @@ class MPCPolicy:
         self.replan_every = receding_horizon * fs if replan_every is None else int(replan_every)
         if replan_every is not None:
             receding_horizon = max(1, self.replan_every // fs)
+        if warm_start and self.replan_every >= horizon * fs:
+            raise ValueError(f"warm_start starts each plan from the unexecuted rest of the previous one, but every "
+                             f"plan runs to its end (replanning every {self.replan_every} env steps, a plan's "
+                             f"{horizon * fs}): replan earlier (receding_horizon or replan_every), or drop warm_start")
         self.model, self.planner = model.eval().requires_grad_(False), planner
         self.horizon, self.receding_horizon, self.cost = int(horizon), receding_horizon, cost
         self.action_low, self.action_high = action_low, action_high

@@ -1,0 +1,53 @@
+"""What a training run interrupted with Ctrl-C leaves behind, said in one line.
+
+Example:
+    python train.py fit --config configs/tworoom_tiny.yaml   # Ctrl-C during training prints, e.g.:
+    interrupted at step 812: resume from the newest checkpoint (step 500) with
+      python train.py fit --config runs/tworoom_tiny/version_0/config.yaml --ckpt_path runs/.../last.ckpt
+
+`LeWMModule.configure_callbacks` adds `InterruptNote` to every Trainer that fits the module.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+
+from leworld.checkpoint import read_checkpoint
+
+
+class InterruptNote(L.Callback):
+    """On Ctrl-C (KeyboardInterrupt), say which checkpoint the run can resume from and how, or
+    that it wrote none yet (Lightning itself only says that it shuts down)."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        newest = newest_checkpoint(trainer)
+        if newest is None:
+            every = [c._every_n_train_steps for c in trainer.checkpoint_callbacks  # ModelCheckpoint's setting
+                     if getattr(c, "_every_n_train_steps", 0)]
+            when = f" (checkpoints every {min(every)} steps)" if every else ""
+            print(f"\ninterrupted at step {step}: no checkpoint was written yet{when}, so nothing of this run can "
+                  "be resumed", file=sys.stderr)
+            return
+        try:
+            saved = read_checkpoint(newest).get("global_step", "?")
+        except ValueError:  # unreadable: still name it
+            saved = "?"
+        config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+        config_arg = f"--config {config}" if config.is_file() else "--config <the run's config>"
+        print(f"\ninterrupted at step {step}: resume from the newest checkpoint (step {saved}) with\n"
+              f"  python train.py fit {config_arg} --ckpt_path {newest}", file=sys.stderr)
+
+
+def newest_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The most recently written .ckpt of the trainer's checkpoint callbacks, or None."""
+    found = []
+    for callback in trainer.checkpoint_callbacks:
+        folder = getattr(callback, "dirpath", None)
+        if folder and Path(folder).is_dir():
+            found += [p for p in Path(folder).glob("*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
