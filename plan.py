@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -471,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(videos)
             os.replace(videos_tmp, videos)
             videos_tmp = None
+        else:  # nor outlive the results they showed
+            stale = out.with_name(out.stem + "_videos")
+            if stale.is_dir() and all(re.fullmatch(r"ep\d+_(success|failure)\.gif", f.name) for f in stale.iterdir()):
+                shutil.rmtree(stale)
+                print(f"note: removed {stale}: its GIFs showed the episodes of the results {out} held before",
+                      file=sys.stderr)
     finally:
         if videos_tmp is not None:
             shutil.rmtree(videos_tmp, ignore_errors=True)

@@ -23,10 +23,14 @@ included, is restored from the checkpoint), or the data's split and clips (`data
 model has trained on). `data.path` may change when the file moved, but the resumed run checks
 that the file holds the same dataset. To resume a run as it was:
 `--config runs/NAME/version_N/config.yaml`.
+
+An error in the input (a missing dataset, a setting no run can use, a file in the way) prints one
+line that names the problem and the fix; `LEWORLD_TRACEBACK=1` shows where it was raised.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from lightning.pytorch.cli import LightningCLI
 from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import read_checkpoint
 from leworld.data.datamodule import LeWMDataModule
+from leworld.data.store import DatasetError
 from leworld.module import LeWMModule
 
 # Settings restored with the optimiser's state on resume: a new value would not take effect.
@@ -91,7 +96,7 @@ class LeWMCLI(LightningCLI):
         except ValueError as e:
             self.parser.error(str(e))
         done, max_steps = int(ckpt.get("global_step") or 0), self.config[sub]["trainer"].get("max_steps")
-        if max_steps is not None and 0 <= max_steps <= done:
+        if sub == "fit" and max_steps is not None and 0 <= max_steps <= done:
             self.parser.error(f"{ckpt_path} has trained {done} steps and trainer.max_steps is {max_steps}: nothing "
                               f"is left to train. Raise --trainer.max_steps to train further (e.g. --trainer.max_steps "
                               f"{done + max(max_steps, 1)})")
@@ -106,10 +111,12 @@ class LeWMCLI(LightningCLI):
                "data.": "the data's split and clips are the run's (a new split would hold out episodes the model "
                         "trained on)"}
 
-        def kind(key: str) -> str | None:
+        def kind(key: str) -> str | None:  # scoring a checkpoint (validate, test) needs only its architecture
             if key.startswith("data."):
-                return "data." if key[len("data."):] in DATA_FIXED_ON_RESUME else None
-            return "model." if key.startswith("model.") else "optimiser" if key in FIXED_ON_RESUME else None
+                return "data." if sub == "fit" and key[len("data."):] in DATA_FIXED_ON_RESUME else None
+            if key.startswith("model."):
+                return "model."
+            return "optimiser" if sub == "fit" and key in FIXED_ON_RESUME else None
 
         fixed = [k for k in diffs if kind(k)]
         if fixed:
@@ -120,8 +127,9 @@ class LeWMCLI(LightningCLI):
                 f"cannot resume {ckpt_path} with these settings:\n" + "\n".join(
                     line for k, line in zip(diffs, lines) if k in fixed) +
                 f"\n{reasons}. Use the checkpoint's values{hint}, or start a new run without --ckpt_path.")
-        print(f"resuming {ckpt_path} with settings that differ from the checkpoint's; they apply from its step "
-              "on:\n" + "\n".join(lines), file=sys.stderr)
+        what = ("resuming {} with settings that differ from the checkpoint's; they apply from its step on" if sub == "fit"
+                else "running {} with settings that differ from those it was trained with")
+        print(what.format(ckpt_path) + ":\n" + "\n".join(lines), file=sys.stderr)
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -148,5 +156,16 @@ def main(args=None) -> LeWMCLI:
                                      "log_every_n_steps": 10})
 
 
+# Errors that name a problem of the input (a missing dataset, a bad setting, a file in the way):
+# printed as one line, not as the traceback of wherever in Lightning they surfaced.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, DatasetError)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except USER_ERRORS as e:
+        if os.environ.get("LEWORLD_TRACEBACK"):
+            raise
+        print(f"error: {e}\n({type(e).__name__}; LEWORLD_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        sys.exit(1)

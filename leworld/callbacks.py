@@ -37,7 +37,14 @@ class InterruptNote(L.Callback):
             saved = read_checkpoint(newest).get("global_step", "?")
         except ValueError:  # unreadable: still name it
             saved = "?"
-        config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+        if isinstance(saved, int) and 0 <= trainer.max_steps <= saved:  # stopped after the last step
+            print(f"\ninterrupted after the last step ({saved}), before the run ended: its newest checkpoint "
+                  f"{newest} loads as the trained model (plan.py --model {newest}, leworld.load_model)",
+                  file=sys.stderr)
+            return
+        # not trainer.log_dir: that is a collective, and only rank 0 gets here
+        folder = trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir
+        config = Path(folder or trainer.default_root_dir) / "config.yaml"
         config_arg = f"--config {config}" if config.is_file() else "--config <the run's config>"
         print(f"\ninterrupted at step {step}: resume from the newest checkpoint (step {saved}) with\n"
               f"  python train.py fit {config_arg} --ckpt_path {newest}", file=sys.stderr)

@@ -378,6 +378,23 @@ def test_an_existing_file_of_other_size_or_policy_than_generate_says_is_used_wit
     assert setup(episodes=6, steps=30, noise=None, seed=3, policy=None) == []  # the default policy; noise unset
 
 
+def test_a_datasets_identity_is_what_it_holds_not_when_or_by_which_version_it_was_written(tmp_path):
+    """The collector seeds each chunk of episodes on its own, so the chunk size changes the data and
+    belongs to the identity a checkpoint records; the time and the package version do not."""
+    ids = []
+    for chunk in (2, 4):
+        path = tmp_path / f"c{chunk}.h5"
+        collect("tworoom", episodes=4, steps=10, resolution=RES, seed=0, out=path, chunk_size=chunk, progress=False)
+        dm = LeWMDataModule(str(path), num_frames=2, frameskip=2, batch_size=2, num_workers=0, val_fraction=0.25)
+        dm.setup("fit")
+        ids.append(dm.dataset_identity())
+    assert not np.array_equal(EpisodeStore(tmp_path / "c2.h5").read("state", np.arange(20)),
+                              EpisodeStore(tmp_path / "c4.h5").read("state", np.arange(20)))
+    assert ids[0] != ids[1] and {k for k in ids[0] if ids[0][k] != ids[1][k]} == {"chunk_size"}
+    assert not {"created", "seconds", "steps_per_second", "leworld_version"} & set(ids[0])
+    assert ids[0]["num_episodes"] == 4 and ids[0]["seed"] == 0
+
+
 def test_epoch_sampler_orders_resume_and_shards_like_the_uninterrupted_epoch():
     from leworld.data.datamodule import DistributedEpochSampler, EpochSampler
 

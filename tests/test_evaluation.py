@@ -565,6 +565,15 @@ def test_plan_cli_videos_hold_only_the_last_run(tmp_path, tiny_model_dir, monkey
     # shared like the results file (0o644), not private like the temporary folder they were written to
     assert (tmp_path / "r_videos").stat().st_mode & 0o777 == 0o755
     assert {(tmp_path / "r_videos" / g).stat().st_mode & 0o777 for g in gifs} == {0o644}
+    # a run without --video removes the GIFs of the results it replaces (the JSON no longer names them)
+    assert plan_script.main(["--model", str(tiny_model_dir), "--policy", "random", "--num-episodes", "2",
+                             "--no-baselines", "--no-progress", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"] and json.loads(out.read_text())["videos"] is None
+    (tmp_path / "r_videos").mkdir()
+    (tmp_path / "r_videos" / "notes.txt").write_text("mine")  # a folder of anything else is left alone
+    assert plan_script.main(["--model", str(tiny_model_dir), "--policy", "random", "--num-episodes", "2",
+                             "--no-baselines", "--no-progress", "--out", str(out)]) == 0
+    assert (tmp_path / "r_videos" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("name", ["tworoom", "pusht"])

@@ -363,6 +363,44 @@ class RaiseInterrupt(L.Callback):
             raise KeyboardInterrupt
 
 
+class RaiseInterruptAtEnd(L.Callback):
+    """Ctrl-C after the last step, as the run ends (before its export)."""
+
+    def on_train_end(self, trainer, *args):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_after_the_last_step_says_the_checkpoint_is_the_trained_model(data_path, tmp_path, capsys):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module, dm = make(data_path, tmp_path)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(SystemExit):
+        trainer(tmp_path, max_steps=4, callbacks=[every, RaiseInterruptAtEnd()]).fit(module, dm)
+    err = capsys.readouterr().err
+    assert "interrupted after the last step (4), before the run ended" in err and "resume from" not in err
+    assert f"plan.py --model {tmp_path / 'ckpts' / 'epoch=0-step=4.ckpt'}" in err
+
+
+def test_ctrl_c_under_ddp_says_which_checkpoint_the_run_resumes_from(tmp_path):
+    """Only rank 0 speaks, and without a collective (the other ranks are shutting down too)."""
+    import os
+
+    config = write_config(tmp_path, strategy="ddp", devices=2, accelerator="cpu", max_steps=12)
+    spec = yaml.safe_load(config.read_text())
+    spec["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"every_n_train_steps": 2, "save_top_k": -1}},
+        {"class_path": "test_train.RaiseInterrupt", "init_args": {"at": 3}}]
+    config.write_text(yaml.safe_dump(spec))
+    out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    run = tmp_path / "runs" / "tworoom_tiny" / "version_0"
+    assert out.stderr.count("interrupted at step 3: resume from the newest checkpoint (step 2) with") == 1, \
+        out.stderr[-3000:]
+    assert f"--config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'epoch=0-step=2.ckpt'}" in out.stderr
+
+
 @pytest.mark.parametrize("at", [1, 3])
 def test_ctrl_c_says_which_checkpoint_the_run_resumes_from(data_path, tmp_path, capsys, at):
     """Lightning only says that it shuts down; the run says what it can be resumed from, and how, or
@@ -752,6 +790,25 @@ def test_missing_dataset_without_a_recipe_is_a_clear_error(tmp_path):
         dm.setup("fit")
 
 
+def test_train_cli_prints_an_input_error_in_a_line(tmp_path):
+    """A missing dataset (and other errors of the input) is one line naming the problem and the
+    fix, not the traceback of wherever in Lightning it surfaced; LEWORLD_TRACEBACK=1 shows it."""
+    import os
+
+    config = write_config(tmp_path)
+    spec = yaml.safe_load(config.read_text())
+    spec["data"]["generate"] = None  # no recipe: the file must exist
+    config.write_text(yaml.safe_dump(spec))
+    cmd = [sys.executable, "train.py", "fit", "--config", str(config)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"error: no dataset at {tmp_path / 'gen.h5'}: generate one with `python -m leworld.data.collect" in out.stderr
+    assert "(DatasetError; LEWORLD_TRACEBACK=1 shows where it was raised)" in out.stderr
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LEWORLD_TRACEBACK": "1"})
+    assert out.returncode == 1 and "Traceback" in out.stderr and "DatasetError: no dataset at" in out.stderr
+
+
 def test_frames_to_device_copies_every_frame_in_file_order(data_path):
     store = EpisodeStore(data_path)
     frames = frames_to_device(store, "cpu", chunk=7, progress=False)  # 7 does not divide the frame count
@@ -1077,6 +1134,12 @@ def test_a_resume_reads_the_dataset_it_trained_on_wherever_the_file_is(tmp_path,
                            "--data.path", str(other_data), "--trainer.logger.init_args.name", "other"])
     assert "\n  seed: 1 (the checkpoint's: 0)" in str(info.value)
     assert not list((tmp_path / "runs" / "other").rglob("*.ckpt"))
+    # scoring the checkpoint on other data, with another split, is no resume: allowed, also at max_steps
+    capsys.readouterr()
+    train_script.main(["validate", "--config", str(config), "--ckpt_path", str(ckpt), "--data.path", str(other_data),
+                       "--data.split_seed", "7", "--trainer.logger.init_args.name", "scored"])
+    err = capsys.readouterr().err
+    assert "running " in err and "data.split_seed: 7 (the checkpoint: 0)" in err and "cannot resume" not in err
 
     # the same dataset, moved: the new path is printed and the run resumes
     moved = tmp_path / "moved.h5"

@@ -298,13 +298,14 @@ class LeWMDataModule(L.LightningDataModule):
         if hp.frames_on_device and self.trainer is not None:  # else on the first batch, where it lands
             self._load_frames(self.trainer.strategy.root_device)
 
-    # what a dataset's metadata says about when and how fast it was written, not what it holds
-    _NOT_IDENTITY = ("created", "seconds", "steps_per_second", "chunk_size")
+    # what a dataset's metadata says about when, how fast and by which version it was written, not
+    # what it holds (chunk_size stays: the collector seeds each chunk of episodes on its own)
+    _NOT_IDENTITY = ("created", "seconds", "steps_per_second", "leworld_version")
 
     def dataset_identity(self) -> dict:
         """What identifies the dataset this module reads: how it was generated (its metadata, less
-        the time and speed of the writing) and its episode and frame counts. A file moved or
-        generated again with the same settings has the same identity."""
+        the time, speed and package version of the writing) and its episode and frame counts. A
+        file moved or generated again with the same settings has the same identity."""
         store = EpisodeStore(self.path)
         meta = {k: v for k, v in store.metadata.items() if k not in self._NOT_IDENTITY}
         return json.loads(json.dumps({**meta, "num_episodes": store.num_episodes, "num_frames": store.num_frames},
@@ -321,8 +322,10 @@ class LeWMDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         """On resume: refuse a dataset or split other than the checkpoint's. A different dataset
         would be normalised with the checkpoint's action statistics, and a different split would
-        hold out episodes the model trained on. Checkpoints written before this check pass."""
-        if not state or self.action_mean is None:
+        hold out episodes the model trained on. Checkpoints written before this check pass, and so
+        does scoring a checkpoint (`validate`, `test`) on any data."""
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        if not state or self.action_mean is None or not fitting:
             return
         ckpt = getattr(self.trainer, "ckpt_path", None) or "the checkpoint"
         saved, now = state.get("dataset") or {}, self.dataset_identity()
