@@ -671,3 +671,34 @@ def test_loader_workers_started_without_fork_give_the_same_batches(dataset, cont
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_dataset_records_the_noise_its_policy_drew_actions_with(tmp_path):
+    """`noise` unset means the policy's default: the file says what that is (2.0 for the Two-Room
+    expert, per sub-policy for the Push-T mix, None where uniform actions add no noise), and a
+    config that asks for other noise is told about the difference."""
+    import warnings
+
+    from envs.policies import action_noise, make_policy
+    from envs.policies.push_t import _POLICIES
+    from envs.policies.two_room import DEFAULT_NOISE
+
+    path = tmp_path / "default.h5"
+    collect("tworoom", episodes=3, steps=10, resolution=RES, seed=0, out=path, progress=False)
+    meta = EpisodeStore(path).metadata
+    assert meta["noise"] is None and meta["policy_noise"] == DEFAULT_NOISE["expert"] == 2.0
+    collect("tworoom", episodes=2, steps=5, resolution=RES, noise=0.25, out=tmp_path / "set.h5", progress=False)
+    assert EpisodeStore(tmp_path / "set.h5").metadata["policy_noise"] == 0.25
+
+    pusht = envs.make_batch("pusht", num_envs=2, resolution=RES, seed=0)
+    mix = make_policy("pusht", "mix", pusht, seed=0)
+    expected = {name: (None if name == "random" else _POLICIES[name](pusht).noise) for name in mix.names}
+    assert action_noise(mix) == expected and expected["contact"] != expected["pusher"]
+    assert action_noise(make_policy("tworoom", "random", envs.make_batch("tworoom", num_envs=1))) is None
+
+    dm = LeWMDataModule(str(path), num_frames=2, frameskip=2, batch_size=2, num_workers=0,
+                        generate=CollectSpec(env="tworoom", resolution=RES, episodes=3, steps=10, noise=0.5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    assert any("noise 2.0 (data.generate.noise is 0.5)" in str(w.message) for w in caught)

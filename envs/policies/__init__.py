@@ -28,3 +28,13 @@ def make_policy(env_name: str, policy_name: str, env, noise: float | None = None
     from envs.policies.push_t import make_push_t_policy
 
     return make_push_t_policy(policy_name, env, noise=noise, seed=seed, **kwargs)
+
+
+def action_noise(policy) -> float | dict | None:
+    """The action-noise std a built policy adds: a number, None for a policy that adds none (uniform
+    random actions), or name -> that for a policy that mixes sub-policies. This resolves `noise=None`
+    to the policy's own default, so that a dataset can record what its actions were drawn with."""
+    if hasattr(policy, "policies") and hasattr(policy, "names"):
+        return {name: action_noise(sub) for name, sub in zip(policy.names, policy.policies)}
+    noise = getattr(policy, "noise", None)
+    return None if noise is None else float(noise)

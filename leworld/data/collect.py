@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 import envs
-from envs.policies import POLICIES, make_policy
+from envs.policies import POLICIES, action_noise, make_policy
 from leworld.cli import HelpFormatter
 from leworld.data.store import EpisodeStore, EpisodeWriter
 from leworld.results import package_version
@@ -153,6 +153,8 @@ def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, po
     probe = envs.make_batch(env, num_envs=1, resolution=resolution, seed=seed, **(env_kwargs or {}))
     metadata = {
         "env": env, "env_id": probe.env_id, "env_params": probe.params(), "policy": policy, "noise": noise,
+        # what `noise` (None: the policy's default) comes to for this policy, as a number per sub-policy
+        "policy_noise": action_noise(make_policy(env, policy, probe, noise=noise, seed=seed)),
         "seed": seed, "chunk_size": chunk_size, "resolution": resolution, "episodes": episodes, "steps": steps,
         "leworld_version": package_version(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -391,6 +391,8 @@ class LeWMDataModule(L.LightningDataModule):
 
         found = {k: meta.get(k) for k in ("episodes", "steps", "policy", "noise", "seed")}
         found["episodes"] = store.num_episodes
+        if found["noise"] is None and isinstance(meta.get("policy_noise"), (int, float)):
+            found["noise"] = meta["policy_noise"]  # the policy's default, which the file records as such
         wanted = {k: spec.get(k) for k in found}
         wanted["policy"] = wanted["policy"] or DEFAULT_POLICY.get(spec.get("env"), "random")
         other = [f"{k} {found[k]!r} (data.generate.{k} is {wanted[k]!r})" for k in found
