@@ -44,6 +44,39 @@ def effective_rank(emb: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
+def batch_monitors(emb: torch.Tensor, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The step's monitors of the global batch: `means` (batch means, such as the losses) averaged
+    over every process's rows, and the embedding's per-dimension std (mean and min) and effective
+    rank over all of them, as one process holding the whole batch would compute them.
+
+    emb (B, T, D) is this process's share. Each process sums, in float64, its row count, its
+    rows times each mean, and the first and second moments of its (B*T, D) embeddings, and one
+    all-reduce adds them up (none without a process group of several ranks). The centred scatter
+    matrix of the whole batch follows, its diagonal gives the unbiased stds and its eigenvalues
+    the squared singular values that `effective_rank` takes. Returns 0-d float32 tensors, in the
+    order of `means`, then emb_std_mean, emb_std_min, effective_rank."""
+    flat = emb.detach().flatten(0, 1)
+    if flat.device.type == "mps":  # no float64 there; the values are read back to log them anyway
+        flat = flat.cpu()
+    flat = flat.double()
+    n, dim = flat.new_tensor([float(len(emb))]), flat.shape[1]
+    packed = torch.cat([n, *(n * m.detach().to(flat).reshape(1) for m in means.values()),
+                        flat.new_tensor([float(len(flat))]), flat.sum(0), (flat.T @ flat).flatten()])
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+    k = len(means)
+    out = dict(zip(means, packed[1 : k + 1] / packed[0]))
+    rows, total, second = packed[k + 1], packed[k + 2 : k + 2 + dim], packed[k + 2 + dim :].view(dim, dim)
+    scatter = second - torch.outer(total, total) / rows  # sum over rows of (x - mean)(x - mean)^T
+    std = (scatter.diagonal().clamp_min(0) / (rows - 1)).sqrt()
+    s = torch.linalg.eigvalsh(scatter).clamp_min(0).sqrt()  # the centred rows' singular values
+    p = s / s.sum().clamp_min(1e-12)
+    out.update(emb_std_mean=std.mean(), emb_std_min=std.min(),
+               effective_rank=torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+    return {name: value.float() for name, value in out.items()}
+
+
 def recalibrate_batchnorm(model: nn.Module, forward: Callable[[object], object], batches: Iterable) -> int:
     """Re-estimate every BatchNorm's running statistics of `model` with its current weights:
     each becomes the plain average of the batch means and (unbiased) batch variances over
@@ -265,20 +298,18 @@ class LeWMModule(L.LightningModule):
         every = trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
-    def _embedding_stats(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
-        flat = emb.detach().flatten(0, 1).float()  # (B*T, D)
-        std = flat.std(0)
-        return {"emb_std_mean": std.mean(), "emb_std_min": std.min(), "effective_rank": effective_rank(flat)}
+    def _monitors(self, loss, pred_loss, reg, emb) -> dict[str, torch.Tensor]:
+        """The step's monitors of the global batch (`batch_monitors`): under DDP one all-reduce,
+        on the steps that log, so that they read as one process's on the whole batch would."""
+        means = {"loss": loss, "pred_loss": pred_loss, "sigreg": reg}
+        if self._open_loop_mse is not None:
+            means["pred_loss_open_loop"] = self._open_loop_mse
+        return batch_monitors(emb, means)
 
     def _log_train(self, loss, pred_loss, reg, emb, weight: float) -> None:
-        stats = self._embedding_stats(emb)
-        names = ["loss", "pred_loss", "sigreg", *stats]
-        tensors = [loss, pred_loss, reg, *stats.values()]
-        if self._open_loop_mse is not None:
-            names.append("pred_loss_open_loop")
-            tensors.append(self._open_loop_mse)
-        values = torch.stack([t.detach().float() for t in tensors]).cpu()
-        logged = dict(zip(names, values))
+        monitors = self._monitors(loss, pred_loss, reg, emb)
+        values = torch.stack(list(monitors.values())).cpu()
+        logged = dict(zip(monitors, values))
         logged["lr"] = torch.tensor(self.lr_schedulers().get_last_lr()[0])
         if self._lambda_steps:
             logged["lambda_sigreg"] = torch.tensor(weight)
@@ -292,10 +323,7 @@ class LeWMModule(L.LightningModule):
                            f"(per-dimension std min {float(logged['emb_std_min']):.2e}); raise lambda_sigreg")
 
     def _log_val(self, loss, pred_loss, reg, emb) -> None:
-        metrics = {"loss": loss, "pred_loss": pred_loss, "sigreg": reg, **self._embedding_stats(emb)}
-        if self._open_loop_mse is not None:
-            metrics["pred_loss_open_loop"] = self._open_loop_mse
-        for name, value in metrics.items():
+        for name, value in self._monitors(loss, pred_loss, reg, emb).items():
             self.log(f"val/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(emb))
 
     def _track_nonfinite(self, loss=None, pred_loss=None, reg=None, grad_norm=None) -> None:

@@ -290,6 +290,69 @@ def test_effective_rank_against_direct_formula_and_extremes():
     assert effective_rank(line).item() < 1.01  # collapsed onto a line
 
 
+def _reference_monitors(emb: torch.Tensor, per_row: torch.Tensor) -> dict[str, float]:
+    """The monitors of one process holding the whole batch, straight from their definitions in
+    float64: the mean of a per-row quantity, unbiased stds, the SVD's effective rank."""
+    flat = emb.double().flatten(0, 1)
+    std = flat.std(0)
+    return {"pred_loss": float(per_row.double().mean()), "emb_std_mean": float(std.mean()),
+            "emb_std_min": float(std.min()), "effective_rank": float(effective_rank(flat))}
+
+
+def _monitor_batch():
+    g = torch.Generator().manual_seed(3)
+    # (B, T, D): off-centre and anisotropic, so that the centring and the spread across directions count
+    emb = 4.0 + torch.randn(24, 3, 16, generator=g) * torch.logspace(-1, 0.5, 16)
+    per_row = torch.rand(24, generator=g)  # a per-row loss: each process logs the mean of its rows
+    return emb, per_row
+
+
+def test_batch_monitors_match_their_definitions_in_one_process():
+    from leworld.module import batch_monitors
+
+    emb, per_row = _monitor_batch()
+    got = batch_monitors(emb, {"pred_loss": per_row.mean()})
+    assert list(got) == ["pred_loss", "emb_std_mean", "emb_std_min", "effective_rank"]
+    for name, value in _reference_monitors(emb, per_row).items():
+        assert got[name].item() == pytest.approx(value, rel=1e-5), name
+    line = torch.randn(40, 2, 1) * torch.randn(1, 1, 16)  # collapsed onto a line
+    assert batch_monitors(line, {})["effective_rank"].item() < 1.01
+
+
+def _monitor_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from leworld.module import batch_monitors
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        emb, per_row = _monitor_batch()
+        rows = slice(0, 10) if rank == 0 else slice(10, 24)  # unequal shares: each mean counts by its rows
+        got = batch_monitors(emb[rows], {"pred_loss": per_row[rows].mean()})
+        torch.save({k: v.item() for k, v in got.items()}, f"{out_dir}/monitors{rank}.pt")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_two_process_monitors_equal_one_process_on_the_whole_batch(tmp_path):
+    """Under DDP the logged loss, embedding std and effective rank are those of the global batch,
+    as SIGReg is, not one rank's share."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_monitor_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    emb, per_row = _monitor_batch()
+    want = _reference_monitors(emb, per_row)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"monitors{rank}.pt")
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, rel=1e-5), (rank, name)
+    # one share alone is another batch: the test can tell the two apart
+    share = _reference_monitors(emb[:10], per_row[:10])
+    assert abs(share["effective_rank"] - want["effective_rank"]) > 1e-3
+    assert abs(share["pred_loss"] - want["pred_loss"]) > 1e-3
+
+
 def test_collapse_warning_fires_below_the_threshold(data_path, tmp_path):
     module, dm = make(data_path, tmp_path, collapse_rank_fraction=1.0)  # threshold = D: always "collapsed"
     with pytest.warns(UserWarning, match="embedding collapse"):
