@@ -70,10 +70,11 @@ def batch_monitors(emb: torch.Tensor, means: dict[str, torch.Tensor]) -> dict[st
     rows, total, second = packed[k + 1], packed[k + 2 : k + 2 + dim], packed[k + 2 + dim :].view(dim, dim)
     scatter = second - torch.outer(total, total) / rows  # sum over rows of (x - mean)(x - mean)^T
     std = (scatter.diagonal().clamp_min(0) / (rows - 1)).sqrt()
-    s = torch.linalg.eigvalsh(scatter).clamp_min(0).sqrt()  # the centred rows' singular values
-    p = s / s.sum().clamp_min(1e-12)
-    out.update(emb_std_mean=std.mean(), emb_std_min=std.min(),
-               effective_rank=torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+    finite = torch.isfinite(scatter).all()  # a non-finite embedding gives NaN, not a solver error (no sync)
+    s = torch.linalg.eigvalsh(torch.where(finite, scatter, 0.0)).clamp_min(0).sqrt()  # the centred rows'
+    p = s / s.sum().clamp_min(1e-12)  # singular values, normalised
+    rank = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    out.update(emb_std_mean=std.mean(), emb_std_min=std.min(), effective_rank=torch.where(finite, rank, torch.nan))
     return {name: value.float() for name, value in out.items()}
 
 

@@ -317,6 +317,10 @@ def test_batch_monitors_match_their_definitions_in_one_process():
         assert got[name].item() == pytest.approx(value, rel=1e-5), name
     line = torch.randn(40, 2, 1) * torch.randn(1, 1, 16)  # collapsed onto a line
     assert batch_monitors(line, {})["effective_rank"].item() < 1.01
+    emb[5, 1, 3] = float("nan")  # a diverged embedding reads as NaN instead of stopping in the eigensolver
+    spoilt = batch_monitors(emb, {"pred_loss": per_row.mean()})
+    assert spoilt["effective_rank"].isnan() and spoilt["emb_std_min"].isnan()
+    assert spoilt["pred_loss"].item() == pytest.approx(float(per_row.double().mean()), rel=1e-6)
 
 
 def _monitor_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
