@@ -39,7 +39,11 @@ from leworld.sigreg import directions_agree, sigreg
 def effective_rank(emb: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the normalised singular values of centred embeddings (N, D): D when
     every direction is used equally, 1 when the embedding has collapsed onto a line."""
-    s = torch.linalg.svdvals(emb.float() - emb.float().mean(0))
+    return _rank_of_singular_values(torch.linalg.svdvals(emb.float() - emb.float().mean(0)))
+
+
+def _rank_of_singular_values(s: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of singular values s normalised to sum to one."""
     p = s / s.sum().clamp_min(1e-12)
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
@@ -71,9 +75,8 @@ def batch_monitors(emb: torch.Tensor, means: dict[str, torch.Tensor]) -> dict[st
     scatter = second - torch.outer(total, total) / rows  # sum over rows of (x - mean)(x - mean)^T
     std = (scatter.diagonal().clamp_min(0) / (rows - 1)).sqrt()
     finite = torch.isfinite(scatter).all()  # a non-finite embedding gives NaN, not a solver error (no sync)
-    s = torch.linalg.eigvalsh(torch.where(finite, scatter, 0.0)).clamp_min(0).sqrt()  # the centred rows'
-    p = s / s.sum().clamp_min(1e-12)  # singular values, normalised
-    rank = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    s = torch.linalg.eigvalsh(torch.where(finite, scatter, 0.0)).clamp_min(0).sqrt()  # the centred rows' s.v.
+    rank = _rank_of_singular_values(s)
     out.update(emb_std_mean=std.mean(), emb_std_min=std.min(), effective_rank=torch.where(finite, rank, torch.nan))
     return {name: value.float() for name, value in out.items()}
 
