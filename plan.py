@@ -21,6 +21,7 @@ default), that test at the plan's end only (`terminal`) or a model's embedding d
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="samples per iteration (default: the planner's, 300 for CEM)")
     p.add_argument("--topk", type=int, help="elites (CEM, iCEM; default 30)")
     p.add_argument("--iterations", type=int, help="planner iterations (default: 10 for tworoom, 30 for pusht)")
-    p.add_argument("--init-std", type=float, default=1.0, help="initial sampling std in z-scored action space")
+    p.add_argument("--init-std", type=float, default=1.0, help="initial sampling std in the planner's action space: z-scored\n"
+                   "actions for a model, raw actions in [-1, 1] for --policy oracle")
     p.add_argument("--horizon", type=int, default=5, help="action blocks per plan")
     p.add_argument("--receding-horizon", type=int, help="blocks executed before replanning (default: horizon)")
     p.add_argument("--replan-every", type=int, help="env steps executed before replanning, instead of\n"
@@ -154,6 +156,16 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.receding_horizon is not None and args.receding_horizon > args.horizon:
         parser.error(f"--receding-horizon ({args.receding_horizon}) executes blocks of a plan of --horizon "
                      f"{args.horizon} blocks: it can be at most {args.horizon}")
+    uses_topk = args.policy == "oracle" or args.planner in ("cem", "icem")
+    if args.topk is not None and not uses_topk:
+        parser.error(f"--topk sets the elites of cem and icem (and the oracle's CEM); the {args.planner} planner "
+                     "keeps none: drop --topk or pick --planner cem or icem")
+    if uses_topk and args.topk is None and args.num_samples is not None:
+        default = (10 if args.policy == "oracle"
+                   else inspect.signature(PLANNERS[args.planner]).parameters["topk"].default)
+        if args.num_samples < default:
+            parser.error(f"--num-samples {args.num_samples} is below the {default} elites the planner keeps by "
+                         f"default: give --topk too (2 to {args.num_samples})")
     if args.topk is not None and args.num_samples is not None and args.topk > args.num_samples:
         parser.error(f"--topk ({args.topk}) elites are chosen among --num-samples ({args.num_samples}): "
                      "it can be at most that")
@@ -266,6 +278,30 @@ def check_dataset(store: EpisodeStore, env_name: str, model) -> None:
         raise SystemExit(f"error: env/model mismatch: {store.path} has {store.resolution} px frames and "
                          f"{store.action_dim}-d actions; the model expects {c.image_size} px and {c.action_dim}-d "
                          "actions. Evaluate on data collected at the model's resolution.")
+
+
+# What a dataset's metadata says it holds; a model records its training data's metadata.
+_DATASET_KEYS = ("env", "env_params", "policy", "noise", "seed", "chunk_size", "resolution", "episodes", "steps")
+
+
+def check_trained_data(store: EpisodeStore, extra: dict, explicit: bool) -> None:
+    """A protocol whose pairs come from a dataset's validation episodes must read the dataset the model
+    trained on (or one independent of it): the validation split of another file of the same settings
+    but another size holds episodes the model trained on. Compared on what the model's record has, so
+    models that record less are compared on less. A differing file the user named is used with a note."""
+    recorded = extra.get("dataset") or {}
+    differ = [f"{k} {store.metadata.get(k)!r} (the model's: {recorded[k]!r})" for k in _DATASET_KEYS
+              if k in recorded and store.metadata.get(k) != recorded[k]]
+    if not differ:
+        return
+    if explicit:
+        print(f"note: {store.path} is not the dataset the model trained on ({', '.join(differ)}); its validation "
+              "episodes are held out from the model's training only if its episodes are not the model's "
+              "(another seed or policy)", file=sys.stderr)
+        return
+    raise SystemExit(f"error: {store.path} is not the dataset the model trained on: {', '.join(differ)}. Its "
+                     "validation episodes may be episodes the model trained on: generate the model's dataset again "
+                     "with its settings, or pass --data (the model's training dataset, or one independent of it)")
 
 
 def make_env(store: EpisodeStore, env_name: str, n: int):
@@ -411,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     check_dataset(store, env_name, model if args.policy in ("model", "oracle") else None)
     if protocol.dataset is not None and args.data is not None:
         check_heldout_data(store, protocol)
+    if protocol.dataset is None and protocol.split == "val":
+        check_trained_data(store, info["extra"], explicit=args.data is not None)
     if args.policy == "oracle" and env_name != "pusht":
         raise SystemExit(f"error: --policy oracle plans in Push-T's physics; it has no {env_name} version")
     if args.policy == "oracle" and (args.oracle_cost == "latent") != (model is not None):

@@ -174,19 +174,39 @@ def _load_lightning(path: Path, map_location) -> LeWorldModel:
     return _build(config, stripped or state, path, map_location)
 
 
-# The data module settings a model records: where its data is, how it was split, the clip length.
-DATA_SETTINGS = ("path", "val_fraction", "split_seed", "num_frames", "frameskip")
+# The data module settings a model records: where its data is, how it was split, the clip length,
+# and the batches it trained on (their size and the seed of their order).
+DATA_SETTINGS = ("path", "val_fraction", "split_seed", "num_frames", "frameskip", "batch_size", "shuffle_seed")
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first line of text, or its type when it has none (an empty file's EOFError)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def read_checkpoint(path: Path) -> dict:
     """A Lightning .ckpt as a dict, loaded weights-only (never unpickling code). ValueError, naming
     the file, for one that is truncated, corrupt or not a checkpoint."""
+    from leworld.data.datamodule import CollectSpec  # older checkpoints of the Python API hold one
+
     try:
-        with torch.serialization.safe_globals([LeWMConfig]):
+        with torch.serialization.safe_globals([LeWMConfig, CollectSpec]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]}): it may be truncated "
-                         "or corrupt; use another checkpoint of the run (checkpoints/*.ckpt) or train again") from None
+    except MemoryError:
+        raise
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused is None:
+            raise ValueError(f"{path} is not a readable checkpoint ({_first_line(e)}): it may be truncated or "
+                             "corrupt; use another checkpoint of the run (checkpoints/*.ckpt) or train again") from None
+        raise ValueError(f"{path} holds an object of type {refused[1]}, which a weights-only load does not rebuild "
+                         "(rebuilding it would run its code). Checkpoints keep plain values only: give that setting "
+                         "as plain values (str, dict, list, numbers) where the run was made, and train again; if "
+                         "you trust the file, load it yourself with torch.load(..., weights_only=False) and save "
+                         "its state_dict without that object.") from None
+    except Exception as e:  # an empty file, a text file, a truncated zip: whatever the reader trips on
+        raise ValueError(f"{path} is not a readable checkpoint ({_first_line(e)}): it may be truncated or corrupt; "
+                         "use another checkpoint of the run (checkpoints/*.ckpt) or train again") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a Lightning checkpoint: {_HOW_TO_MAKE}.")
     return ckpt

@@ -173,15 +173,21 @@ def forecast(model, store, env: str | None = None, horizon: int = 5, num_clips: 
     train_eps, val_eps = split_episodes(store.num_episodes, val_fraction, split_seed)
     if len(val_eps) == 0:
         raise ValueError("no validation episodes: forecasting needs val_fraction > 0 and at least 2 episodes")
-    if probes is None:
-        probes = fit_probes(model, store, env, train_eps, frames_per_episode, max_train_frames, ridge, seed,
-                            progress=progress)
-    missing = sorted(set(QUANTITIES[env]) - set(probes))
-    if missing:
-        raise ValueError(f"probes are missing for {missing}: pass one LinearProbe per quantity of {env}")
+    if probes is not None:
+        missing = sorted(set(QUANTITIES[env]) - set(probes))
+        if missing:
+            raise ValueError(f"probes are missing for {missing}: pass one LinearProbe per quantity of {env}")
     clips = ClipDataset(store, val_eps, num_frames=H + horizon, frameskip=model.config.frameskip, with_state=True)
     rng = np.random.default_rng(seed + 1)
     picked = np.sort(rng.choice(len(clips), min(num_clips, len(clips)), replace=False))
+    need = len(QUANTITIES[env]) + 2  # the cost weights fit one weight per quantity and an intercept
+    if len(picked) < need:
+        raise ValueError(f"forecasting {env} needs at least {need} validation clips (the cost weights fit "
+                         f"{need - 1} numbers), got {len(picked)} of the {len(clips)} that {len(val_eps)} validation "
+                         f"episodes give at horizon {horizon}: raise --num-clips, or lower --horizon")
+    if probes is None:
+        probes = fit_probes(model, store, env, train_eps, frames_per_episode, max_train_frames, ridge, seed,
+                            progress=progress)
     embs, preds, states = [], [], []
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(picked), batch_size), desc="forecast", unit="batch", disable=not progress):
@@ -261,6 +267,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.horizon, args.num_clips, args.batch_size, args.frames_per_episode) < 1:
         p.error("horizon, num-clips, batch-size and frames-per-episode must be positive")
+    if args.max_train_frames < 2 * args.frames_per_episode:
+        p.error(f"--max-train-frames ({args.max_train_frames}) must keep the frames of at least 2 episodes: at "
+                f"least 2 x --frames-per-episode = {2 * args.frames_per_episode}")
     check_common_args(p, args)
     return args
 

@@ -241,6 +241,11 @@ class LeWMModule(L.LightningModule):
     # ---------------------------------------------------------------- the method
     def losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pixels = batch["pixels"].permute(0, 1, 4, 2, 3)  # (B, T, Hp, Wp, C) -> (B, T, C, Hp, Wp) uint8
+        B, T = pixels.shape[:2]
+        if self.training and (B * (T - 1) < 2 or (self.hparams.get("open_loop_frames", 0) and B < 2)):
+            raise ValueError(f"a training batch of {B} clip(s) of {T} frames: the predictor's projector normalises "
+                             "its batch with BatchNorm, which needs at least 2 rows per step; train with "
+                             "data.batch_size >= 2 (per process under DDP)")
         actions = self.model.normalize_actions(batch["action"].float())  # (B, T-1, frameskip*A)
         emb = self.model.encode(pixels)  # (B, T, D)
         pred = self.model.predict(emb[:, :-1], self.model.encode_actions(actions))  # (B, T-1, D)

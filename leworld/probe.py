@@ -250,6 +250,9 @@ def select_frames(store, episodes: np.ndarray, frames_per_episode: int, max_fram
     `max_frames`, a random subset of max_frames // frames_per_episode episodes is kept.
     """
     episodes = np.sort(np.asarray(episodes, np.int64))
+    if max_frames is not None and max_frames < frames_per_episode:
+        raise ValueError(f"a cap of {max_frames} frames keeps no episode's {frames_per_episode} frames: raise the "
+                         "cap (--max-train-frames / --max-val-frames) or lower --frames-per-episode")
     if max_frames is not None and len(episodes) * frames_per_episode > max_frames:
         episodes = np.sort(rng.choice(episodes, max(1, max_frames // frames_per_episode), replace=False))
     rows, owner = [], []
@@ -379,6 +382,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.frames_per_episode < 1 or args.batch_size < 1 or args.mlp_epochs < 1 or args.mlp_hidden < 1:
         p.error("frames-per-episode, batch-size, mlp-epochs and mlp-hidden must be positive")
+    for flag in ("max_train_frames", "max_val_frames"):
+        if getattr(args, flag) < 2 * args.frames_per_episode:
+            p.error(f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must keep the frames of at least 2 "
+                    f"episodes: at least 2 x --frames-per-episode = {2 * args.frames_per_episode}")
     if not 0.0 < args.holdout_fraction < 1.0:
         p.error(f"holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
     check_common_args(p, args)

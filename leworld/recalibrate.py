@@ -9,7 +9,7 @@ losses) uses those running statistics. Where a projector's hidden unit varies li
 batch, the lag is large against its spread, and evaluation-mode embeddings can then be far from
 training-mode ones: the validation prediction loss in evaluation mode sits far above the
 training one. This command passes the first `--batches` training batches of the model's own
-data (same file, split and clip length, in the first epoch's order) through the model with its
+data (same file, split, clip length and batch size, in its first epoch's order) through the model with its
 weights fixed, takes the average of their batch statistics (`recalibrate_batchnorm`), prints
 the validation prediction loss in evaluation mode before and after, and writes the model back
 (atomically) or to `--out`. Training does the same at its end with
@@ -29,16 +29,18 @@ from leworld.data.datamodule import LeWMDataModule
 from leworld.module import LeWMModule, recalibrate_batchnorm
 
 
-def _data_module(extra: dict, source: Path, batch_size: int) -> LeWMDataModule:
+def _data_module(extra: dict, source: Path, batch_size: int | None) -> LeWMDataModule:
     data = extra.get("data")
     if not data or "path" not in data:
         raise ValueError(f"{source} does not record its training data (config.json extra.data): "
                          "re-estimate with the model trained by `python train.py fit`, which records it")
-    keys = ("num_frames", "frameskip", "val_fraction", "split_seed")
+    keys = ("num_frames", "frameskip", "val_fraction", "split_seed", "shuffle_seed")
     path = recorded_data_path(source, data["path"])
     if not Path(path).is_file():
         raise ValueError(f"{source} was trained on {data['path']}, which is not here (looked from the working "
                          "directory and the folders above the model): run from the training directory")
+    if batch_size is None:  # the run's own batches (models recorded before the batch size: 128)
+        batch_size = int(data.get("batch_size", 128))
     dm = LeWMDataModule(str(path), batch_size=batch_size, num_workers=0, **{k: data[k] for k in keys if k in data})
     dm.setup("fit")
     return dm
@@ -53,9 +55,10 @@ def val_pred_loss(module: LeWMModule, dm: LeWMDataModule, batches: int) -> float
 
 
 def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: int = 100,
-                batch_size: int = 128, val_batches: int = 5, force: bool = False) -> dict:
+                batch_size: int | None = None, val_batches: int = 5, force: bool = False) -> dict:
     """Re-estimate the BatchNorm statistics of the model at `model_path` and export it to `out`
-    (default: the exported directory itself). Returns the counts and the losses before and after.
+    (default: the exported directory itself), over batches of `batch_size` clips (default: the
+    run's). Returns the counts and the losses before and after.
 
     When the validation prediction loss gets worse (too few batches to average over, say),
     nothing is written unless `force`; the result then has `written: False`."""
@@ -84,7 +87,7 @@ def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: 
     result = {"out": str(out), "batches": used, "val_pred_loss_before": before, "val_pred_loss_after": after,
               "written": force or after <= before}
     if result["written"]:
-        extra = {**extra, "bn_recalibration": {"batches": used, "batch_size": batch_size}}
+        extra = {**extra, "bn_recalibration": {"batches": used, "batch_size": dm.hparams.batch_size}}
         export_model(model, out, extra=extra)
     return result
 
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", required=True, help="exported model directory, run directory or .ckpt")
     parser.add_argument("--out", default=None, help="directory to export to (default: the model's own directory)")
     parser.add_argument("--batches", type=int, default=100, help="training batches to average over")
-    parser.add_argument("--batch-size", type=int, default=128, help="clips per batch")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="clips per batch (default: the run's, as recorded with the model; 128 if not)")
     parser.add_argument("--val-batches", type=int, default=5, help="validation batches for the before/after loss")
     parser.add_argument("--force", action="store_true",
                         help="write the re-estimated model even when its validation loss is worse")

@@ -72,8 +72,11 @@ def knots_and_weights(num_knots: int = 17, t_max: float = 3.0) -> tuple[torch.Te
 @functools.lru_cache(maxsize=None)
 def _knots_and_weights_on(num_knots: int, t_max: float, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`knots_and_weights` copied to `device` once: a blocking copy from the host every step would make
-    the host wait for the GPU (the copy of pageable memory synchronises the stream)."""
-    return tuple(x.to(device) for x in knots_and_weights(num_knots, t_max))
+    the host wait for the GPU (the copy of pageable memory synchronises the stream). Made outside
+    inference mode whatever the first caller runs under (`trainer.validate` does): cached inference
+    tensors could not be saved for backward by every training step after it."""
+    with torch.inference_mode(False):
+        return tuple(x.to(device) for x in knots_and_weights(num_knots, t_max))
 
 
 class _CosSinSums(torch.autograd.Function):

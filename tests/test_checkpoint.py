@@ -263,3 +263,31 @@ def test_a_model_of_a_newer_format_is_refused(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="newer than this leworld reads"):
         load_model(tmp_path / "m")
+
+
+class _NotAPlainValue:
+    """An object a weights-only load refuses to rebuild."""
+
+
+def test_an_unreadable_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
+    """Empty, text and truncated files, and one holding an object a weights-only load does not
+    rebuild, each give a ValueError that names the file, never a stray IndexError or KeyError."""
+    from leworld.checkpoint import read_checkpoint
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "hyper_parameters": {}}, good)
+    data = good.read_bytes()
+    files = {"empty": b"", "text": b"epoch=3 step=100\n", "truncated": data[: len(data) // 2]}
+    for name, content in files.items():
+        (tmp_path / f"{name}.ckpt").write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}.ckpt is not a readable checkpoint \(.+\): it may be "
+                                             "truncated or corrupt"):
+            read_checkpoint(tmp_path / f"{name}.ckpt")
+        with pytest.raises(ValueError, match=f"{name}.ckpt is not a readable checkpoint"):
+            load_model(tmp_path / f"{name}.ckpt")
+    odd = tmp_path / "odd.ckpt"
+    torch.save({"hyper_parameters": {"setting": _NotAPlainValue()}}, odd)
+    with pytest.raises(ValueError, match=r"odd.ckpt holds an object of type .*_NotAPlainValue, which a weights-only "
+                                         r"load does not rebuild"):
+        read_checkpoint(odd)
+    assert read_checkpoint(good)["state_dict"]["w"].shape == (3,)

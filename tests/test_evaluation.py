@@ -279,6 +279,9 @@ def tiny_model_dir(tmp_path_factory, tworoom_data) -> Path:
                      proj_hidden=32, history=2, pred_depth=1, pred_heads=2, pred_head_dim=8, pred_mlp=32,
                      action_hidden=16, action_dim=2, frameskip=5)
     model = LeWorldModel(cfg)
+    with torch.no_grad():  # off its initialisation, whose zeroed action conditioning ignores actions
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     d = tmp_path_factory.mktemp("model")
     export_model(model, d, extra={"dataset": {"env": "tworoom"},
                                   "data": {"path": str(tworoom_data), "val_fraction": 0.1, "split_seed": 0}})
@@ -504,6 +507,11 @@ def load_plan_script():
     (["--policy", "straight", "--topk", "2", "--deadline"], "--policy straight does not use --topk, --deadline"),
     (["--policy", "random", "--oracle-cost", "terminal"], "--policy random does not use --oracle-cost"),
     (["--oracle-cost", "terminal"], "--policy model does not use --oracle-cost"),
+    # elites: only CEM and iCEM (and the oracle's CEM) keep them, and the default must fit the samples
+    (["--planner", "mppi", "--topk", "3"], "the mppi planner keeps none: drop --topk"),
+    (["--planner", "gradient", "--topk", "3"], "the gradient planner keeps none"),
+    (["--planner", "icem", "--num-samples", "10"], "--num-samples 10 is below the 30 elites the planner keeps"),
+    (["--policy", "oracle", "--num-samples", "6"], "--num-samples 6 is below the 10 elites"),
 ])
 def test_plan_cli_rejects_option_values_before_any_work(tmp_path, tiny_model_dir, capsys, args, message):
     plan_script = load_plan_script()
@@ -514,6 +522,30 @@ def test_plan_cli_rejects_option_values_before_any_work(tmp_path, tiny_model_dir
         plan_script.main(["--model", str(tiny_model_dir), str(tiny_model_dir)])
     assert "the same model is given twice" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_plan_cli_refuses_a_dataset_other_than_the_one_the_model_trained_on(tmp_path, tworoom_data):
+    """The validation episodes of a file generated again with other settings (here: fewer episodes
+    recorded by the model) can be episodes the model trained on: refused when the file is the one
+    the model records, used with a note when given with --data, silent when it is the model's."""
+    store = EpisodeStore(tworoom_data)
+    torch.manual_seed(0)
+    cfg = LeWMConfig(encoder="cnn", image_size=RES, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=16,
+                     proj_hidden=32, history=2, pred_depth=1, pred_heads=2, pred_head_dim=8, pred_mlp=32,
+                     action_hidden=16, action_dim=2, frameskip=5)
+    data = {"path": str(tworoom_data), "val_fraction": 0.1, "split_seed": 0}
+    for name, episodes in (("same", store.metadata["episodes"]), ("other", 30)):
+        export_model(LeWorldModel(cfg), tmp_path / name,
+                     extra={"dataset": {**store.metadata, "episodes": episodes}, "data": data})
+    small = ("--num-episodes", "2", "--iterations", "1", "--num-samples", "8", "--topk", "2", "--no-baselines")
+    proc = run_plan("--model", str(tmp_path / "other"), *small, cwd=tmp_path)
+    assert proc.returncode == 1 and not list(tmp_path.glob("runs/plan/*.json"))
+    assert (f"error: {tworoom_data} is not the dataset the model trained on: episodes 60 (the model's: 30). Its "
+            "validation episodes may be episodes the model trained on") in proc.stderr
+    proc = run_plan("--model", str(tmp_path / "other"), "--data", str(tworoom_data), *small, cwd=tmp_path)
+    assert proc.returncode == 0 and f"note: {tworoom_data} is not the dataset the model trained on" in proc.stderr
+    proc = run_plan("--model", str(tmp_path / "same"), *small, cwd=tmp_path)
+    assert proc.returncode == 0 and "not the dataset" not in proc.stderr, proc.stderr
 
 
 def test_plan_cli_refuses_what_would_mislabel_or_lose_results(tmp_path, tiny_model_dir, tworoom_data, monkeypatch):

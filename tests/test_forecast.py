@@ -185,6 +185,10 @@ def test_forecast_is_seeded_and_checks_its_inputs(dataset):
         forecast(model, store, horizon=0, progress=False)
     with pytest.raises(ValueError, match="probes are missing"):
         forecast(model, store, val_fraction=0.34, probes={}, progress=False)
+    for too_few in (1, 4):  # Push-T's cost weights fit 3 quantities and an intercept: 5 clips at least
+        with pytest.raises(ValueError, match=f"needs at least 5 validation clips .*got {too_few} .*raise --num-clips"):
+            forecast(model, store, horizon=1, num_clips=too_few, val_fraction=0.34, progress=False)
+    assert forecast(model, store, horizon=1, num_clips=5, val_fraction=0.34, progress=False)["clips"] == 5
     train, _ = split_episodes(store.num_episodes, 0.34, 0)
     with pytest.raises(ValueError, match="at least 2 episodes"):  # a probe fitted on one episode's frames
         fit_probes(model, store, "pusht", train[:1], frames_per_episode=4, progress=False)

@@ -272,8 +272,21 @@ def tiny_model(history: int = 2) -> LeWorldModel:
                      proj_hidden=32, history=history, pred_depth=1, pred_heads=2, pred_head_dim=8, pred_mlp=32,
                      action_hidden=16, action_dim=2, frameskip=3)
     model = LeWorldModel(cfg).eval()
+    with torch.no_grad():  # off its initialisation, whose zeroed action conditioning ignores actions
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     model.set_action_stats(torch.tensor([0.2, -0.1]), torch.tensor([0.5, 0.25]))
     return model
+
+
+def test_the_tiny_test_model_predicts_from_actions():
+    """The planners' tests mean something only if a plan's samples cost differently."""
+    model = tiny_model()
+    problem = LatentProblem(model, torch.randn(2, 2, 16), torch.randn(2, 16), horizon=3)
+    samples = torch.randn(2, 8, problem.horizon, problem.action_dim)
+    with torch.no_grad():
+        cost = problem.cost(samples)  # (2, 8)
+    assert (cost.std(1) > 1e-3 * cost.abs().mean(1)).all()
 
 
 def test_latent_problem_bounds_are_the_env_bounds_in_normalised_space():

@@ -217,6 +217,9 @@ def test_select_frames_draws_distinct_rows_inside_each_episode_under_the_cap(dat
     assert np.all((rows >= start) & (rows < start + length))
     capped, capped_owner = select_frames(store, np.arange(6), 4, 10, np.random.default_rng(0))
     assert len(capped) == 8 and len(np.unique(capped_owner)) == 2  # 10 // 4 whole episodes
+    for cap in (3, 0, -5):  # below one episode's frames: an error, not one episode kept anyway
+        with pytest.raises(ValueError, match=f"a cap of {cap} frames keeps no episode's 4 frames"):
+            select_frames(store, np.arange(6), 4, cap, np.random.default_rng(0))
 
 
 def test_probe_fits_on_training_episodes_and_scores_on_validation_episodes(dataset, monkeypatch):
@@ -328,7 +331,8 @@ def test_a_training_checkpoint_is_probed_like_the_model_exported_from_it(tmp_pat
 
     from_ckpt, from_export = model_extra(ckpt), model_extra(exported)
     assert from_ckpt["data"] == from_export["data"] == {"path": str(dataset), "val_fraction": 0.2, "split_seed": 2,
-                                                        "num_frames": 2, "frameskip": 5}
+                                                        "num_frames": 2, "frameskip": 5, "batch_size": 8,
+                                                        "shuffle_seed": 0}
     assert from_ckpt["global_step"] == from_export["global_step"] == 3
 
     results = {}
@@ -354,7 +358,10 @@ def test_a_negative_ridge_or_device_or_out_that_cannot_work_is_refused_before_an
              (forecast_mod, ["--ridge", "-0.5"], "--ridge must be a finite number >= 0"),
              (separation_mod, ["--seed", "-1"], "--seed must be >= 0"),
              (probe_mod, ["--device", "bogus"], "unknown device 'bogus'"),
-             (forecast_mod, ["--out", str(tmp_path / "adir")], "is a directory")]
+             (forecast_mod, ["--out", str(tmp_path / "adir")], "is a directory"),
+             (probe_mod, ["--max-val-frames", "0"], "--max-val-frames (0) must keep the frames of at least 2"),
+             (probe_mod, ["--max-train-frames", "15"], "at least 2 x --frames-per-episode = 16"),
+             (forecast_mod, ["--max-train-frames", "-5"], "--max-train-frames (-5) must keep the frames")]
     for module, args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             module.parse_args(["--model", str(tmp_path / "model"), *args])

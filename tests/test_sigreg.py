@@ -136,6 +136,21 @@ def test_knots_are_built_once_per_device_not_copied_every_step(monkeypatch):
     assert values == [sigreg(z, step=s, num_directions=16, num_knots=13, t_max=2.5).item() for s in range(3)]
 
 
+def test_a_first_call_in_inference_mode_leaves_later_training_steps_differentiable():
+    """`trainer.validate` runs under inference mode: the knots it caches must still serve the
+    training steps after it, whose backward saves them."""
+    import leworld.sigreg as sigreg_mod
+
+    sigreg_mod._knots_and_weights_on.cache_clear()
+    z = torch.randn(32, 2, 8)
+    with torch.inference_mode():
+        in_inference = sigreg(z, step=0, num_directions=16).item()
+    leaf = z.clone().requires_grad_(True)
+    value = sigreg(leaf, step=0, num_directions=16)
+    value.backward()
+    assert value.item() == in_inference and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+
+
 def test_time_steps_are_separate_then_averaged():
     z = torch.randn(32, 3, 8)  # (B, T, D)
     per_t = torch.stack([sigreg(z[:, t], step=1, num_directions=32) for t in range(3)])

@@ -10,6 +10,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import lightning as L
@@ -40,10 +41,11 @@ def data_path(tmp_path_factory):
     return path
 
 
-def make(data_path, root, batch_size=16, lr=3e-3, frames_on_device=False, num_workers=0, **module_kwargs):
+def make(data_path, root, batch_size=16, lr=3e-3, frames_on_device=False, num_workers=0, shuffle_seed=0,
+         **module_kwargs):
     module = LeWMModule(LeWMConfig(**TINY), lr=lr, num_directions=64, **module_kwargs)
     dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=batch_size, num_workers=num_workers,
-                        val_fraction=0.2, frames_on_device=frames_on_device)
+                        val_fraction=0.2, frames_on_device=frames_on_device, shuffle_seed=shuffle_seed)
     return module, dm
 
 
@@ -508,6 +510,47 @@ def test_settings_no_run_can_use_are_refused_when_the_module_is_built(kwargs, ma
 def test_batches_of_one_clip_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="projector's BatchNorm needs two clips"):
         LeWMDataModule("data/none.h5", batch_size=1)
+
+
+def test_a_training_step_on_one_clip_is_refused_with_the_reason():
+    """A loader of the user's own can hand over one clip: the error says why and what to change,
+    instead of BatchNorm's 'Expected more than 1 value per channel'."""
+    module = LeWMModule(LeWMConfig(**{**TINY, "history": 1}), num_directions=16)
+    batch = {"pixels": torch.randint(0, 255, (1, 2, 32, 32, 3), dtype=torch.uint8), "action": torch.randn(1, 1, 10)}
+    with pytest.raises(ValueError, match=r"a training batch of 1 clip\(s\) of 2 frames: .*data.batch_size >= 2"):
+        module.losses(batch)
+    two = {k: torch.cat([v, v]) for k, v in batch.items()}
+    assert torch.isfinite(module.losses(two)[0])
+    module.eval()  # evaluation normalises with the running statistics: one clip is fine
+    assert torch.isfinite(module.losses(batch)[0])
+
+
+def test_a_data_module_built_in_python_with_a_collect_spec_writes_checkpoints_that_load_and_resume(data_path,
+                                                                                                    tmp_path):
+    """The docstring's `generate=CollectSpec(...)` and a pathlib path: the hyper-parameters saved in
+    every checkpoint are plain values, so the weights-only loads (ours and Lightning's resume) read it."""
+    from leworld.checkpoint import model_extra, read_checkpoint
+
+    def run(max_steps, ckpt=None):
+        L.seed_everything(0)
+        module = LeWMModule(LeWMConfig(**TINY), num_directions=64)
+        dm = LeWMDataModule(Path(data_path), num_frames=4, frameskip=5, batch_size=16, num_workers=0,
+                            val_fraction=0.2, generate=CollectSpec(env="tworoom", episodes=10, steps=40, resolution=32))
+        t = trainer(tmp_path, max_steps=max_steps, limit_val_batches=0)
+        t.fit(module, dm, ckpt_path=ckpt)
+        return t
+
+    ckpt = Path(run(2).checkpoint_callback.best_model_path)
+    saved = read_checkpoint(ckpt)["datamodule_hyper_parameters"]
+    assert saved["generate"] == {**asdict(CollectSpec(env="tworoom", episodes=10, steps=40, resolution=32))}
+    assert saved["path"] == str(data_path)
+    assert load_model(ckpt).config == LeWMConfig(**TINY)
+    assert model_extra(ckpt)["dataset"] == {"env": "tworoom"}
+    assert run(4, ckpt=ckpt).global_step == 4
+    old = tmp_path / "old.ckpt"  # written before the values were made plain: the spec itself was saved
+    torch.save({**read_checkpoint(ckpt), "datamodule_hyper_parameters": {
+        **saved, "generate": CollectSpec(env="tworoom", episodes=10, steps=40, resolution=32)}}, old)
+    assert model_extra(old)["data"]["path"] == str(data_path)
 
 
 def test_a_run_never_replaces_the_model_another_run_exported(data_path, tmp_path):
@@ -998,18 +1041,20 @@ def test_exported_model_has_batchnorm_statistics_re_estimated_with_the_final_wei
 def test_recalibrate_command_matches_re_estimation_at_the_end_of_training(data_path, tmp_path, open_loop):
     """`python -m leworld.recalibrate` on a model exported without re-estimation gives the
     statistics that `bn_recalibration_batches` gives at the end of the same training run, also
-    when the run's loss rolls out open loop (more passes through pred_proj's BatchNorm)."""
+    when the run's loss rolls out open loop (more passes through pred_proj's BatchNorm). The run's
+    batch size and clip order (12 clips, shuffle seed 5) are read from what the model records."""
     from leworld.recalibrate import main as recalibrate_main
 
     def run(root, batches):
         L.seed_everything(0)
-        module, dm = make(data_path, root, bn_recalibration_batches=batches, open_loop_frames=open_loop)
+        module, dm = make(data_path, root, batch_size=12, shuffle_seed=5, bn_recalibration_batches=batches,
+                          open_loop_frames=open_loop)
         trainer(root, max_steps=4, enable_checkpointing=False).fit(module, dm)
         return root / "model"
 
     at_end, plain = run(tmp_path / "a", 3), run(tmp_path / "b", 0)
     result = recalibrate_main(["--model", str(plain), "--out", str(tmp_path / "c"), "--batches", "3",
-                               "--batch-size", "16", "--val-batches", "2", "--force"])
+                               "--val-batches", "2", "--force"])
     assert result["batches"] == 3 and result["val_pred_loss_after"] > 0 and result["written"]
     want, got, old = (dict(load_model(p).state_dict()) for p in (at_end, tmp_path / "c", plain))
     for name, value in want.items():

@@ -256,6 +256,10 @@ class LeWMDataModule(L.LightningDataModule):
         if batch_size < 2:
             raise ValueError(f"batch_size must be at least 2, got {batch_size}: the projector's BatchNorm needs "
                              "two clips to normalise a training batch")
+        # Plain values only: the hyper-parameters go into every checkpoint, which loads weights-only.
+        path = str(path)
+        if generate is not None and not isinstance(generate, dict):
+            generate = asdict(generate)
         self.save_hyperparameters()
         self.path = Path(path)
         self.generate = generate
