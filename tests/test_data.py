@@ -210,6 +210,44 @@ def test_an_interrupt_that_python_would_drop_still_aborts_and_keeps_the_old_file
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_a_second_ctrl_c_during_the_cleanup_still_removes_the_partial_file(tmp_path, monkeypatch):
+    """Ctrl-C pressed again while the first one's cleanup runs must not cut it short and leave the
+    partial file behind (which can be gigabytes)."""
+    path = tmp_path / "d.h5"
+    collect("tworoom", episodes=2, steps=5, resolution=RES, out=path, progress=False)
+    before = path.read_bytes()
+    real_append, real_abort = collect_mod.EpisodeWriter.append, collect_mod.EpisodeWriter.abort
+    pressed = []
+
+    def append_then_ctrl_c(self, block):
+        real_append(self, block)
+        pressed.append("first")
+        signal.raise_signal(signal.SIGINT)
+
+    def abort_after_a_second_ctrl_c(self):
+        pressed.append("second")
+        signal.raise_signal(signal.SIGINT)
+        real_abort(self)
+
+    monkeypatch.setattr(collect_mod.EpisodeWriter, "append", append_then_ctrl_c)
+    monkeypatch.setattr(collect_mod.EpisodeWriter, "abort", abort_after_a_second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        collect("tworoom", episodes=8, steps=5, resolution=RES, out=path, chunk_size=2, overwrite=True,
+                progress=False)
+    assert pressed == ["first", "second"] and path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_writer_that_cannot_start_leaves_no_partial_file(tmp_path):
+    from leworld.data.store import EpisodeWriter
+
+    with pytest.raises(ValueError, match="bogus"):
+        EpisodeWriter(tmp_path / "x.h5", resolution=8, action_dim=2, proprio_dim=2, state_dim=4,
+                      metadata={"env": "tworoom"}, compression="bogus")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_to_the_process_group_stops_parallel_collection_at_once(tmp_path):
     """Ctrl-C reaches the workers too; they leave it to the parent, which must stop the pool
     and delete the partial file instead of hanging on workers killed mid-block."""
@@ -243,6 +281,7 @@ def test_ctrl_c_to_the_process_group_stops_parallel_collection_at_once(tmp_path)
     (["--env", "tworoom", "--policy", "teleporter"], "unknown policy 'teleporter'"),
     (["--env", "tworoom", "--noise", "-1"], "--noise"),
     (["--env", "tworoom", "--supersample", "4"], "--supersample is a Push-T rendering option"),
+    (["--env", "tworoom", "--seed", "-1"], "--seed must be an integer >= 0"),
 ])
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):
     assert main([*argv, "--out", str(tmp_path / "x.h5"), "--quiet"]) == 2

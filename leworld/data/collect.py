@@ -90,8 +90,10 @@ def _interrupts_abort():
     Yields a function that raises KeyboardInterrupt if either signal arrived. Python drops an
     exception raised inside a garbage-collection callback, so an interrupt that lands there
     would otherwise be lost and the run would go on to replace the output file; the collector
-    calls the check after every block and before the final rename. Outside the main thread
-    (where handlers cannot be installed) the check never fires."""
+    calls the check after every block and before the final rename. Signals after the first are
+    noted but raise nothing, so that pressing Ctrl-C again cannot interrupt the removal of the
+    partial file. Outside the main thread (where handlers cannot be installed) the check never
+    fires."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
@@ -99,7 +101,8 @@ def _interrupts_abort():
 
     def handler(signum, frame):
         received.append(signum)
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+        if len(received) == 1:  # a second Ctrl-C must not cut short the cleanup the first one started
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     def check() -> None:
         if received:
@@ -114,7 +117,7 @@ def _interrupts_abort():
 
 
 def _check_args(env: str, episodes: int, steps: int, resolution: int, policy: str,
-                noise: float | None, chunk_size: int, workers: int, supersample: int = 1) -> None:
+                noise: float | None, chunk_size: int, workers: int, supersample: int = 1, seed: int = 0) -> None:
     if env not in envs.ENV_NAMES:
         raise ValueError(f"unknown env {env!r}: choose one of {', '.join(envs.ENV_NAMES)}")
     if policy not in POLICIES[env]:
@@ -122,6 +125,8 @@ def _check_args(env: str, episodes: int, steps: int, resolution: int, policy: st
     for name, value in (("episodes", episodes), ("steps", steps), ("chunk_size", chunk_size), ("workers", workers)):
         if int(value) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if int(seed) < 0:
+        raise ValueError(f"--seed must be an integer >= 0 (numpy seeds are non-negative), got {seed}")
     if not 16 <= resolution <= MAX_RESOLUTION:
         raise ValueError(f"--resolution must be between 16 and {MAX_RESOLUTION} px, got {resolution}")
     if noise is not None and not (math.isfinite(noise) and noise >= 0):
@@ -143,7 +148,7 @@ def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, po
     """
     policy = policy or DEFAULT_POLICY.get(env, "random")
     workers = DEFAULT_WORKERS.get(env, 1) if workers is None else workers
-    _check_args(env, episodes, steps, resolution, policy, noise, chunk_size, workers, supersample)
+    _check_args(env, episodes, steps, resolution, policy, noise, chunk_size, workers, supersample, seed)
     if supersample != 1:
         env_kwargs = {**(env_kwargs or {}), "supersample": int(supersample)}
     if compression not in (None, "none", "lzf", "gzip"):
@@ -180,9 +185,11 @@ def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, po
             check_interrupt()  # the last chance before the rename replaces an existing file
             writer.close()
         except BaseException:
-            if pool:
-                pool.terminate()
-            writer.abort()
+            try:
+                if pool:
+                    pool.terminate()
+            finally:
+                writer.abort()
             raise
         finally:
             if pool:

@@ -62,6 +62,14 @@ class EpisodeWriter:
             self._file = h5py.File(self.tmp_path, "w")
         except OSError as e:
             raise PermissionError(f"cannot write to {self.path.parent} ({e}); choose a writable --out") from e
+        try:
+            self._start(metadata, resolution, action_dim, proprio_dim, state_dim, compression)
+        except BaseException:  # a bad setting (an unknown compression, say) leaves no partial file
+            self.abort()
+            raise
+
+    def _start(self, metadata: dict, resolution: int, action_dim: int, proprio_dim: int, state_dim: int,
+               compression: str | None) -> None:
         f = self._file
         f.attrs["format_version"] = FORMAT_VERSION
         self.metadata = dict(metadata)
@@ -101,11 +109,15 @@ class EpisodeWriter:
     def close(self) -> Path:
         """Finish the file and move it to its final name."""
         f = self._file
-        f.create_dataset("episode_offset", data=np.asarray(self._offsets, np.int64))
-        f.create_dataset("episode_length", data=np.asarray(self._lengths, np.int64))
-        f.attrs["complete"] = True
-        f.close()
-        os.replace(self.tmp_path, self.path)
+        try:
+            f.create_dataset("episode_offset", data=np.asarray(self._offsets, np.int64))
+            f.create_dataset("episode_length", data=np.asarray(self._lengths, np.int64))
+            f.attrs["complete"] = True
+            f.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:  # a full disk, say: the partial file goes, whatever was at `path` stays
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:

@@ -8,7 +8,11 @@ Example:
 They act on exactly the start/goal pairs the model gets, one env step at a time, through the
 same `reset(env)` / `act(env, obs)` interface as `leworld.planning.MPCPolicy`.
 - `random`: uniform actions in [-1, 1] (seeded).
-- `straight`: privileged; heads straight for the goal's agent position and ignores walls.
+- `straight` ("straight line"): privileged; heads for the goal's agent position at full speed and
+  ignores walls. Each axis moves at full speed until it lines up with the goal (clipped to the
+  action box), so the path is diagonal first, then along the remaining axis: the fastest
+  wall-blind path the box of actions allows, as many steps as a straight path at full speed, and
+  a straight line itself only when the goal lies on an axis or a diagonal.
 - `expert`: privileged. Two-Room: the noiseless scripted expert (door-aware), an upper bound.
   Push-T: the scripted pusher driving the block to the goal pose, which is not an upper bound:
   the agent's goal position is not part of its objective (once the block is placed it stops,
@@ -35,7 +39,9 @@ class RandomBaseline:
 
 
 class StraightLineBaseline:
-    """Moves the agent toward the goal's agent position at full speed (privileged, wall-blind)."""
+    """Moves the agent toward the goal's agent position at full speed on each axis (privileged,
+    wall-blind): the action is the offset to the goal over one action's reach, clipped per axis
+    to [-1, 1]."""
 
     def __init__(self, env_name: str):
         self.env_name = env_name
