@@ -74,7 +74,39 @@ def resume_differences(saved: dict, current: dict) -> dict[str, tuple]:
     return diffs
 
 
+def _version_number(path: Path) -> int:
+    tail = path.name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 class LeWMCLI(LightningCLI):
+    def _last_checkpoint(self, sub: str) -> Path:
+        """`--ckpt_path last`: the last.ckpt of the newest version of this config's run
+        (`<save_dir>/<name>/version_N/checkpoints/`), or `<default_root_dir>/checkpoints/` without a
+        logger. Lightning itself would look in the new version folder this run is about to open, find
+        nothing and train from scratch."""
+        trainer = _plain(self.config[sub]["trainer"])
+        root, logger = Path(trainer.get("default_root_dir") or "."), trainer.get("logger")
+        if isinstance(logger, list):
+            logger = logger[0] if logger else False
+        if isinstance(logger, dict):
+            init = logger.get("init_args") or {}
+            run = Path(init.get("save_dir") or root) / str(init.get("name") or "lightning_logs")
+        elif logger in (None, True):
+            run = root / "lightning_logs"
+        else:
+            run = None
+        if run is not None:
+            found = sorted(run.glob("version_*/checkpoints/last.ckpt"), key=lambda p: _version_number(p.parents[1]))
+            where = run / "version_*" / "checkpoints"
+        else:
+            found = [c for c in [root / "checkpoints" / "last.ckpt"] if c.is_file()]
+            where = root / "checkpoints"
+        if not found:
+            self.parser.error(f"--ckpt_path last: no last.ckpt in {where}: give the checkpoint file to resume "
+                              "from (a run's checkpoints are in runs/<name>/version_N/checkpoints/)")
+        return found[-1]
+
     def _parse_ckpt_path(self) -> None:
         """Resume with the config's and command line's settings (Lightning >= 2.5.4 would replace
         them with the checkpoint's, silently dropping e.g. `--model.lambda_sigreg`): print what
@@ -83,7 +115,11 @@ class LeWMCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if not ckpt_path:
             return
-        if ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
+        if ckpt_path == "last":  # Lightning would look in this run's new, empty version folder
+            ckpt_path = self._last_checkpoint(sub)
+            self.config[sub]["ckpt_path"] = str(ckpt_path)
+            print(f"note: --ckpt_path last is {ckpt_path}, the newest run's last checkpoint", file=sys.stderr)
+        elif ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
             print(f"note: --ckpt_path {ckpt_path} is found by Lightning when training starts, so this run's "
                   "settings are not compared with that checkpoint's; give the checkpoint's file to have them "
                   "checked", file=sys.stderr)

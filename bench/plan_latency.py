@@ -24,14 +24,13 @@ import torch
 import yaml
 
 from leworld.allocator import keep_freed_memory
-from leworld.device import describe_device
+from leworld.device import describe_device, synchronize
 from leworld.model import LeWMConfig, LeWorldModel
 from leworld.planning import LatentProblem, make_planner
 
 
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
 
 
 def run(config: str, batch: int, planner: str, num_samples: int, topk: int, iterations: int, horizon: int,

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from leworld.allocator import keep_freed_memory
-from leworld.device import describe_device
+from leworld.device import describe_device, synchronize
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule
 
@@ -56,8 +56,7 @@ class Clock(L.Callback):
         self._seen = 0
 
     def _sync(self, module):
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
+        synchronize(module.device)
 
     def _count(self):
         if self._records is not None:
@@ -109,7 +108,9 @@ def run(config: str, steps: int, warmup: int, device: str, batch_size: int | Non
         loader = torch.utils.data.DataLoader(OneBatch(batch), batch_size=None)
     cuda = device.startswith("cuda")
     clock = Clock(warmup, count_syncs and cuda)
-    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps,
+    dev = torch.device(device)  # train where the batch already is: Lightning then moves nothing
+    trainer = L.Trainer(accelerator={"cuda": "gpu", "mps": "mps"}.get(dev.type, "cpu"),
+                        devices=[dev.index or 0] if dev.type == "cuda" else 1, max_steps=warmup + steps,
                         precision="bf16-mixed" if cuda else "32-true", gradient_clip_val=1.0,
                         log_every_n_steps=log_every, logger=L.pytorch.loggers.CSVLogger(root, name="train_loop"),
                         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,

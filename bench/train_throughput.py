@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 import yaml
 
 from leworld.allocator import keep_freed_memory
-from leworld.device import describe_device
+from leworld.device import describe_device, peak_rss_gib, synchronize
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule
 
@@ -67,12 +66,16 @@ def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: b
         opt.zero_grad(set_to_none=True)
         return loss
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    dev = torch.device(device)
+
+    def sync():
+        synchronize(dev)
+
     for _ in range(warmup):
         step()
     sync()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
@@ -89,10 +92,10 @@ def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: b
         key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
         with open(profile, "w") as f:
             f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**30
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS, GiB
+        peak = peak_rss_gib()  # the process's peak RSS
     name = describe_device(device)
     params = sum(p.numel() for p in module.parameters())
     return {"config": config, "device": name, "batch_size": batch_size, "frames": T, "compile": compile,

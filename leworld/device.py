@@ -1,10 +1,11 @@
 """Choosing the torch device a command runs on, with a clear error when it is not there.
 
 Example:
-    >>> from leworld.device import resolve_device
-    >>> resolve_device("auto")  # CUDA if present, else MPS, else the CPU
-    >>> resolve_device("cuda")  # ValueError on a machine without a usable GPU
-    >>> describe_device("cpu")  # e.g. 'AMD EPYC 7B13 (2 cores visible, 2 torch threads)'
+    from leworld.device import describe_device, resolve_device, synchronize
+    device = resolve_device("auto")   # CUDA if present, else MPS, else the CPU
+    resolve_device("cuda")            # ValueError on a machine without a usable GPU
+    describe_device("cpu")            # e.g. 'AMD EPYC 7B13 (2 cores visible, 2 torch threads)'
+    synchronize(device)               # wait for the device's queued work (benchmark timing)
 
 `--device` of `plan.py`, `surprise.py` and the analysis commands goes through `resolve_device`,
 so `--device cuda` on a machine without a usable GPU stops before any work, naming what is
@@ -48,6 +49,25 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r}: leworld runs on cpu, cuda or mps")
     return device
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait until `device` has run everything queued on it, before reading a clock: CUDA (that GPU,
+    not the current one) and MPS run asynchronously; the CPU needs nothing."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB (`ru_maxrss` is KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def describe_device(device: str | torch.device) -> str:

@@ -126,3 +126,28 @@ def test_describe_device_names_the_cpu_model_and_threads(monkeypatch):
         assert device.cpu_model() == models[0]
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     assert device.cpu_model() == (platform.processor() or platform.machine() or "unknown CPU")
+
+
+def test_synchronize_waits_for_the_device_it_is_given(monkeypatch):
+    """Benchmarks time CUDA and MPS work only after waiting for it: on the device they ran on
+    (`cuda:1`, not the current GPU), and on MPS too."""
+    import torch
+
+    from leworld.device import synchronize
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(("mps", None)))
+    for name in ("cuda:1", "mps", "cpu", torch.device("cuda", 0)):
+        synchronize(name)
+    assert waited == [("cuda", torch.device("cuda:1")), ("mps", None), ("cuda", torch.device("cuda:0"))]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak from /proc (Linux)")
+def test_peak_rss_is_the_kernels_high_water_mark_in_gib():
+    from leworld.device import peak_rss_gib
+
+    peak = peak_rss_gib()
+    status = Path("/proc/self/status").read_text()
+    hwm_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    assert abs(peak - hwm_kib / 2**20) < 0.05  # both in GiB; the peak can grow between the two reads

@@ -1220,6 +1220,39 @@ def test_resuming_through_the_cli_trains_with_the_command_line_settings(tmp_path
     assert "--trainer.max_steps 6" in err
 
 
+def test_ckpt_path_last_resumes_the_newest_run_of_the_config(tmp_path, monkeypatch, capsys):
+    """Lightning looks for `last` in the new version folder a resumed run opens, finds nothing and
+    trains from scratch; train.py resolves it to the newest version's last.ckpt and checks it."""
+    import importlib.util
+    import json
+
+    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    config = write_config(tmp_path)
+    run = tmp_path / "runs" / "tworoom_tiny"
+    with pytest.raises(SystemExit) as exit_info:  # nothing to resume yet
+        train_script.main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert exit_info.value.code == 2 and f"--ckpt_path last: no last.ckpt in {run}" in capsys.readouterr().err
+    for version in range(11):  # version_10 is the newest: numeric, not lexical order
+        (run / f"version_{version}" / "checkpoints").mkdir(parents=True)
+    train_script.main(["fit", "--config", str(config), "--trainer.max_steps", "4"])  # opens version_11
+    newest = run / "version_11" / "checkpoints" / "last.ckpt"
+    shutil.copy(newest, run / "version_10" / "checkpoints" / "last.ckpt")
+    shutil.copy(newest, run / "version_2" / "checkpoints" / "last.ckpt")
+    (run / "version_10" / "checkpoints" / "last.ckpt").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # the newest run's checkpoint, checked like a given file
+        train_script.main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4"])
+    err = capsys.readouterr().err
+    assert f"--ckpt_path last is {newest}" in err and "has trained 4 steps and trainer.max_steps is 4" in err
+    train_script.main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "6"])
+    resumed = json.loads((run / "version_12" / "model" / "config.json").read_text())
+    assert resumed["extra"]["global_step"] == 6
+
+
 def test_a_resume_reads_the_dataset_it_trained_on_wherever_the_file_is(tmp_path, monkeypatch, capsys):
     """Another dataset would be normalised with the checkpoint's action statistics and split anew:
     the data module refuses a file that holds another dataset, before a step, and a moved copy of
