@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"
 scratch=$(mktemp -d)  # train_loop.py's runs and exported models: not worth bringing back
 mkdir -p "$out"
-. bench/gpu_setup.sh  # PYTHONPATH, limit, BUDGET (and the carried wheels, if any)
+. bench/gpu_setup.sh  # PYTHONPATH, limit, BUDGET (and the wheels in .whl/, if any)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 if [ -n "${QUICK:-}" ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Example:
 #   bash bench/gpu_wheels.sh                 # here, once: the wheels the GPU image lacks, in .whl/
-#   bash bench/gpu_all.sh                    # there, with .whl carried along
+#   bash bench/gpu_all.sh                    # there, with .whl/ copied along
 #   QUICK=1 bash bench/gpu_all.sh            # tiny sizes, to check the script on a CPU (no .whl/ there)
 # Every GPU check in one command that ends within 10 minutes: planning latency at paper config
 # (50 envs with CUDA graphs per rollout; one env as one CUDA graph per plan), then Push-T at the

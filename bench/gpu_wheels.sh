@@ -2,9 +2,8 @@
 # Download the wheels that a GPU machine without package access needs for the environments and
 # the training CLI (its image has torch, lightning, h5py, PyYAML, but not these), into .whl/.
 #   bash bench/gpu_wheels.sh            # here, where pip can reach the registry
-# Then carry .whl to the GPU machine and install it there first (bench/pusht_gpu.sh does):
-#   python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site .whl/*.whl
-#   export PYTHONPATH=/tmp/site:$PWD
+# Then copy .whl/ with the repository to the GPU machine; the GPU scripts install it there first
+# (bench/gpu_setup.sh: into .whl/site, put on PYTHONPATH).
 # PY is the GPU machine's Python version (3.12 in its image).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,7 +4,7 @@
 # probing, and planning again toward the budget's deadline. Numbers land in $OUT (or bench/out):
 # plan.json, probe.json, plan_deadline.json and the logs.
 #   bash bench/gpu_wheels.sh                 # here, once: the wheels the GPU image lacks, in .whl/
-#   bash bench/pusht_gpu.sh                  # there, with .whl carried along
+#   bash bench/pusht_gpu.sh                  # there, with .whl/ copied along
 #   QUICK=1 bash bench/pusht_gpu.sh          # tiny sizes and a few steps, to check it on a CPU
 # Knobs (environment variables): EPISODES (2000), RES (224), MINUTES of training (4.5),
 # STEPS (4000: the cosine schedule's length; training stops at MINUTES if that comes first),

@@ -27,6 +27,7 @@ from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import export_model, find_model, load_model, model_extra, recorded_data_path
 from leworld.data.datamodule import LeWMDataModule
 from leworld.module import LeWMModule, recalibrate_batchnorm
+from leworld.results import check_writable
 
 
 def _data_module(extra: dict, source: Path, batch_size: int | None) -> LeWMDataModule:
@@ -64,6 +65,8 @@ def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: 
     nothing is written unless `force`; the result then has `written: False`."""
     if batches < 1 or val_batches < 1:
         raise ValueError(f"--batches and --val-batches must be at least 1, got {batches} and {val_batches}")
+    if out is not None:  # a bad --out fails now, not after the batches have run
+        check_writable(Path(out) / "config.json")
     source = find_model(model_path)
     if out is None:
         if not source.is_dir():

@@ -1099,6 +1099,15 @@ def test_recalibrate_reads_the_recorded_split_and_clip_length_and_scores_validat
     assert model_extra(tmp_path / "c")["bn_recalibration"] == {"batches": 2, "batch_size": 16}
 
 
+def test_recalibrate_refuses_an_out_it_cannot_write_before_any_work(tmp_path):
+    from leworld.recalibrate import main as recalibrate_main
+
+    (tmp_path / "a_file").write_text("")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "model"):
+        with pytest.raises(SystemExit, match=r"cannot write .*a_file is a file, not a directory"):
+            recalibrate_main(["--model", str(tmp_path / "no_model_here"), "--out", str(out)])
+
+
 def test_recalibrate_writes_nothing_when_the_validation_loss_gets_worse(data_path, tmp_path, monkeypatch):
     from leworld import recalibrate as recalibrate_mod
 
