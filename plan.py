@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: dataset {data_path} does not exist: generate it (the training command does) or pass --data")
     except DatasetError as e:
         # the collector's default resolution (224 px) is rarely the model's: say the one it needs
-        need = f" (for this model add --resolution {model.config.image_size})" if model is not None else ""
+        missing = str(e).startswith("no dataset at")  # the hint is for the collect command it suggests
+        need = f" (for this model add --resolution {model.config.image_size})" if model is not None and missing else ""
         raise SystemExit(f"error: {e}{need}")
     check_dataset(store, env_name, model if args.policy in ("model", "oracle") else None)
     if protocol.dataset is not None and args.data is not None:

@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from leworld.allocator import keep_freed_memory
@@ -194,7 +195,10 @@ def main(args=None) -> LeWMCLI:
 
 # Errors that name a problem of the input (a missing dataset, a bad setting, a file in the way):
 # printed as one line, not as the traceback of wherever in Lightning they surfaced.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, DatasetError)
+# Errors that name the problem and the fix: printed in a line, not as a traceback. A NaN loss is a
+# FloatingPointError; an unwritable path an OSError; a setting Lightning refuses (max_steps -5) a
+# MisconfigurationException.
+USER_ERRORS = (ValueError, OSError, DatasetError, FloatingPointError, MisconfigurationException)
 
 
 if __name__ == "__main__":

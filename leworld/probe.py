@@ -382,6 +382,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.frames_per_episode < 1 or args.batch_size < 1 or args.mlp_epochs < 1 or args.mlp_hidden < 1:
         p.error("frames-per-episode, batch-size, mlp-epochs and mlp-hidden must be positive")
+    if args.mlp_patience < 1:
+        p.error(f"--mlp-patience must be at least 1, got {args.mlp_patience}")
+    if args.split_seed is not None and args.split_seed < 0:
+        p.error(f"--split-seed must be >= 0, got {args.split_seed}")
     for flag in ("max_train_frames", "max_val_frames"):
         if getattr(args, flag) < 2 * args.frames_per_episode:
             p.error(f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must keep the frames of at least 2 "

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from leworld.allocator import keep_freed_memory
-from leworld.checkpoint import export_model, find_model, load_model, model_extra, recorded_data_path
+from leworld.checkpoint import WEIGHTS_NAME, export_model, find_model, load_model, model_extra, recorded_data_path
 from leworld.data.datamodule import LeWMDataModule
 from leworld.module import LeWMModule, recalibrate_batchnorm
 from leworld.results import check_writable
@@ -56,23 +56,33 @@ def val_pred_loss(module: LeWMModule, dm: LeWMDataModule, batches: int) -> float
 
 
 def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: int = 100,
-                batch_size: int | None = None, val_batches: int = 5, force: bool = False) -> dict:
+                batch_size: int | None = None, val_batches: int = 5, force: bool = False,
+                overwrite: bool = False) -> dict:
     """Re-estimate the BatchNorm statistics of the model at `model_path` and export it to `out`
     (default: the exported directory itself), over batches of `batch_size` clips (default: the
     run's). Returns the counts and the losses before and after.
 
     When the validation prediction loss gets worse (too few batches to average over, say),
-    nothing is written unless `force`; the result then has `written: False`."""
+    nothing is written unless `force`; the result then has `written: False`. An `out` that holds
+    another model is refused unless `overwrite`."""
     if batches < 1 or val_batches < 1:
         raise ValueError(f"--batches and --val-batches must be at least 1, got {batches} and {val_batches}")
     if out is not None:  # a bad --out fails now, not after the batches have run
         check_writable(Path(out) / "config.json")
     source = find_model(model_path)
+    model = load_model(source)  # a missing or unreadable model stops here, named as such
+    if out is not None:
+        out = Path(out)
+        if any(out.glob("version_*")):
+            raise ValueError(f"--out {out} is a run directory (it holds version_N folders): give a model directory, "
+                             "e.g. a new folder")
+        if (out / WEIGHTS_NAME).is_file() and out.resolve() != source.resolve() and not overwrite:
+            raise FileExistsError(f"--out {out} already holds another model: give a new directory, or --overwrite "
+                                  "to replace it")
     if out is None:
         if not source.is_dir():
             raise ValueError(f"{source} is a checkpoint file: give --out, the directory to export the model to")
         out = source
-    model = load_model(source)
     extra = model_extra(source)
     dm = _data_module(extra, source, batch_size)
     # the run's own loss passes (with `open_loop_frames` the rollout also goes through pred_proj's
@@ -104,13 +114,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="clips per batch (default: the run's, as recorded with the model; 128 if not)")
     parser.add_argument("--val-batches", type=int, default=5, help="validation batches for the before/after loss")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already at --out")
     parser.add_argument("--force", action="store_true",
                         help="write the re-estimated model even when its validation loss is worse")
     args = parser.parse_args(argv)
     keep_freed_memory()  # faster CPU forward passes on Linux (leworld/allocator.py)
     try:
-        result = recalibrate(args.model, args.out, args.batches, args.batch_size, args.val_batches, args.force)
-    except (ValueError, FileNotFoundError) as e:
+        result = recalibrate(args.model, args.out, args.batches, args.batch_size, args.val_batches, args.force,
+                             args.overwrite)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     loss = (f"validation pred_loss in evaluation mode {result['val_pred_loss_before']:.4g} -> "
             f"{result['val_pred_loss_after']:.4g}")

@@ -39,7 +39,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def check_writable(path: str | os.PathLike) -> Path:
     """Raise ValueError, naming the problem, when a file cannot be written at `path`: it is a
-    directory, or a parent of it is a file. Commands call it before their work, so a bad `--out`
+    directory, a parent of it is a file, or the nearest existing folder takes no new file (checked
+    by writing and removing one). Commands call it before their work, so a bad `--out`
     fails at once instead of after the computation; `atomic_write` calls it too."""
     path = Path(path)
     if path.is_dir():
@@ -48,6 +49,13 @@ def check_writable(path: str | os.PathLike) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise ValueError(f"cannot write {path}: {parent} is a file, not a directory")
+            try:  # permissions, a read-only or pseudo file system: only a write says for sure
+                fd, probe = tempfile.mkstemp(dir=parent, prefix=".write-check.", suffix=".tmp")
+            except OSError as e:
+                raise ValueError(f"cannot write {path}: {parent} is not writable ({e.strerror or e}); choose "
+                                 "another path") from None
+            os.close(fd)
+            os.unlink(probe)
             break
     return path
 

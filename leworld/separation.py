@@ -95,7 +95,7 @@ def separation(z: np.ndarray, states: np.ndarray, episode: np.ndarray, env: str,
                          f"{np.shape(states)}, {episode.shape}")
     if env not in MISSES:
         raise ValueError(f"no success test for env {env!r}: choose one of {', '.join(MISSES)}")
-    if num_goals < 1 or band <= 1.0:
+    if num_goals < 1 or not 1.0 < band < float("inf"):
         raise ValueError(f"num_goals must be positive and band above 1, got {num_goals} and {band}")
     if len(np.unique(episode)) < 2:
         raise ValueError("goal separation needs frames of at least 2 episodes (candidates come from other episodes)")
@@ -175,6 +175,10 @@ def separation_of_model(model, store, env: str | None = None, val_fraction: floa
     t1 = time.perf_counter()
     radius = float((store.metadata.get("env_params") or {}).get("success_radius", TWOROOM_RADIUS))
     result = separation(z, store.read("state", rows), owner, env, num_goals, band, seed, radius)
+    if result["top1"]["goals"] == 0:
+        raise ValueError(f"none of the goal frames has a frame of another episode that passes the success test "
+                         f"({len(rows)} frames at stride {stride}): there is nothing to separate; lower --stride "
+                         "or raise --max-frames")
     return {"env": env, "val_episodes": len(np.unique(owner)), **result,
             "seconds": {"encode": t1 - t0, "score": time.perf_counter() - t1}}
 
@@ -205,8 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
-    if min(args.num_goals, args.stride, args.max_frames, args.batch_size) < 1 or args.band <= 1:
-        p.error("num-goals, stride, max-frames and batch-size must be positive, and band above 1")
+    if min(args.num_goals, args.stride, args.max_frames, args.batch_size) < 1 or not 1 < args.band < float("inf"):
+        p.error("num-goals, stride, max-frames and batch-size must be positive, and band a finite number above 1")
     check_common_args(p, args)
     return args
 

@@ -239,6 +239,16 @@ def test_a_second_ctrl_c_during_the_cleanup_still_removes_the_partial_file(tmp_p
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_hdf5_file_of_another_program_is_not_called_incomplete(tmp_path):
+    """Advice to delete a file is for our own unfinished writes, never for someone else's data."""
+    other = tmp_path / "theirs.h5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("images", data=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DatasetError, match="is an HDF5 file but not a leworld dataset") as info:
+        EpisodeStore(other)
+    assert "delete" not in str(info.value)
+
+
 def test_a_writer_that_cannot_start_leaves_no_partial_file(tmp_path):
     from leworld.data.store import EpisodeWriter
 

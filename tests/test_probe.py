@@ -361,7 +361,9 @@ def test_a_negative_ridge_or_device_or_out_that_cannot_work_is_refused_before_an
              (forecast_mod, ["--out", str(tmp_path / "adir")], "is a directory"),
              (probe_mod, ["--max-val-frames", "0"], "--max-val-frames (0) must keep the frames of at least 2"),
              (probe_mod, ["--max-train-frames", "15"], "at least 2 x --frames-per-episode = 16"),
-             (forecast_mod, ["--max-train-frames", "-5"], "--max-train-frames (-5) must keep the frames")]
+             (forecast_mod, ["--max-train-frames", "-5"], "--max-train-frames (-5) must keep the frames"),
+             (probe_mod, ["--mlp-patience", "-3"], "--mlp-patience must be at least 1, got -3"),
+             (probe_mod, ["--split-seed", "-1"], "--split-seed must be >= 0, got -1")]
     for module, args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             module.parse_args(["--model", str(tmp_path / "model"), *args])

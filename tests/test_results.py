@@ -128,6 +128,18 @@ def test_describe_device_names_the_cpu_model_and_threads(monkeypatch):
     assert device.cpu_model() == (platform.processor() or platform.machine() or "unknown CPU")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a folder no file can be written to (Linux /proc)")
+def test_check_writable_tries_a_write_where_the_file_would_go(tmp_path):
+    """A folder that takes no new file (even for root, as /proc) fails before the work, not at the
+    final write; a writable one is left as it was."""
+    from leworld.results import check_writable
+
+    with pytest.raises(ValueError, match=r"cannot write /proc/result.json: /proc is not writable"):
+        check_writable("/proc/result.json")
+    assert check_writable(tmp_path / "new" / "r.json") == tmp_path / "new" / "r.json"
+    assert list(tmp_path.iterdir()) == []  # the trial file is gone, and no folder was made
+
+
 def test_synchronize_waits_for_the_device_it_is_given(monkeypatch):
     """Benchmarks time CUDA and MPS work only after waiting for it: on the device they ran on
     (`cuda:1`, not the current GPU), and on MPS too."""

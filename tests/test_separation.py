@@ -142,8 +142,9 @@ def test_separation_is_seeded_and_checks_its_inputs():
         separation(z[:-1], states, episode, "pusht")
     with pytest.raises(ValueError, match="at least 2 episodes"):
         separation(z, states, np.zeros(len(z), int), "pusht")
-    with pytest.raises(ValueError, match="band above 1"):
-        separation(z, states, episode, "pusht", band=1.0)
+    for band in (1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="band above 1"):
+            separation(z, states, episode, "pusht", band=band)
     with pytest.raises(ValueError, match="no success test"):
         separation(z, states, episode, "cartpole")
 
@@ -198,14 +199,21 @@ def test_cli_equals_the_brute_force_over_the_models_embeddings(tmp_path, dataset
 
 
 @pytest.mark.parametrize("case, message", [("no model", "no exported model"), ("other env", "trained on pusht"),
-                                           ("cap", "max_frames 5 keeps the frames of 1 of the 4 validation episodes")])
-def test_cli_clear_errors(tmp_path, dataset, case, message):
+                                           ("cap", "max_frames 5 keeps the frames of 1 of the 4 validation episodes"),
+                                           ("stride", "none of the goal frames has a frame of another episode that "
+                                                      "passes the success test"),
+                                           ("band nan", "band a finite number above 1"),
+                                           ("band inf", "band a finite number above 1")])
+def test_cli_clear_errors(tmp_path, dataset, case, message, capsys):
     if case != "no model":
         export_tiny(tmp_path / "model", dataset, env="pusht" if case == "other env" else "tworoom")
-    extra = ["--max-frames", "5"] if case == "cap" else []  # fewer frames than one episode holds
-    with pytest.raises(SystemExit, match=message):
+    extra = {"cap": ["--max-frames", "5"],  # fewer frames than one episode holds
+             "stride": ["--stride", "100000"],  # one frame per episode: no goal has a pass to separate
+             "band nan": ["--band", "nan"], "band inf": ["--band", "inf"]}.get(case, [])
+    with pytest.raises(SystemExit) as info:
         sep_mod.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out.json"), "--no-progress",
                       *extra])
+    assert message in str(info.value) + capsys.readouterr().err  # a usage error prints, others carry it
     assert not (tmp_path / "out.json").exists()
 
 

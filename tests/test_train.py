@@ -25,7 +25,7 @@ from leworld.data.collect import collect
 from leworld.data import datamodule as datamodule_mod
 from leworld.data.datamodule import CollectSpec, LeWMDataModule, frames_to_device
 from leworld.data.store import EpisodeStore
-from leworld.model import LeWMConfig
+from leworld.model import LeWMConfig, LeWorldModel
 from leworld.module import LeWMModule, effective_rank, recalibrate_batchnorm
 from test_model import perturb_adaln
 
@@ -917,6 +917,16 @@ def test_train_cli_prints_an_input_error_in_a_line(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "LEWORLD_TRACEBACK": "1"})
     assert out.returncode == 1 and "Traceback" in out.stderr and "DatasetError: no dataset at" in out.stderr
+    # a NaN loss, a path that cannot be created, a step count Lightning refuses: each in a line too
+    config = write_config(tmp_path)
+    cases = [(["--model.lr", "1e12", "--trainer.gradient_clip_val", "0"], "is nan at step"),
+             (["--data.path", str(tmp_path / "a_file" / "d.h5")], "choose another path for the dataset"),
+             (["--trainer.max_steps", "-5"], "max_steps")]
+    (tmp_path / "a_file").write_text("")
+    for extra, message in cases:
+        out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config), *extra], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1 and "Traceback" not in out.stderr and message in out.stderr, out.stderr[-3000:]
 
 
 def test_frames_to_device_copies_every_frame_in_file_order(data_path):
@@ -1106,6 +1116,26 @@ def test_recalibrate_refuses_an_out_it_cannot_write_before_any_work(tmp_path):
     for out in (tmp_path / "a_file", tmp_path / "a_file" / "model"):
         with pytest.raises(SystemExit, match=r"cannot write .*a_file is a file, not a directory"):
             recalibrate_main(["--model", str(tmp_path / "no_model_here"), "--out", str(out)])
+
+
+def test_recalibrate_never_replaces_another_model_or_fills_a_run_directory(tmp_path, capsys):
+    from leworld.checkpoint import export_model
+    from leworld.recalibrate import main as recalibrate_main
+
+    source, other = tmp_path / "source", tmp_path / "other"
+    for d in (source, other):
+        export_model(LeWorldModel(LeWMConfig(**TINY)), d)
+    before = (other / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"--out .*other already holds another model: .*--overwrite"):
+        recalibrate_main(["--model", str(source), "--out", str(other)])
+    (tmp_path / "run" / "version_0").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"--out .*run is a run directory"):
+        recalibrate_main(["--model", str(source), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="does not record its training data"):  # --overwrite passes that check
+        recalibrate_main(["--model", str(source), "--out", str(other), "--overwrite"])
+    with pytest.raises(SystemExit, match=r"no_model_here"):  # a missing model is named as such
+        recalibrate_main(["--model", str(tmp_path / "no_model_here")])
+    assert (other / "model.safetensors").read_bytes() == before
 
 
 def test_recalibrate_writes_nothing_when_the_validation_loss_gets_worse(data_path, tmp_path, monkeypatch):

@@ -56,12 +56,12 @@ class EpisodeWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise PermissionError(f"cannot create the directory {self.path.parent}: {e.strerror}; choose another --out") from e
+            raise PermissionError(f"cannot create the directory {self.path.parent}: {e.strerror}; choose another path for the dataset (--out, or data.path in a config)") from e
         self.tmp_path = self.path.parent / f".{self.path.name}.{os.getpid()}.tmp"
         try:
             self._file = h5py.File(self.tmp_path, "w")
         except OSError as e:
-            raise PermissionError(f"cannot write to {self.path.parent} ({e}); choose a writable --out") from e
+            raise PermissionError(f"cannot write to {self.path.parent} ({e}); choose a writable path for the dataset (--out, or data.path in a config)") from e
         try:
             self._start(metadata, resolution, action_dim, proprio_dim, state_dim, compression)
         except BaseException:  # a bad setting (an unknown compression, say) leaves no partial file
@@ -156,6 +156,9 @@ class EpisodeStore:
             raise DatasetError(f"{self.path} is not a readable HDF5 file ({e}): it may be incomplete or corrupt; "
                                "delete it and collect again") from e
         with f:
+            if "format_version" not in f.attrs or "metadata" not in f.attrs:
+                raise DatasetError(f"{self.path} is an HDF5 file but not a leworld dataset (it has no format_version "
+                                   "and metadata): give a file written by `python -m leworld.data.collect`")
             if not f.attrs.get("complete", False):
                 raise DatasetError(f"{self.path} is incomplete (its writer did not finish): delete it and collect again")
             missing = [k for k in (*_FIELDS, "episode_offset", "episode_length") if k not in f]
