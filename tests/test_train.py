@@ -1180,6 +1180,21 @@ def test_negative_bn_recalibration_batches_is_a_clear_error():
         LeWMModule(LeWMConfig(**TINY), bn_recalibration_batches=-1)
 
 
+def load_train_script(monkeypatch=None):
+    """train.py as a module; with `monkeypatch`, set up for calling its main() in this process: its
+    arguments are main()'s, not pytest's, and LEWORLD_KEEP_FREED_MEMORY=0 leaves this process's
+    memory allocator as it is."""
+    import importlib.util
+
+    if monkeypatch is not None:
+        monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
+        monkeypatch.setattr(sys, "argv", ["train.py"])
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    return train_script
+
+
 def write_config(tmp_path, data=None, model=None, **trainer):
     config = yaml.safe_load((ROOT / "configs" / "tworoom_tiny.yaml").read_text())
     config["trainer"].update({"max_steps": 3, "val_check_interval": None, "limit_val_batches": 1,
@@ -1214,14 +1229,9 @@ def test_resuming_through_the_cli_trains_with_the_command_line_settings(tmp_path
     """Lightning >= 2.5.4 would replace the command line's --model.* values with the checkpoint's
     on --ckpt_path, so `--model.lambda_sigreg` would silently not switch the weight. train.py keeps
     them, prints what differs from the checkpoint, and refuses what cannot change on resume."""
-    import importlib.util
     import json
 
-    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
-    monkeypatch.setattr(sys, "argv", ["train.py"])  # the arguments are main()'s, not pytest's
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_train_script(monkeypatch)
     config = write_config(tmp_path, model={"lambda_sigreg": 0.3})
     train_script.main(["fit", "--config", str(config), "--trainer.logger.init_args.name", "first"])
     ckpt = tmp_path / "runs" / "first" / "version_0" / "checkpoints" / "last.ckpt"
@@ -1262,14 +1272,9 @@ def test_resuming_through_the_cli_trains_with_the_command_line_settings(tmp_path
 def test_ckpt_path_last_resumes_the_newest_run_of_the_config(tmp_path, monkeypatch, capsys):
     """Lightning looks for `last` in the new version folder a resumed run opens, finds nothing and
     trains from scratch; train.py resolves it to the newest version's last.ckpt and checks it."""
-    import importlib.util
     import json
 
-    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
-    monkeypatch.setattr(sys, "argv", ["train.py"])
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_train_script(monkeypatch)
     config = write_config(tmp_path)
     run = tmp_path / "runs" / "tworoom_tiny"
     with pytest.raises(SystemExit) as exit_info:  # nothing to resume yet
@@ -1296,14 +1301,9 @@ def test_a_resume_reads_the_dataset_it_trained_on_wherever_the_file_is(tmp_path,
     """Another dataset would be normalised with the checkpoint's action statistics and split anew:
     the data module refuses a file that holds another dataset, before a step, and a moved copy of
     the dataset resumes. (New split settings are refused by the CLI: the test above.)"""
-    import importlib.util
     import shutil
 
-    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
-    monkeypatch.setattr(sys, "argv", ["train.py"])
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_train_script(monkeypatch)
     config = write_config(tmp_path)
     train_script.main(["fit", "--config", str(config), "--trainer.logger.init_args.name", "first"])
     ckpt = tmp_path / "runs" / "first" / "version_0" / "checkpoints" / "last.ckpt"
@@ -1340,13 +1340,8 @@ def test_a_shipped_config_trains_without_a_logger(tmp_path, monkeypatch, name):
     """`--trainer.logger false` (README: runs are then not versioned) must work with the callbacks
     a shipped config lists: Lightning's LearningRateMonitor, once listed there, refused to run
     without a logger (the module logs `train/lr` itself)."""
-    import importlib.util
 
-    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
-    monkeypatch.setattr(sys, "argv", ["train.py"])
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_train_script(monkeypatch)
     config = write_config(tmp_path, max_steps=2)
     shipped = yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]["callbacks"]
     spec = yaml.safe_load(config.read_text())
@@ -1361,11 +1356,8 @@ def test_resume_differences_compare_plain_values():
     saved = {"lambda_sigreg": 0.3, "lambda_schedule": [(100, 0.1)], "_instantiator": "x",
              "model": {"pred_depth": 1, "cnn_channels": (8, 16)}, "only_in_old_checkpoints": 1}
     current = {"lambda_sigreg": 0.3, "lambda_schedule": [[100, 0.1]], "model": {"pred_depth": 1, "cnn_channels": [8, 16]}}
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_train_script()
     assert train_script.resume_differences(saved, current) == {}
     current["model"]["cnn_channels"] = [8, 32]
     current["lambda_schedule"] = None
@@ -1526,13 +1518,8 @@ def test_every_shipped_config_builds_through_the_cli(name, build_cli):
 @pytest.mark.parametrize("resolution", [48, 16])  # larger and smaller than the model's 32 px
 def test_a_generate_resolution_the_model_cannot_take_stops_before_generating(tmp_path, monkeypatch, capsys,
                                                                             resolution):
-    import importlib.util
 
-    monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
-    monkeypatch.setattr(sys, "argv", ["train.py"])  # the arguments are main()'s, not pytest's
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_train_script(monkeypatch)
     config = write_config(tmp_path)  # 32 px model, 32 px data
     with pytest.raises(SystemExit):
         train_script.main(["fit", "--config", str(config), "--data.generate.resolution", str(resolution)])
