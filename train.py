@@ -39,7 +39,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from leworld.allocator import keep_freed_memory
-from leworld.checkpoint import read_checkpoint
+from leworld.checkpoint import read_checkpoint, version_number
 from leworld.data.datamodule import LeWMDataModule
 from leworld.data.store import DatasetError
 from leworld.module import LeWMModule
@@ -75,11 +75,6 @@ def resume_differences(saved: dict, current: dict) -> dict[str, tuple]:
     return diffs
 
 
-def _version_number(path: Path) -> int:
-    tail = path.name.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
-
 class LeWMCLI(LightningCLI):
     def _last_checkpoint(self, sub: str) -> Path:
         """`--ckpt_path last`: the last.ckpt of the newest version of this config's run
@@ -98,7 +93,7 @@ class LeWMCLI(LightningCLI):
         else:
             run = None
         if run is not None:
-            found = sorted(run.glob("version_*/checkpoints/last.ckpt"), key=lambda p: _version_number(p.parents[1]))
+            found = sorted(run.glob("version_*/checkpoints/last.ckpt"), key=lambda p: version_number(p.parents[1]))
             where = run / "version_*" / "checkpoints"
         else:
             found = [c for c in [root / "checkpoints" / "last.ckpt"] if c.is_file()]

@@ -194,8 +194,8 @@ def read_checkpoint(path: Path) -> dict:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"GLOBAL (\S+)", str(e))
+    except Exception as e:  # an empty file, a text file, a truncated zip, a refused object
+        refused = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if refused is None:
             raise ValueError(f"{path} is not a readable checkpoint ({_first_line(e)}): it may be truncated or "
                              "corrupt; use another checkpoint of the run (checkpoints/*.ckpt) or train again") from None
@@ -204,9 +204,6 @@ def read_checkpoint(path: Path) -> dict:
                          "as plain values (str, dict, list, numbers) where the run was made, and train again; if "
                          "you trust the file, load it yourself with torch.load(..., weights_only=False) and save "
                          "its state_dict without that object.") from None
-    except Exception as e:  # an empty file, a text file, a truncated zip: whatever the reader trips on
-        raise ValueError(f"{path} is not a readable checkpoint ({_first_line(e)}): it may be truncated or corrupt; "
-                         "use another checkpoint of the run (checkpoints/*.ckpt) or train again") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a Lightning checkpoint: {_HOW_TO_MAKE}.")
     return ckpt
@@ -333,6 +330,12 @@ def result_path(kind: str, model: str | os.PathLike, seed: int = 0) -> Path:
     return Path("runs") / kind / f"{name}.json"
 
 
+def version_number(directory: Path) -> int:
+    """N of a run's `version_N` folder (-1 for another name), to order versions numerically."""
+    tail = Path(directory).name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 def find_model(path: str | os.PathLike) -> Path:
     """Resolve a model location: an exported directory, a weights or .ckpt file, a run's version
     directory (`runs/<name>/version_N`: its `model/`), or a run directory.
@@ -345,7 +348,7 @@ def find_model(path: str | os.PathLike) -> Path:
         if (path / "model" / WEIGHTS_NAME).is_file():  # a version directory
             return path / "model"
         versions = [p for p in path.glob("version_*/model") if (p / WEIGHTS_NAME).is_file()]
-        versions.sort(key=lambda p: int(p.parent.name.split("_")[-1]) if p.parent.name.split("_")[-1].isdigit() else -1)
+        versions.sort(key=lambda p: version_number(p.parent))
         if versions:
             return versions[-1]
     return path
