@@ -696,3 +696,224 @@ def test_protocols_pairs_and_baselines_refuse_values_that_would_measure_somethin
             sample_pairs(store, get_protocol("paper-v3"), episodes=episodes)
     with pytest.raises(ValueError, match="unknown env 'TwoRoom'"):
         make_baseline("expert", "TwoRoom")
+
+
+# ------------------------------------------------------------------------------------------ baselines
+def test_random_baseline_draws_seeded_uniform_actions_again_after_every_reset():
+    """Call by call the actions are default_rng(seed).uniform(-1, 1, (N, A)); another seed gives
+    others, and reset starts the same stream again."""
+    env = envs.make_batch("tworoom", 3, resolution=RES, seed=0)
+    obs = env.reset()
+    policy = make_baseline("random", "tworoom", seed=7)
+    for _ in range(2):  # the second pass after a reset repeats the first
+        policy.reset(env)
+        rng = np.random.default_rng(7)
+        for _ in range(4):
+            want = rng.uniform(-1.0, 1.0, (3, 2)).astype(np.float32)
+            np.testing.assert_array_equal(policy.act(env, obs), want)
+    other = make_baseline("random", "tworoom", seed=8)
+    other.reset(env)
+    policy.reset(env)
+    assert not np.array_equal(other.act(env, obs), policy.act(env, obs))
+
+
+def test_noise_free_expert_baselines_do_not_depend_on_their_seed():
+    env = envs.make_batch("tworoom", 4, resolution=RES, seed=0)
+    obs = env.reset(seed=5)
+    experts = [make_baseline("expert", "tworoom", seed=s) for s in (0, 1)]
+    for e in experts:
+        e.reset(env)
+    for _ in range(5):
+        a, b = (e.act(env, obs) for e in experts)
+        np.testing.assert_array_equal(a, b)
+        obs = env.step(a)
+
+
+def test_push_t_expert_pushes_toward_the_env_goal_and_stops_there():
+    """Its actions are the noiseless PusherPolicy's with use_env_goal=True (not its own random goals);
+    with the block at the env's goal it holds still."""
+    from envs.policies.push_t import PusherPolicy
+
+    env = envs.make_batch("pusht", 3, resolution=16, seed=0)
+    env.reset(seed=1)
+    starts = env.get_state()
+    env.reset(seed=2)
+    goals = env.get_state()
+    obs = env.reset_to(starts, goals)
+    expert = make_baseline("expert", "pusht", seed=0)
+    expert.reset(env)
+    reference = PusherPolicy(env, noise=0.0, seed=123, use_env_goal=True)
+    for _ in range(5):
+        a = expert.act(env, obs)
+        np.testing.assert_array_equal(a, reference.act(env))
+        obs = env.step(a)
+    obs = env.reset_to(goals, goals)
+    expert.reset(env)
+    np.testing.assert_array_equal(expert.act(env, obs), np.zeros((3, 2), np.float32))
+
+
+def test_replay_baseline_holds_still_once_the_recording_ends():
+    from leworld.evaluation.baselines import ReplayBaseline
+
+    actions = np.array([[[0.5, -0.5], [1.0, 0.25]], [[-1.0, 0.0], [0.75, 0.75]]], np.float32)  # (N=2, K=2, A=2)
+    env = SimpleNamespace(num_envs=2, action_dim=2)
+    replay = ReplayBaseline(actions)
+    replay.reset(env)
+    np.testing.assert_array_equal(replay.act(env, None), actions[:, 0])
+    np.testing.assert_array_equal(replay.act(env, None), actions[:, 1])
+    for _ in range(2):
+        np.testing.assert_array_equal(replay.act(env, None), np.zeros((2, 2), np.float32))
+
+
+# ------------------------------------------------------- summaries: the interval at 0 and n successes
+def test_wilson_interval_stays_in_the_unit_interval_and_is_uninformative_without_episodes():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    for n in range(1, 200):  # the interval holds the observed rate, 0 and 1 included, whatever the rounding
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0 and lo < hi
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+
+
+# ---------------------------------------------- protocols: the presets never change under their names
+def test_protocol_presets_keep_their_published_definitions():
+    """A protocol name must always mean the same definition: results are compared by name. These
+    literals are the spec (LEWM.md section 6: paper-v3 is 50 episodes, goal 25 steps ahead, budget 50;
+    v1 Two-Room goal 100 ahead, budget 150). Changing a definition needs a new version name, not an
+    edit of this test."""
+    want = {
+        "paper-v3": {"name": "paper-v3", "version": 1, "num_episodes": 50, "goal_offset": 25, "budget": 50,
+                     "split": "val", "description": "LeWM paper v3: goal 25 steps ahead in a validation episode, "
+                                                    "50-step budget", "dataset": None, "env": None},
+        "paper-v1-tworoom": {"name": "paper-v1-tworoom", "version": 1, "num_episodes": 50, "goal_offset": 100,
+                             "budget": 150, "split": "val",
+                             "description": "LeWM paper v1 for Two-Room: goal 100 steps ahead, 150-step budget",
+                             "dataset": None, "env": "tworoom"},
+        "far-tworoom-v1": {"name": "far-tworoom-v1", "version": 1, "num_episodes": 50, "goal_offset": 25,
+                           "budget": 50, "split": "all",
+                           "description": "held-out low-noise (0.5) expert episodes toward the other room: goal 25 "
+                                          "steps ahead (~80 px, over half across the wall), 50-step budget",
+                           "dataset": {"env": "tworoom", "episodes": 200, "steps": 50, "policy": "expert",
+                                       "noise": 0.5, "seed": 1_000_003,
+                                       "env_kwargs": {"target_mode": "other_room"}},
+                           "env": "tworoom"},
+    }
+    from leworld.evaluation import PROTOCOLS
+
+    assert sorted(PROTOCOLS) == sorted(want)
+    for name, definition in want.items():
+        assert get_protocol(name).to_dict() == definition, name
+
+
+# ------------------------------------------------------------------------------------------ plan.py rows
+class _StubPlanner(MPCPolicy):
+    """An MPCPolicy by type only: fixed planning times, and full speed right in env 1 (none elsewhere)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def reset(self, env):
+        self.plan_seconds, self.plans = list(self.seconds), env.num_envs * len(self.seconds)
+
+    def act(self, env, obs):
+        return np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], np.float32)
+
+
+def _three_hand_made_pairs():
+    """Two-Room pairs (agent xy, target xy) in the left room: solved at the start, 30 px to the right
+    of the agent, 80 px below it."""
+    from leworld.evaluation import Pairs
+
+    start = np.array([[50.0, 50.0, 0, 0], [40.0, 120.0, 0, 0], [60.0, 60.0, 0, 0]])
+    goal = np.array([[50.0, 50.0, 0, 0], [70.0, 120.0, 0, 0], [60.0, 140.0, 0, 0]])
+    idx = np.arange(3)
+    return Pairs(idx, idx, idx + 25, start, goal)
+
+
+def test_plan_rows_count_already_solved_starts_and_median_errors_per_episode():
+    """Episode 0 starts solved, episode 1 reaches its goal at step 3 (5 px a step, radius 16), episode 2
+    never moves: one already-successful start, two successes, medians over the episodes' own errors."""
+    plan_script = load_plan_script()
+    env = envs.make_batch("tworoom", 3, resolution=RES, seed=0)
+    row, _ = plan_script.run_policy("stub", _StubPlanner([1.0, 2.0, 10.0]), env, _three_hand_made_pairs(), 10,
+                                    False, False)
+    episodes = row["per_episode"]
+    assert [e["already"] for e in episodes] == [True, False, False]
+    assert [e["success"] for e in episodes] == [True, True, False]
+    assert [e["first_success_step"] for e in episodes] == [0, 3, -1]  # (30 - 15) px < 16 after 3 steps
+    assert row["already_successful"] == sum(e["already"] for e in episodes) == 1
+    rest = row["excluding_already"]
+    assert row["successes"] == 2 and (rest["episodes"], rest["successes"]) == (2, 1)
+    final = [e["final_errors"]["agent_px"] for e in episodes]
+    assert final == pytest.approx([0.0, 20.0, 80.0], abs=1e-3)  # 50 px moved, 20 past the goal
+    assert row["median_final_errors"]["agent_px"] == pytest.approx(np.median(final), abs=1e-3)
+    assert row["median_min_errors"]["agent_px"] == pytest.approx(
+        np.median([e["min_errors"]["agent_px"] for e in episodes]), abs=1e-3)
+
+
+def test_plan_rows_time_a_plan_as_a_call_over_the_envs_it_planned():
+    """An MPC call plans the whole batch of 3: calls of 1, 2 and 10 s are plans of 1/3, 2/3 and 10/3 s
+    (mean 13/9 s, median 2/3 s). An oracle call plans only the rows not yet solved (here 3, 2, 1):
+    13 s over 6 plans, per-plan times 1/3, 1 and 10 s (median 1 s)."""
+    from leworld.evaluation.oracle import SimulatorOracle
+
+    plan_script = load_plan_script()
+    env = envs.make_batch("tworoom", 3, resolution=RES, seed=0)
+    pairs = _three_hand_made_pairs()
+    row, _ = plan_script.run_policy("stub", _StubPlanner([1.0, 2.0, 10.0]), env, pairs, 2, False, False)
+    p = row["planning"]
+    assert p["calls"] == 3 and p["plans"] == 9 and p["batch"] == 3
+    assert p["call_ms_mean"] == pytest.approx(13000 / 3)
+    assert p["ms_per_plan_mean"] == pytest.approx(p["call_ms_mean"] / 3) == pytest.approx(13000 / 9)
+    assert p["ms_per_plan_median"] == pytest.approx(2000 / 3)
+
+    class StubOracle(SimulatorOracle):
+        def __init__(self):
+            pass
+
+        def reset(self, env):
+            self.plan_seconds, self.plan_rows, self.plans = [1.0, 2.0, 10.0], [3, 2, 1], 6
+
+        def act(self, env, obs):
+            return np.zeros((env.num_envs, 2), np.float32)
+
+    row, _ = plan_script.run_policy("oracle", StubOracle(), env, pairs, 2, False, False)
+    p = row["planning"]
+    assert p["calls"] == 3 and p["plans"] == 6 and p["call_ms_mean"] == pytest.approx(13000 / 3)
+    assert p["ms_per_plan_mean"] == pytest.approx(p["call_ms_mean"] * 3 / 6) == pytest.approx(13000 / 6)
+    assert p["ms_per_plan_median"] == pytest.approx(1000.0)
+
+
+def test_plan_oracle_without_search_options_records_its_documented_defaults(tmp_path, monkeypatch):
+    """--policy oracle alone: CEM of 100 samples, 10 elites, 5 iterations (its --help), horizon 5."""
+    plan_script = load_plan_script()
+    monkeypatch.setattr(plan_script, "make_env", lambda *a, **k: None)
+    monkeypatch.setattr(plan_script, "run_policy", lambda *a, **k: ({}, None))
+    args = plan_script.build_parser().parse_args(["--policy", "oracle", "--env", "pusht", "--no-progress"])
+    protocol = get_protocol("paper-v3")
+    _, settings, _ = plan_script.run_one("oracle", args, None, None, "pusht", protocol, None, torch.device("cpu"),
+                                         tmp_path / "r.json", None)
+    want = {"num_samples": 100, "topk": 10, "iterations": 5, "init_std": 1.0, "horizon": 5, "frameskip": 5,
+            "deadline": None, "seed": 0}
+    assert {k: settings[k] for k in want} == want
+
+
+def test_plan_random_baseline_follows_the_seed_option(tmp_path, tworoom_data):
+    """--seed 3 makes the random row that of make_baseline("random", seed=3) on the same pairs (not seed 0's)."""
+    plan_script = load_plan_script()
+    store = EpisodeStore(tworoom_data)
+    protocol = get_protocol("paper-v3").replace(num_episodes=4)
+    pairs = sample_pairs(store, protocol, seed=3, val_fraction=0.1, split_seed=0)
+    args = plan_script.build_parser().parse_args(["--policy", "straight", "--env", "tworoom", "--seed", "3",
+                                                  "--no-progress"])
+    row, settings, _ = plan_script.run_one("random", args, None, store, "tworoom", protocol, pairs,
+                                           torch.device("cpu"), tmp_path / "r.json", None)
+    assert settings is None and row["policy"] == "random"
+    final = {}
+    for seed in (3, 0):
+        env = plan_script.make_env(store, "tworoom", 4)
+        res = run_episodes(env, make_baseline("random", "tworoom", seed=seed), pairs, protocol.budget, progress=False)
+        final[seed] = np.round(res.final_errors["agent_px"], 3)
+    got = np.array([e["final_errors"]["agent_px"] for e in row["per_episode"]])
+    np.testing.assert_array_equal(got, final[3])
+    assert not np.array_equal(final[3], final[0])
