@@ -23,7 +23,8 @@ step of the `contact` policy); `clone_sim` copies the velocity too.
 Guards keep a kinematic (infinitely strong) agent physical, chiefly when it pins the block
 against a wall: the PD target (and the agent) stay inside the walls; a block squeezed into a wall
 is moved back out (`WALL_SLOP`); an agent sinking into the block by more than `MAX_OVERLAP` is
-stopped (position and velocity into the block removed), as a jammed block would stop a pusher;
+stopped (position and velocity into the block removed), as a jammed block would stop a pusher
+(except where the block pins the agent against a wall: the wall wins, and the agent can sink deeper);
 and the block never moves faster than 1.5 x its pusher (a wedged block could otherwise be flung).
 """
 from __future__ import annotations

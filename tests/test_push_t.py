@@ -16,11 +16,13 @@ import envs
 from envs.policies import make_policy
 from envs.policies.push_t import segment_clearance
 from envs.push_t import LIGHT_SLATE_GRAY, ROYAL_BLUE, PushTBatch, block_distance, block_polygon, is_success
-from envs.push_t_physics import (ACTION_SCALE, AGENT_RADIUS, DT, KD, KP, MAX_OVERLAP, SUBSTEPS, T_BOXES, T_OUTLINE,
-                                 WALL, WALL_SLOP, WORLD_SIZE, PushTSim)
+from envs.push_t_physics import AGENT_RADIUS, T_BOXES, T_OUTLINE, WALL, WORLD_SIZE, PushTSim
 from envs.push_t_render import PushTRenderer
 
 LIGHT_GREEN = (144, 238, 144)
+# Written out rather than imported, so that a changed constant in envs/push_t_physics.py shows: the
+# agent may sink at most 3 px into the block (MAX_OVERLAP) and the block at most 1 px into a wall (WALL_SLOP).
+MOST_SUNK_INTO_BLOCK, MOST_SUNK_INTO_WALL = 3.0, 1.0
 
 
 def make(num_envs=1, resolution=64, **kw) -> PushTBatch:
@@ -121,14 +123,16 @@ def test_set_state_round_trip_and_teleport_forgets_history():
 
 # --------------------------------------------------------------------------------- physics
 def test_agent_follows_the_pd_law():
-    """Far from the block the agent obeys accel = 100 (target - pos) - 20 vel, 10 sub-steps of 0.01 s."""
+    """Far from the block the agent obeys the spec: target = agent + 100 a, accel = 100 (target - pos)
+    + 20 (0 - vel) integrated into the velocity, then the position, over 10 sub-steps of 0.01 s.
+    The numbers are the spec's literals, not the module's constants, so a changed gain or step shows."""
     sim = PushTSim(state((200, 150), (400, 400), 0.0, vel=(30.0, -10.0))[0])
     pos, vel = np.array([200.0, 150.0]), np.array([30.0, -10.0])
     for a in ([0.3, 0.8], [-1.0, 0.2]):
-        target = pos + ACTION_SCALE * np.array(a)
-        for _ in range(SUBSTEPS):
-            vel = vel + (KP * (target - pos) - KD * vel) * DT
-            pos = pos + vel * DT
+        target = pos + 100.0 * np.array(a)
+        for _ in range(10):
+            vel = vel + (100.0 * (target - pos) + 20.0 * (0.0 - vel)) * 0.01
+            pos = pos + vel * 0.01
         sim.step(*a)
         np.testing.assert_allclose(sim.state()[[0, 1]], pos, atol=1e-9)
         np.testing.assert_allclose(sim.state()[[5, 6]], vel, atol=1e-9)
@@ -151,7 +155,7 @@ def test_push_moves_block_in_push_direction_and_agent_stays_behind():
         env.step(np.array([[1.0, 0.0]]))
         s = env.get_state()[0]
         assert s[0] < block_polygon(s[2:5])[:, 0].min()  # agent centre behind the block's leftmost point
-        assert block_distance(s[:2], s[2:5]) >= AGENT_RADIUS - MAX_OVERLAP - 1e-6
+        assert block_distance(s[:2], s[2:5]) >= 15.0 - MOST_SUNK_INTO_BLOCK - 1e-6
     moved = s[2:5] - start[2:5]
     assert moved[0] > 100 and abs(moved[1]) < 5 and abs(moved[2]) < 0.05
     # pushing up from below the stem moves the block up
@@ -182,9 +186,9 @@ def test_agent_never_passes_through_a_jammed_block(angle):
     for _ in range(60):
         env.step(np.array([[1.0, 0.0]]))
         s = env.get_state()[0]
-        assert block_distance(s[:2], s[2:5]) >= AGENT_RADIUS - MAX_OVERLAP - 1e-6  # never in the T
-        poly = block_polygon(s[2:5])
-        assert poly.max() <= WORLD_SIZE - WALL + WALL_SLOP + 1e-6 and poly.min() >= WALL - WALL_SLOP - 1e-6
+        assert block_distance(s[:2], s[2:5]) >= 15.0 - MOST_SUNK_INTO_BLOCK - 1e-6  # never in the T
+        poly = block_polygon(s[2:5])  # inner wall faces at 5 and 507
+        assert poly.max() <= 507.0 + MOST_SUNK_INTO_WALL + 1e-6 and poly.min() >= 5.0 - MOST_SUNK_INTO_WALL - 1e-6
 
 
 def test_block_stays_in_arena_under_aggressive_actions():
@@ -198,7 +202,7 @@ def test_block_stays_in_arena_under_aggressive_actions():
         env.step(actions)
         s = env.get_state()
         polys = np.stack([block_polygon(p) for p in s[:, 2:5]])
-        assert polys.min() >= WALL - WALL_SLOP - 1e-6 and polys.max() <= WORLD_SIZE - WALL + WALL_SLOP + 1e-6
+        assert polys.min() >= 5.0 - MOST_SUNK_INTO_WALL - 1e-6 and polys.max() <= 507.0 + MOST_SUNK_INTO_WALL + 1e-6
         assert np.all((s[:, :2] >= WALL) & (s[:, :2] <= WORLD_SIZE - WALL))
         assert all(block_distance(a, p) > 0 for a, p in zip(s[:, :2], s[:, 2:5]))
 
@@ -216,6 +220,65 @@ def test_block_rests_when_contact_ends():
     for _ in range(3):
         env.step(np.array([[-0.5, 0.3]]))
     np.testing.assert_allclose(env.get_state()[0, 2:5], rest[2:5], atol=1e-9)
+
+
+def test_block_has_mass_one_spread_uniformly_and_every_shape_has_friction_one():
+    """Spec: T-block of mass 1 (uniform: moment of inertia of the two boxes about the centre of mass,
+    in closed form), friction 1 on the block and on the agent's circle."""
+    import pymunk
+
+    sim = PushTSim(state((100, 100), (256, 256), 0.3)[0])
+    com_y = (120 * 30 * 15.0 + 30 * 90 * 75.0) / (120 * 30 + 30 * 90)  # bar on top (y 0-30), stem below (30-120)
+    moment = sum(m * ((w * w + h * h) / 12.0 + (cy - com_y) ** 2)
+                 for m, w, h, cy in ((3600 / 6300, 120, 30, 15.0), (2700 / 6300, 30, 90, 75.0)))
+    assert sim.block.mass == pytest.approx(1.0, rel=1e-12) and sim.block.moment == pytest.approx(moment, rel=1e-9)
+    assert sim.agent.body_type == pymunk.Body.KINEMATIC
+    assert [shape.friction for shape in sim.agent.shapes] == [1.0]
+    assert [shape.friction for shape in sim.block.shapes] == [1.0, 1.0]
+    assert [shape.radius for shape in sim.agent.shapes] == [15.0]
+
+
+def _diagonal_push(agent_friction=None, block_friction=None):
+    """Block state after pushing the bar's flat face at 39 degrees off its normal, with the frictions
+    optionally overwritten; tangent/normal = 0.8 lies between 0.5 and 1, so sticking depends on them."""
+    sim = PushTSim(state((150, 256), (256, 256), -np.pi / 2)[0])
+    for shape in sim.agent.shapes if agent_friction is not None else ():
+        shape.friction = agent_friction
+    for shape in sim.block.shapes if block_friction is not None else ():
+        shape.friction = block_friction
+    for _ in range(4):
+        sim.step(1.0, 0.8)
+    return sim.state()[2:5]
+
+
+def test_a_diagonal_push_moves_the_block_as_with_friction_one():
+    """The env's block moves exactly as in a world whose frictions the test sets to the spec's 1, and
+    friction matters here: at 0.5 on either shape the block slides less along the face."""
+    default = _diagonal_push()
+    np.testing.assert_array_equal(default, _diagonal_push(1.0, 1.0))
+    for frictions in ((0.5, 1.0), (1.0, 0.5)):
+        assert default[1] - _diagonal_push(*frictions)[1] > 1.0  # px less along the face (+y)
+
+
+def test_with_damping_a_released_block_glides_and_its_speed_decays_by_damping_per_second():
+    """damping d = fraction of the block's velocity kept after 1 s: gliding freely (no contact), the
+    block's displacement over each 0.1 s control step shrinks by exactly d ** 0.1; with d = 0 it rests."""
+    moves = {}
+    for d in (0.0, 0.01):
+        env = make(1, resolution=8, damping=d)
+        env.set_state(state((150, 256), (256, 256), -np.pi / 2))
+        for _ in range(3):
+            env.step(np.array([[1.0, 0.0]]))  # push the bar to the right
+        xs = []
+        for _ in range(6):
+            env.step(np.array([[-1.0, 0.0]]))  # back off: contact ends during the first of these steps
+            s = env.get_state()[0]
+            xs.append(s[2])
+            assert block_distance(s[:2], s[2:5]) > 15.0 and block_polygon(s[2:5])[:, 0].max() < 500  # no contact
+        moves[d] = np.diff(xs)
+    np.testing.assert_array_equal(moves[0.0], 0.0)
+    assert moves[0.01][0] > 5.0
+    np.testing.assert_allclose(moves[0.01][1:] / moves[0.01][:-1], 0.01 ** 0.1, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------ success test
@@ -255,7 +318,39 @@ def test_goal_errors_are_the_parts_of_the_success_test():
     assert 0 < env.success().sum() < 64  # both outcomes occur: the comparison above can fail
 
 
+def test_success_needs_a_pose_error_strictly_under_20_px():
+    """Spec: ||(agent xy, block xy) - goal|| < 20, strictly: exactly 20 px (exact in float64: 20^2 and
+    4 * 10^2 are whole numbers) is a miss. The angle test (< pi/9) cannot tie: wrapped angle errors
+    near pi/9 are multiples of 2^-51 and float64 pi/9 is not, so only values either side are checked."""
+    base = np.array([100.0, 120.0, 250.0, 260.0, 0.5, 0.0, 0.0])
+    cases = [([20.0, 0, 0, 0], False), ([0, 0, 0, -20.0], False), ([10.0, -10.0, 10.0, 10.0], False),
+             ([19.999, 0, 0, 0], True), ([9.999, -9.999, 9.999, 9.999], True)]
+    for offset, expect in cases:
+        goal = base.copy()
+        goal[:4] += offset
+        assert expect or math.sqrt(sum((base[:4] - goal[:4]) ** 2)) == 20.0  # the misses are exact ties
+        assert bool(is_success(base, goal)[0]) == expect, offset
+    for d, expect in ((math.pi / 9 - 1e-12, True), (math.pi / 9 + 1e-12, False)):
+        goal = base.copy()
+        goal[4] -= d
+        assert bool(is_success(base, goal)[0]) == expect
+
+
 # --------------------------------------------------------------------------------- rendering
+@pytest.mark.parametrize("resolution, supersample", [(64, 1), (64, 4), (96, 1), (224, 1), (224, 4)])
+def test_the_agent_disc_covers_what_the_renderer_documents(resolution, supersample):
+    """The agent is a filled circle of radius r = round(15 x scale) surface pixels, which covers about
+    pi (r + 1/2)^2 of them (envs/push_t_render.py); its coverage is summed from the frame's red
+    channel (white 255, RoyalBlue 65), partly covered edge pixels counting in part."""
+    renderer = PushTRenderer(resolution, T_OUTLINE, supersample=supersample)
+    frame = renderer.draw(state((150, 150), (400, 400), 0.3)[0], LIGHT_SLATE_GRAY, ROYAL_BLUE)
+    c, half = int(150 * resolution / 512), 12 * resolution // 64
+    red = frame[c - half:c + half, c - half:c + half, 0].astype(np.float64)
+    coverage = ((255.0 - red) / (255.0 - ROYAL_BLUE[0])).sum()
+    r = round(15.0 * resolution * supersample / 512)
+    assert coverage == pytest.approx(math.pi * (r + 0.5) ** 2 / supersample ** 2, rel=0.05)
+
+
 @pytest.mark.parametrize("resolution", [64, 96, 224])
 def test_render_draws_objects_at_scaled_places(resolution):
     pose = (300.0, 200.0, 0.8)

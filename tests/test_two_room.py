@@ -344,3 +344,98 @@ def test_policies_with_another_seed_act_otherwise():
     for name in ("expert", "random"):
         a, b, c = (make_policy("tworoom", name, env, seed=s).act(env) for s in (1, 1, 2))
         assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_success_needs_strictly_less_than_16_px():
+    """Spec: success when the agent is within 16 px of the target, strictly: 16 px exactly is a miss."""
+    env = TwoRoomBatch(num_envs=4, resolution=8)
+    env.set_state([[50.0, 50.0, 66.0, 50.0], [50.0, 50.0, 50.0, 34.0], [150.0, 100.0, 150.0 - 15.999, 100.0],
+                   [150.0, 100.0, 150.0, 100.0 + 15.999]])
+    d = np.hypot(*(env.target_pos - env.agent_pos).T)
+    assert d[0] == 16.0 and d[1] == 16.0  # exactly on the threshold (whole numbers are exact in float64)
+    np.testing.assert_array_equal(env.success(), [False, False, True, True])
+
+
+def test_reset_samples_starts_and_targets_uniformly_over_the_free_space_of_each_room():
+    """10^4 resets: every start and target lies inside the border [14, 210]^2 and outside the wall
+    slab 107 < x < 117 (resets never use the door); room 0 spans x in [14, 107], room 1 x in [117, 210]."""
+    n = 10_000
+    env = TwoRoomBatch(num_envs=n, resolution=8, seed=1)
+    env.reset()
+    points = np.concatenate([env.agent_pos, env.target_pos])  # (2n, 2)
+    x, y = points[:, 0], points[:, 1]
+    assert ((points >= 14.0) & (points <= 210.0)).all()
+    assert not ((x > 107.0) & (x < 117.0)).any(), x[(x > 107.0) & (x < 117.0)]
+    left, right = x[x <= 107.0], x[x >= 117.0]
+    # ~10^4 uniform points per room over 93 px: the gap at either end exceeds 0.2 px with prob. e^-20
+    for xs, lo, hi in ((left, 14.0, 107.0), (right, 117.0, 210.0)):
+        assert len(xs) > 9000 and xs.min() - lo < 0.2 and hi - xs.max() < 0.2
+        assert abs(xs.mean() - (lo + hi) / 2) < 5 * 93 / np.sqrt(12 * len(xs))  # uniform: mean at the centre
+    assert y.min() - 14.0 < 0.2 and 210.0 - y.max() < 0.2
+
+
+def test_target_mode_any_puts_half_the_targets_in_the_other_room():
+    """"any": the target's room is a fair coin independent of the start's room."""
+    n = 10_000
+    env = TwoRoomBatch(num_envs=n, resolution=8, seed=2, target_mode="any")
+    env.reset()
+    start_left, target_left = env.agent_pos[:, 0] < MID, env.target_pos[:, 0] < MID
+    tol = 5 * 0.5 / np.sqrt(n)  # 5 binomial standard deviations
+    assert abs((start_left != target_left).mean() - 0.5) < tol
+    for side in (start_left, ~start_left):  # the same share from either room
+        assert abs((target_left[side] != start_left[side]).mean() - 0.5) < 5 * 0.5 / np.sqrt(side.sum())
+
+
+def _free(p, lo, hi):
+    """Inside the border and not inside the wall slab outside a door (closed intervals), per point."""
+    in_box = ((p >= LOW) & (p <= HIGH)).all(1)
+    in_slab = (p[:, 0] > WALL[0]) & (p[:, 0] < WALL[1])
+    in_door = ((p[:, 1, None] >= lo) & (p[:, 1, None] <= hi)).any(1)
+    return in_box & (~in_slab | in_door)
+
+
+def _continuous_move(p, move, lo, hi, micro=1000):
+    """Reference: the move in `micro` tiny straight pieces; a piece that would enter the wall keeps
+    whichever axis part stays free (slides along faces and door edges), else stops."""
+    d = move / micro
+    p = p.copy()
+    for _ in range(micro):
+        q = np.clip(p + d, LOW, HIGH)
+        qx, qy = np.stack([q[:, 0], p[:, 1]], 1), np.stack([p[:, 0], q[:, 1]], 1)
+        p = np.where(_free(q, lo, hi)[:, None], q, np.where(_free(qx, lo, hi)[:, None], qx,
+                                                            np.where(_free(qy, lo, hi)[:, None], qy, p)))
+    return p
+
+
+@pytest.mark.parametrize("speed", [12.0, 20.0])
+def test_fast_moves_near_the_door_follow_the_continuous_slide_within_one_sub_step(speed):
+    """A step faster than half the wall thickness is split into sub-steps of at most 5 px per axis
+    (half the 10 px wall, under half the 28 px door): sliding along a door edge is then lost for at
+    most one sub-step, so the end point lies within speed / ceil(speed / 5) of the continuous slide."""
+    import math
+
+    rng = np.random.default_rng(0)
+    lo, hi = np.array([35.0]), np.array([63.0])
+    p = np.stack([rng.uniform(WALL[0] - speed, WALL[1] + speed, 4000), rng.uniform(lo[0] - speed, hi[0] + speed, 4000)], 1)
+    p = p[_free(p, lo, hi)][:1500]
+    env = TwoRoomBatch(num_envs=len(p), resolution=8, speed=speed)
+    env.set_state(np.concatenate([p, p], 1))
+    a = rng.uniform(-1, 1, p.shape)
+    env.step(a)
+    deviation = np.abs(env.agent_pos - _continuous_move(p, a * speed, lo, hi)).max(1)
+    assert deviation.max() <= speed / math.ceil(speed / 5.0) + 0.05, deviation.max()
+    # the exact case worked by hand: from inside the door up-right, slide on y = 63 until x = 117
+    env = TwoRoomBatch(num_envs=1, resolution=8, speed=20.0)
+    env.set_state([[110.0, 60.0, 20.0, 20.0]])
+    env.step([[1.0, 1.0]])  # continuous: (113, 63) after 3 px, slide to (117, 63), then 13 px free
+    assert np.abs(env.agent_pos[0] - [130.0, 76.0]).max() <= 5.0
+
+
+def test_leaving_the_door_exactly_through_its_edge_is_allowed():
+    """Doors are closed intervals: a move out of the slab that crosses the face exactly at y = 35 or
+    y = 63 (the default door's edges) goes through. Action 0.8 at speed 5 moves 4 px per axis (one
+    sub-step): from x = 114 the face x = 117 is reached after 3/4 of the move, at y = py -+ 3."""
+    env = TwoRoomBatch(num_envs=4, resolution=8)
+    env.set_state([[114.0, 38.0, 20, 20], [114.0, 60.0, 20, 20], [110.0, 38.0, 200, 20], [110.0, 60.0, 200, 20]])
+    env.step([[0.8, -0.8], [0.8, 0.8], [-0.8, -0.8], [-0.8, 0.8]])
+    np.testing.assert_array_equal(env.agent_pos, [[118.0, 34.0], [118.0, 64.0], [106.0, 34.0], [106.0, 64.0]])
