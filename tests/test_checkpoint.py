@@ -5,9 +5,11 @@ Run: pytest tests/test_checkpoint.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -101,6 +103,27 @@ def test_a_config_edited_after_the_export_is_caught_even_where_the_shapes_fit(tm
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _another_value(value):
+    """A valid setting other than `value`, of its type."""
+    other = {"vit": "cnn", "cnn": "vit", "flatten": "keypoints"}
+    if isinstance(value, str):
+        return other[value]
+    if isinstance(value, (list, tuple)):
+        return [2 * v for v in value]
+    return value / 2 if isinstance(value, float) else 2 * value
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(LeWMConfig)])
+def test_every_setting_of_an_edited_config_is_caught(tmp_path, name):
+    """Whatever setting config.json changes after the export, loading names it instead of building
+    another model around the weights."""
+    export_model(tiny_model(), tmp_path)
+    was = json.loads((tmp_path / "config.json").read_text())["config"][name]
+    edit_config(tmp_path, **{name: _another_value(was)})
+    with pytest.raises(ValueError, match=rf"\({name}: {re.escape(repr(was))} in the weights"):
+        load_model(tmp_path)
+
+
 def without_config_record(directory) -> None:
     """Rewrite the weights as exports did before they carried their config."""
     from safetensors import safe_open
@@ -143,6 +166,43 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path, monkeypatch):
     assert (tmp_path / "model.safetensors").read_bytes() == before
     with pytest.raises(TypeError, match="JSON"):
         export_model(model, tmp_path / "other", extra={"bad": object()})
+
+
+@pytest.mark.parametrize("failure", ["half written", "rename"])
+def test_an_export_that_fails_midway_leaves_the_old_model_whole(tmp_path, monkeypatch, failure):
+    """The files are written beside the target and renamed over it: a write cut off halfway (disk
+    full) or a failed rename leaves the old export byte for byte, and no temporary file."""
+    export_model(tiny_model(), tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "config.json")}
+    if failure == "half written":
+        real = Path.write_bytes
+
+        def write_half(self, data):
+            real(self, data[: len(data) // 2])
+            raise OSError("disk full")
+
+        monkeypatch.setattr(Path, "write_bytes", write_half)
+    else:
+        def no_rename(*args):
+            raise OSError("rename failed")
+
+        monkeypatch.setattr(checkpoint.os, "replace", no_rename)
+    with pytest.raises(OSError, match="disk full|rename failed"):
+        export_model(tiny_model("cnn"), tmp_path)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+
+
+def test_an_export_is_readable_by_others_and_loads_where_asked(tmp_path):
+    """Exported files are meant to be shared (mode 0644, not a temporary file's 0600), and
+    `map_location` places the loaded model (the meta device needs no GPU to show it)."""
+    export_model(tiny_model(), tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    model = load_model(tmp_path, map_location="meta")
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+    assert not model.training
 
 
 def test_the_same_weights_export_to_the_same_bytes(tmp_path):

@@ -115,16 +115,24 @@ def test_action_stats_use_training_episodes_only(dataset):
     np.testing.assert_allclose(std, rows.std(0), rtol=1e-5)
 
 
-def test_non_finite_actions_inside_episodes_are_a_clear_error(dataset, tmp_path):
+@pytest.mark.parametrize("value, columns, step", [
+    (np.nan, slice(None), 3),  # a whole NaN row inside the episode
+    (np.inf, 0, 0),  # inf in one column, in the episode's first row
+    (-np.inf, 1, 3),
+    (np.nan, 1, 0),  # a NaN in one column only
+])
+def test_non_finite_actions_inside_episodes_are_a_clear_error(dataset, tmp_path, value, columns, step):
     import shutil
 
     spoiled = tmp_path / "spoiled.h5"
     shutil.copy(dataset, spoiled)
     store = EpisodeStore(spoiled)
-    row = int(store.episode_offset[5]) + 3
+    row = int(store.episode_offset[5]) + step
     del store
     with h5py.File(spoiled, "r+") as f:
-        f["action"][row] = np.nan
+        action = f["action"][row]
+        action[columns] = value
+        f["action"][row] = action
     with pytest.raises(ValueError, match="1 non-finite action row.*the first in episode 5"):
         action_stats(EpisodeStore(spoiled), np.array([0, 2, 5]))
     mean, _ = action_stats(EpisodeStore(spoiled), np.array([0, 2]))  # the other episodes are fine
@@ -210,6 +218,52 @@ def test_an_interrupt_that_python_would_drop_still_aborts_and_keeps_the_old_file
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_an_interrupt_after_the_last_block_still_keeps_the_old_file(tmp_path, monkeypatch):
+    """A signal swallowed while the summary is written, after the last block, must still stop the
+    rename that would replace the existing file."""
+    path = tmp_path / "d.h5"
+    collect("tworoom", episodes=2, steps=5, resolution=RES, out=path, progress=False)
+    before = path.read_bytes()
+    real = collect_mod.EpisodeWriter.update_metadata
+
+    def summary_then_signal(self, **fields):
+        real(self, **fields)
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:  # dropped, as inside a garbage-collection callback
+            pass
+
+    monkeypatch.setattr(collect_mod.EpisodeWriter, "update_metadata", summary_then_signal)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        collect("tworoom", episodes=4, steps=5, resolution=RES, out=path, chunk_size=2, overwrite=True,
+                progress=False)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5"]
+
+
+def _read_in_child(store, queue):
+    rows = store.read("pixels", np.array([5, 2]))
+    queue.put((store._pid == os.getpid(), rows))
+
+
+def test_a_forked_process_opens_the_file_again_instead_of_sharing_the_parents_handle(dataset):
+    """HDF5 handles must not cross a fork (a loader worker reading through its parent's handle
+    shares its file position and cache); a child reopens the file on its first read."""
+    import multiprocessing as mp
+
+    store = EpisodeStore(dataset)
+    want = store.read("pixels", np.array([5, 2]))  # the parent has the file open now
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(store, queue))
+    child.start()
+    own_handle, rows = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and own_handle
+    np.testing.assert_array_equal(rows, want)
+    assert store._pid == os.getpid()  # the parent's handle is untouched
+
+
 def test_a_second_ctrl_c_during_the_cleanup_still_removes_the_partial_file(tmp_path, monkeypatch):
     """Ctrl-C pressed again while the first one's cleanup runs must not cut it short and leave the
     partial file behind (which can be gigabytes)."""
@@ -286,6 +340,8 @@ def test_ctrl_c_to_the_process_group_stops_parallel_collection_at_once(tmp_path)
     (["--env", "tworoom", "--noise", "nan"], "finite number >= 0"),
     (["--env", "tworoom", "--workers", "0"], "--workers must be a positive integer"),
     (["--env", "tworoom", "--resolution", "100000"], "--resolution must be between 16 and 1024"),
+    (["--env", "tworoom", "--resolution", "15"], "--resolution must be between 16 and 1024"),
+    (["--env", "tworoom", "--resolution", "1025"], "--resolution must be between 16 and 1024"),
     (["--env", "tworoom", "--episodes", "0"], "--episodes must be a positive integer"),
     (["--env", "tworoom", "--steps", "-3"], "--steps must be a positive integer"),
     (["--env", "tworoom", "--policy", "teleporter"], "unknown policy 'teleporter'"),
@@ -550,6 +606,36 @@ def test_a_bad_generate_setting_is_named_as_the_config_key(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_resumed_data_module_refuses_another_split_or_dataset_and_takes_its_own(dataset, tmp_path):
+    """`load_state_dict` (what Lightning calls on resume) accepts the checkpoint's own split and
+    dataset, refuses another split seed or fraction (the validation episodes would include ones
+    trained on) and another dataset, and checks nothing when a checkpoint is only scored."""
+    from types import SimpleNamespace
+
+    def module(path=dataset, **kwargs):
+        dm = LeWMDataModule(str(path), num_frames=2, frameskip=5, batch_size=4, num_workers=0,
+                            **{"val_fraction": 0.34, "split_seed": 3, **kwargs})
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), ckpt_path="last.ckpt")
+        return dm
+
+    state = module().state_dict()
+    module().load_state_dict(state)  # the same settings resume
+    for other in ({"split_seed": 4}, {"val_fraction": 0.5}):
+        assert not np.array_equal(module(**other).val_episodes, module().val_episodes)
+        with pytest.raises(ValueError, match="other validation episodes than last.ckpt"):
+            module(**other).load_state_dict(state)
+    elsewhere = tmp_path / "other.h5"
+    collect("tworoom", episodes=6, steps=30, resolution=RES, noise=1.0, seed=4, out=elsewhere, chunk_size=4,
+            progress=False)
+    differs = r"does not hold the dataset last.ckpt was trained on:(.|\n)*seed: 4 \(the checkpoint's: 3\)"
+    with pytest.raises(ValueError, match=differs):
+        module(elsewhere).load_state_dict(state)
+    scored = module(split_seed=4)
+    scored.trainer.state.fn = "validate"
+    scored.load_state_dict(state)  # scoring a checkpoint on other episodes is allowed
+
+
 def test_data_module_uses_its_split_seed_and_training_action_statistics(dataset):
     """The episode split follows data.split_seed, and the action statistics are those of the
     training episodes alone (computed here from the raw rows)."""
@@ -650,6 +736,38 @@ def test_collection_blocks_draw_other_episodes_and_follow_the_noise_setting():
     np.testing.assert_allclose(norms[norms > 0], 1.0, rtol=1e-6)  # noiseless: unit steps toward the aim
     noisy = collect_block("tworoom", 8, 10, 16, "expert", 0.5, seed=0, block=0)
     assert np.abs(np.linalg.norm(noisy["action"][:, :-1], axis=-1) - 1).max() > 0.1
+
+
+def test_stored_actions_are_the_executed_ones_inside_the_action_box(monkeypatch):
+    """The env clips what it is given to [-1, 1]; the file must hold the clipped action, the one
+    executed, even from a policy that overshoots, or a model would learn from actions (and action
+    statistics) that never happened."""
+    from leworld.data.collect import collect_block
+
+    made = collect_mod.make_policy
+
+    class Overshooting:
+        def __init__(self, *args, **kwargs):
+            self.inner = made(*args, **kwargs)
+
+        def reset(self, env):
+            self.inner.reset(env)
+
+        def act(self, env):
+            return 3.0 * np.asarray(self.inner.act(env))
+
+    plain = collect_block("tworoom", 8, 10, 16, "random", None, seed=0, block=0)
+    monkeypatch.setattr(collect_mod, "make_policy", Overshooting)
+    wild = collect_block("tworoom", 8, 10, 16, "random", None, seed=0, block=0)
+    expected = np.clip(3.0 * plain["action"][:, :-1], -1.0, 1.0)
+    assert (np.abs(3.0 * plain["action"][:, :-1]) > 1).mean() > 0.3  # the policy did overshoot
+    np.testing.assert_array_equal(wild["action"][:, :-1], expected)
+    env = envs.make_batch("tworoom", num_envs=8, resolution=16)
+    env.reset(seed=0)
+    env.set_state(wild["state"][:, 0])
+    for t in range(10):  # the stored actions replay the stored states
+        env.step(wild["action"][:, t])
+        np.testing.assert_allclose(env.get_state(), wild["state"][:, t + 1], atol=1e-9)
 
 
 @pytest.mark.parametrize("compression", [None, "lzf"])

@@ -103,3 +103,24 @@ def test_members_that_do_not_act_alike_are_refused_with_the_reason():
     ens = ModelEnsemble([member(0), member(1)])
     with pytest.raises(ValueError, match="16 \\+ 16"):
         ens.split(torch.zeros(2, 16))
+
+
+def test_ensemble_z_scores_actions_with_the_members_shared_statistics_and_back():
+    a, b = member(0), member(1)
+    for m in (a, b):
+        m.set_action_stats(torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.1]))
+    ens = ModelEnsemble([a, b])
+    g = torch.Generator().manual_seed(0)
+    for raw in (torch.randn(4, 3, 2, generator=g), torch.randn(4, 3, 10, generator=g)):  # steps and blocks
+        steps = raw.shape[-1] // 2  # a block is frameskip steps: the statistics tiled
+        mean, std = torch.tensor([0.5, -1.0]).repeat(steps), torch.tensor([2.0, 0.1]).repeat(steps)
+        torch.testing.assert_close(ens.normalize_actions(raw), (raw - mean) / std)
+        torch.testing.assert_close(ens.denormalize_actions(raw), raw * std + mean)
+        torch.testing.assert_close(ens.denormalize_actions(ens.normalize_actions(raw)), raw)
+        assert torch.equal(ens.denormalize_actions(raw), a.denormalize_actions(raw))
+
+
+def test_members_with_another_action_size_are_refused_naming_action_dim():
+    # with one action number per step, the statistics (0,) and (0, 0) would broadcast as equal
+    with pytest.raises(ValueError, match="member 1 has action_dim=1, member 0 has 2"):
+        ModelEnsemble([member(0), member(1, action_dim=1)])

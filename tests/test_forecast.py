@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -78,6 +79,27 @@ def test_cost_weights_wrap_the_angle_and_report_a_poor_fit():
     assert fit["quantities"]["angle"]["weight"] == pytest.approx(1.0, rel=1e-6)
     noise = rng.normal(size=(n, 3)) * 10.0  # a cost unrelated to the state change
     assert cost_weights("pusht", z0, noise, s0, s1)["r2"] < 0.2
+
+
+
+def test_a_cost_that_falls_as_a_quantity_grows_has_slope_zero():
+    """slope = sqrt(max(w, 0)): a negative weight (the cost shrinks as the block moves away) is no
+    distance scale at all, so its slope is 0, not sqrt(|w|)."""
+    rng = np.random.default_rng(2)
+    n = 200
+    s0 = np.concatenate([rng.uniform(50, 450, (n, 5)), np.zeros((n, 2))], 1)
+    s1 = s0.copy()
+    s1[:, :2] += rng.normal(0, 10, (n, 2))  # the agent moves
+    s1[:, 2:4] += rng.normal(0, 10, (n, 2))  # and the block
+    agent2 = ((s1[:, :2] - s0[:, :2]) ** 2).sum(1)
+    block2 = ((s1[:, 2:4] - s0[:, 2:4]) ** 2).sum(1)
+    cost = 5000.0 + 3.0 * agent2 - 0.5 * block2  # >= 0 for these moves
+    assert cost.min() > 0
+    z0, z1 = np.zeros((n, 1)), np.sqrt(cost)[:, None]
+    fit = cost_weights("pusht", z0, z1, s0, s1)["quantities"]
+    assert fit["block"]["weight"] == pytest.approx(-0.5, rel=1e-9) and fit["block"]["slope"] == 0.0
+    assert fit["agent"]["weight"] == pytest.approx(3.0, rel=1e-9)
+    assert fit["agent"]["slope"] == pytest.approx(math.sqrt(3.0), rel=1e-9)
     with pytest.raises(ValueError, match="more than 4 pairs"):
         cost_weights("pusht", z0[:3], z1[:3], s0[:3], s1[:3])
 
@@ -177,6 +199,10 @@ def test_forecast_is_seeded_and_checks_its_inputs(dataset):
     a = forecast(model, store, horizon=1, num_clips=8, val_fraction=0.34, progress=False)
     b = forecast(model, store, horizon=1, num_clips=8, val_fraction=0.34, progress=False)
     assert a["clips"] == 8 and a["quantities"] == b["quantities"] and a["cost_weights"] == b["cost_weights"]
+    train, _ = split_episodes(store.num_episodes, 0.34, 0)  # the probes are fitted on training episodes only
+    given = forecast(model, store, horizon=1, num_clips=8, val_fraction=0.34, progress=False,
+                     probes=fit_probes(model, store, "pusht", train, seed=0, progress=False))
+    assert given["quantities"] == a["quantities"]
     with pytest.raises(ValueError, match="eval mode"):
         forecast(tiny_model().train(), store, progress=False)
     with pytest.raises(ValueError, match="encodes 48 px frames"):
@@ -189,7 +215,6 @@ def test_forecast_is_seeded_and_checks_its_inputs(dataset):
         with pytest.raises(ValueError, match=f"needs at least 5 validation clips .*got {too_few} .*raise --num-clips"):
             forecast(model, store, horizon=1, num_clips=too_few, val_fraction=0.34, progress=False)
     assert forecast(model, store, horizon=1, num_clips=5, val_fraction=0.34, progress=False)["clips"] == 5
-    train, _ = split_episodes(store.num_episodes, 0.34, 0)
     with pytest.raises(ValueError, match="at least 2 episodes"):  # a probe fitted on one episode's frames
         fit_probes(model, store, "pusht", train[:1], frames_per_episode=4, progress=False)
 

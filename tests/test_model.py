@@ -567,3 +567,179 @@ def test_float_pixels_above_one_and_embeddings_of_another_width_are_refused():
         model.encode(pixels[:, :0])
     with pytest.raises(ValueError, match="predict expects"):
         model.predict(emb[:, :0], emb[:, :0])
+
+
+# ---- dropout: every test above runs in eval mode -------------------------------------------
+def test_predictor_dropout_is_the_papers_0_1_and_every_dropout_uses_the_configured_rate():
+    assert LeWMConfig().pred_dropout == 0.1
+    with pytest.raises(ValueError, match="pred_dropout must be in \\[0, 1\\)"):
+        LeWMConfig(pred_dropout=1.0)  # drops everything
+    with pytest.raises(ValueError, match="pred_dropout"):
+        LeWMConfig(pred_dropout=-0.1)
+    from leworld.model.predictor import Predictor
+
+    for pred, p in ((make("cnn", pred_dropout=0.3).predictor, 0.3),
+                    (Predictor(dim=16, history=3, depth=2, heads=2, head_dim=8, mlp=32), 0.1)):
+        rates = [m.p for m in pred.modules() if isinstance(m, nn.Dropout)]
+        assert rates == [p] * (3 * len(pred.blocks))  # per block: after the projection, in and after the MLP
+        assert [block.attn.dropout for block in pred.blocks] == [p] * len(pred.blocks)  # attention weights
+
+
+def test_train_mode_forwards_are_random_with_dropout_and_deterministic_without():
+    """Two train-mode forwards differ with the default dropout and agree with pred_dropout=0 (the
+    BatchNorm of pred_proj is deterministic); in eval mode they always agree."""
+    emb = torch.randn(8, 3, D)
+    for p, random_in_training in ((None, True), (0.0, False)):
+        model = make("cnn", **({} if p is None else {"pred_dropout": p}))
+        act = model.encode_actions(blocks(8, 3))
+        with torch.no_grad():
+            assert torch.equal(model.predict(emb, act), model.predict(emb, act))
+            model.train()
+            torch.manual_seed(0)
+            first, second = model.predict(emb, act), model.predict(emb, act)
+        assert (not torch.equal(first, second)) == random_in_training
+
+
+@pytest.mark.parametrize("Tq, Tk", [(3, 3), (1, 3), (12, 12), (2, 12)])  # written-out and fused attention paths
+def test_attention_with_all_weights_dropped_in_training_is_the_projection_bias(Tq, Tk):
+    from leworld.model.predictor import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(dim=16, heads=2, head_dim=8, dropout=1.0).double()
+    attn.proj_drop.p = 0.0  # only the attention weights are dropped
+    nn.init.normal_(attn.proj.bias)
+    x = torch.randn(3, Tk, 16, dtype=torch.float64)
+    q, k, v = attn.project(x, Tk - Tq)
+    with torch.no_grad():
+        attn.eval()
+        assert (attn.attend(q, k, v) - attn.proj.bias).abs().max() > 0.1
+        attn.train()
+        torch.testing.assert_close(attn.attend(q, k, v), attn.proj.bias.expand(3, Tq, 16), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [3, 12])
+def test_the_attention_output_drops_the_configured_fraction_in_training(T):
+    """With zero projection weights the attention output is its bias, 1 everywhere: after the output
+    dropout of rate 0.5 each number is 0 or 1 / (1 - 0.5) = 2, about half of them 0."""
+    from leworld.model.predictor import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(dim=16, heads=2, head_dim=8, dropout=0.5).train()
+    with torch.no_grad():
+        attn.proj.weight.zero_()
+        attn.proj.bias.fill_(1.0)
+        out = attn(torch.randn(64, T, 16))
+    n = out.numel()
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+    assert abs((out == 0).double().mean().item() - 0.5) < 5 * math.sqrt(0.25 / n)
+
+
+# ---- action encoder, BatchNorm, predict ----------------------------------------------------
+def test_action_encoder_is_linear_silu_linear_in_float64():
+    model = make("cnn").double()
+    a = torch.randn(4, 3, 10, dtype=torch.float64)  # normalised blocks
+    lin1, _, lin2 = model.action_encoder
+    with torch.no_grad():
+        h = a @ lin1.weight.T + lin1.bias
+        want = (h / (1 + torch.exp(-h))) @ lin2.weight.T + lin2.bias  # SiLU(h) = h * sigmoid(h)
+        torch.testing.assert_close(model.encode_actions(a), want, rtol=1e-12, atol=1e-12)
+    assert (h < -1).any()  # a part where SiLU and ReLU differ
+
+
+def test_projector_batchnorm_running_statistics_move_a_tenth_of_the_way():
+    """PyTorch's and the paper's momentum 0.1: from the reset statistics (0, 1), one training
+    forward gives running_mean = 0.1 * batch mean, running_var = 0.9 + 0.1 * unbiased batch var."""
+    from leworld.model.lewm import Projector
+
+    torch.manual_seed(0)
+    proj = Projector(6, 10, 4).double().train()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    lin1, bn, _, _ = proj.net
+    with torch.no_grad():
+        h = x.reshape(15, 6) @ lin1.weight.T + lin1.bias  # (15, 10): normalised over all B*T rows
+        proj(x)
+    torch.testing.assert_close(bn.running_mean, 0.1 * h.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * h.var(0, unbiased=True), rtol=1e-12, atol=1e-12)
+
+
+def test_predict_refuses_action_embeddings_of_another_length():
+    model = make("cnn")
+    emb = torch.randn(B, 3, D)
+    act = model.encode_actions(blocks(B, 3))
+    with pytest.raises(ValueError, match="equal shape"):
+        model.predict(emb, act[:, :1])  # would broadcast over the 3 frames
+    with pytest.raises(ValueError, match="equal shape"):
+        model.predict(emb, act[:1])
+
+
+# ---- initialisation: forward passes do not see it, training from scratch does --------------
+def assert_normal_init(w: torch.Tensor, std: float) -> None:
+    """Mean 0, standard deviation `std` and 68.3% within one std (a normal, not a uniform: 57.7%),
+    each to 5 standard errors of its n-sample estimate."""
+    w = w.detach().double().flatten()
+    n = w.numel()
+    assert abs(w.mean().item()) < 5 * std / math.sqrt(n)
+    assert abs(w.std().item() / std - 1) < 5 / math.sqrt(2 * n)
+    within = (w.abs() < std).double().mean().item()
+    assert abs(within - 0.6827) < 5 * math.sqrt(0.6827 * 0.3173 / n)
+
+
+def test_predictor_initialises_weights_0_02_biases_zero_positions_0_02_and_adaln_zero():
+    from leworld.model.predictor import Predictor
+
+    torch.manual_seed(0)
+    pred = Predictor(dim=64, history=16, depth=2, heads=4, head_dim=16, mlp=128)
+    adaln = {id(block.adaLN[-1]) for block in pred.blocks}
+    linears = [m for m in pred.modules() if isinstance(m, nn.Linear)]
+    assert_normal_init(torch.cat([m.weight.flatten() for m in linears if id(m) not in adaln]), 0.02)
+    for m in linears:
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
+        if id(m) in adaln:
+            assert torch.equal(m.weight, torch.zeros_like(m.weight))
+    assert_normal_init(pred.pos_embed, 0.02)  # 1024 numbers
+
+
+def test_vit_initialises_linear_weights_0_02_biases_zero_and_positions_0_02():
+    from leworld.model.vit import ViT
+
+    torch.manual_seed(0)
+    vit = ViT(image_size=32, patch_size=4, width=64, depth=2, heads=2, mlp=128)
+    linears = [m for m in vit.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 8
+    assert_normal_init(torch.cat([m.weight.flatten() for m in linears]), 0.02)
+    for m in linears:
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
+    assert_normal_init(vit.pos_embed, 0.02)  # 65 tokens x 64
+    assert 0.01 < vit.cls_token.std().item() < 0.03  # 64 numbers
+
+
+@pytest.mark.parametrize("head", ["keypoints", "hybrid", "moments"])
+def test_spatial_softmax_starts_at_temperature_one(head):
+    assert CNN(32, (4, 4, 4), 8, head=head).log_temperature.item() == 0.0
+
+
+# ---- validation ----------------------------------------------------------------------------
+def test_predictor_takes_exactly_one_of_conditions_and_modulations():
+    from leworld.model.predictor import Predictor
+
+    pred = Predictor(dim=16, history=3, depth=1, heads=2, head_dim=8, mlp=32)
+    emb, act = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    with pytest.raises(ValueError, match="exactly one of act_emb and modulations"):
+        pred(emb)
+    with pytest.raises(ValueError, match="exactly one of act_emb and modulations"):
+        pred(emb, act, modulations=pred.modulations(act))
+    assert torch.equal(pred(emb, act), pred(emb, modulations=pred.modulations(act)))
+
+
+def test_encoder_shapes_that_cannot_work_are_refused_when_built():
+    from leworld.model.vit import ViT
+
+    with pytest.raises(ValueError, match="ViT width 10 is not divisible by heads 3"):
+        ViT(image_size=16, patch_size=8, width=10, depth=1, heads=3, mlp=16)
+    with pytest.raises(ValueError, match="enc_width 10 is not divisible by enc_heads 3"):
+        LeWMConfig(enc_width=10, enc_heads=3)
+    for size in (8, 12, 15):
+        with pytest.raises(ValueError, match="at least 16 pixels"):
+            CNN(image_size=size)
+        with pytest.raises(ValueError, match="image_size >= 16"):
+            LeWMConfig(encoder="cnn", image_size=size)

@@ -253,31 +253,33 @@ def _tiny_pusht_model():
     return LeWorldModel(cfg).eval()
 
 
+@pytest.mark.parametrize("rows", [[1], [0, 1]])
 @pytest.mark.parametrize("overlay", [False, True])
-def test_latent_cost_is_the_models_distance_between_rendered_frames(overlay):
+def test_latent_cost_is_the_models_distance_between_rendered_frames(overlay, rows):
     """The latent oracle scores a true rollout's last state by the model's embedding distance to the goal image
-    (drawn as the env draws, the goal overlay included)."""
+    (drawn as the env draws, the goal overlay included), each planned row against its own env's goal."""
     model = _tiny_pusht_model()
     starts, goals = _pushed_pairs(2)
     env = envs.make_batch("pusht", num_envs=2, resolution=32, goal_overlay=overlay)
     env.reset_to(starts, goals)
     oracle = SimulatorOracle(num_samples=4, topk=2, iterations=1, horizon=1, cost="latent", model=model)
     oracle.reset(env)
-    rows = np.array([1])  # the cost of env 1's samples only, as when env 0 has already succeeded
+    rows = np.array(rows)  # [1]: the cost of env 1's samples only, as when env 0 has already succeeded
     problem = SimulatorProblem(lambda i: env.clone_sim(int(rows[i])), goals[rows], horizon=1, cost="latent",
                                final_cost=oracle._latent_cost(env, rows))
-    actions = torch.from_numpy(np.random.default_rng(3).uniform(-1, 1, (1, 3, 1, 10)))
+    actions = torch.from_numpy(np.random.default_rng(3).uniform(-1, 1, (len(rows), 3, 1, 10)))
     cost = problem.cost(actions)
     with torch.no_grad():  # brute force: step a fresh env, draw it, encode both frames
-        goal_frame = env.goal_pixels()[1]
-        for s in range(3):
-            ref = envs.make_batch("pusht", num_envs=2, resolution=32, goal_overlay=overlay)
-            ref.reset_to(starts, goals)
-            for a in actions[0, s].reshape(5, 2).numpy():
-                ref.step(np.stack([a, a]))
-            frames = torch.from_numpy(np.stack([ref.render()[1], goal_frame])).permute(0, 3, 1, 2)[:, None]
-            emb = model.encode(frames)[:, 0].double()
-            np.testing.assert_allclose(cost[0, s].item(), (emb[0] - emb[1]).square().sum().item(), rtol=1e-5)
+        for b, row in enumerate(rows):
+            goal_frame = env.goal_pixels()[row]
+            for s in range(3):
+                ref = envs.make_batch("pusht", num_envs=2, resolution=32, goal_overlay=overlay)
+                ref.reset_to(starts, goals)
+                for a in actions[b, s].reshape(5, 2).numpy():
+                    ref.step(np.stack([a, a]))
+                frames = torch.from_numpy(np.stack([ref.render()[row], goal_frame])).permute(0, 3, 1, 2)[:, None]
+                emb = model.encode(frames)[:, 0].double()
+                np.testing.assert_allclose(cost[b, s].item(), (emb[0] - emb[1]).square().sum().item(), rtol=1e-5)
     assert cost.std() > 0  # the samples differ
 
 
@@ -298,3 +300,76 @@ def test_oracle_cost_errors(tmp_path):
                           timeout=300)
     assert proc.returncode == 1 and "error: " in proc.stderr and "only 16 distinct start/goal pairs" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_oracle_never_replans_an_env_that_passed_and_counts_every_row_it_plans():
+    """Env 0 starts at its goal: it is done from step 0 and never planned again, even after it is moved
+    off its goal (the protocol counts success at any step); `plans` counts the rows of every call."""
+    starts, goals = _pushed_pairs(3)
+    goals[0] = starts[0]
+    env = envs.make_batch("pusht", num_envs=3, resolution=32)
+    env.reset_to(starts, goals)
+    cloned, sizes = [], []
+    clone = env.clone_sim
+    env.clone_sim = lambda i: cloned.append(i) or clone(i)
+    oracle = SimulatorOracle(num_samples=4, topk=2, iterations=1, horizon=2, seed=0)
+    plan = oracle.cem.plan
+    oracle.cem.plan = lambda problem, init, g: sizes.append(problem.batch_size) or plan(problem, init, g)
+    oracle.reset(env)
+    env.step(oracle.act(env, None))
+    away = env.get_state()[0].copy()
+    away[2] += 80.0  # the block of env 0 leaves its goal
+    env.set_state(away, index=0)
+    assert not env.success()[0]
+    for _ in range(9):
+        env.step(oracle.act(env, None))
+    assert sizes == [2, 2] and oracle.plan_rows == [2, 2]  # plans at steps 0 and 5, envs 1 and 2 only
+    assert set(cloned) == {1, 2}
+    assert oracle.plans == sum(sizes) == 4
+
+
+@pytest.mark.parametrize("deadline", [13, 14, 15, 16])
+def test_oracle_plan_horizon_is_the_blocks_left_to_the_deadline(deadline):
+    """frameskip 3, horizon 5: the plan at step t has min(5, ceil((deadline - t) / 3)) blocks, at least one,
+    for deadlines on and off a block boundary."""
+    starts, _ = _pushed_pairs(1, steps=0)
+    goals = starts.copy()
+    goals[0, 2:5] += [150.0, 0.0, 1.5]  # far out of reach of these short runs
+    env = envs.make_batch("pusht", num_envs=1, resolution=32)
+    env.reset_to(starts, goals)
+    oracle = SimulatorOracle(num_samples=2, topk=2, iterations=1, horizon=5, frameskip=3, deadline=deadline)
+    horizons = []
+    plan = oracle.cem.plan
+    oracle.cem.plan = lambda problem, init, g: horizons.append(problem.horizon) or plan(problem, init, g)
+    oracle.reset(env)
+    for _ in range(21):
+        env.step(oracle.act(env, None))
+    assert horizons == [max(1, min(5, -(-(deadline - t) // 3))) for t in range(0, 21, 3)]
+
+
+def test_oracle_samples_its_first_plan_with_init_std():
+    """init_std is recorded and is the spread of the first plan's samples: zeros + 0.3 * the seeded
+    generator's first standard-normal draw, clipped to [-1, 1]."""
+    starts, goals = _pushed_pairs(2)
+    env = envs.make_batch("pusht", num_envs=2, resolution=32)
+    env.reset_to(starts, goals)
+    oracle = SimulatorOracle(num_samples=4, topk=2, iterations=1, horizon=2, init_std=0.3, seed=7)
+    assert oracle.settings()["init_std"] == 0.3
+    seen = []
+
+    class Recording:
+        def __init__(self, problem):
+            self.problem = problem
+            self.batch_size, self.horizon, self.action_dim = problem.batch_size, problem.horizon, problem.action_dim
+            self.low, self.high = problem.low, problem.high
+
+        def cost(self, actions):
+            seen.append(actions.clone())
+            return self.problem.cost(actions)
+
+    plan = oracle.cem.plan
+    oracle.cem.plan = lambda problem, init, g: plan(Recording(problem), init, g)
+    oracle.reset(env)
+    oracle.act(env, None)
+    noise = torch.randn((2, 4, 2, 10), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.testing.assert_close(seen[0], (0.3 * noise).clamp(-1, 1), rtol=0, atol=1e-12)

@@ -610,3 +610,120 @@ def test_mpc_refuses_settings_at_construction(kwargs, error, match):
     args = {"planner": CEM(num_samples=8, topk=2, iterations=1), "horizon": 2, **kwargs}
     with pytest.raises(error, match=match):
         MPCPolicy(tiny_model(), **args)
+
+
+@pytest.mark.parametrize("name", ["cem", "mppi", "icem"])
+def test_first_samples_spread_by_init_std_around_the_warm_start(name):
+    """The first iteration samples init + init_std * (the seeded generator's first standard-normal
+    draw), clipped to the bounds (iCEM with beta 0: white noise, drawn (B, S, A, T); MPPI's sample 0
+    and iCEM's last-iteration sample 0 are the mean itself)."""
+    B, S, T, A, std = 2, 6, 3, 2, 0.1
+    target = torch.zeros(B, T, A, dtype=torch.float64)
+    init = torch.rand((B, T, A), generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 2 - 1
+    kw = {"cem": dict(topk=2), "mppi": {}, "icem": dict(topk=2, beta=0.0)}[name]
+    problem = Quadratic(target, low=-0.9, high=0.9)
+    make_planner(name, num_samples=S, iterations=1, init_std=std, seed=5, **kw).plan(problem, init=init)
+    g = torch.Generator().manual_seed(5)
+    if name == "icem":
+        noise = torch.randn((B, S, A, T), generator=g, dtype=torch.float64).transpose(2, 3)
+    else:
+        noise = torch.randn((B, S, T, A), generator=g, dtype=torch.float64)
+    want = torch.stack([torch.stack([(init[b] + std * noise[b, s]).clamp(-0.9, 0.9) for s in range(S)])
+                        for b in range(B)])
+    if name != "cem":
+        want[:, 0] = init
+    torch.testing.assert_close(problem.seen[0], want, rtol=0, atol=1e-12)
+
+
+def test_latent_problem_conditions_on_the_context_actions():
+    """cost(a) is the squared distance of the model's rollout from the context, its executed blocks
+    and a to the goal at the last block; without those blocks the model predicts otherwise."""
+    model = tiny_model(history=2)
+    g = torch.Generator().manual_seed(4)
+    ctx, goal = torch.randn(2, 2, 16, generator=g), torch.randn(2, 16, generator=g)
+    ca, a = 5 * torch.randn(2, 1, 6, generator=g), torch.randn(2, 5, 3, 6, generator=g)
+    with torch.no_grad():
+        cost = LatentProblem(model, ctx, goal, horizon=3, context_actions=ca).cost(a)
+        without = LatentProblem(model, ctx, goal, horizon=3).cost(a)
+        pred = model.rollout(ctx, a, ca).double()  # (B, S, T, D)
+    want = torch.tensor([[float(((pred[b, s, -1] - goal[b].double()) ** 2).sum()) for s in range(5)]
+                         for b in range(2)], dtype=torch.float64)
+    torch.testing.assert_close(cost.double(), want, rtol=1e-5, atol=0)
+    assert (cost - without).abs().max() > 50 * 1e-5 * cost.abs().max()  # far beyond the tolerance above
+
+
+@pytest.mark.parametrize("kind", ["terminal", "sum"])
+def test_latent_cost_of_bfloat16_predictions_is_summed_in_float32(kind):
+    """Under --amp the rollout gives bfloat16 embeddings: the squared distances are summed in float32
+    (a float64 brute force of the same bfloat16 inputs agrees to float32 precision)."""
+    g = torch.Generator().manual_seed(2)
+    pred = (torch.randn(2, 3, 4, 256, generator=g) * 3).bfloat16()
+    goal = torch.randn(2, 256, generator=g).bfloat16()
+    cost = latent_cost(pred, goal, kind)
+    assert cost.dtype == torch.float32
+    sq = [[[math.fsum(((pred[b, s, t].double() - goal[b].double()) ** 2).tolist()) for t in range(4)]
+           for s in range(3)] for b in range(2)]
+    brute = torch.tensor(sq, dtype=torch.float64)
+    want = brute[..., -1] if kind == "terminal" else brute.sum(-1)
+    torch.testing.assert_close(cost.double(), want, rtol=1e-5, atol=0)
+
+
+def test_mpc_seed_drives_the_planners_samples():
+    """The MPC's seed, not the planner's, seeds every plan: seed 1 twice acts the same, seeds 1 and 2 differ."""
+    model = tiny_model(history=2)
+    runs = {}
+    for key, seed in (("a", 1), ("b", 1), ("c", 2)):
+        env = FakeEnv(2, seed=3)
+        policy = MPCPolicy(model, CEM(num_samples=8, topk=2, iterations=2, seed=0), horizon=2,
+                           receding_horizon=1, seed=seed)
+        policy.reset(env)
+        runs[key] = np.stack([policy.act(env, env.obs()) for _ in range(6)])
+    np.testing.assert_array_equal(runs["a"], runs["b"])
+    assert not np.array_equal(runs["a"], runs["c"])
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_mpc_warm_starts_only_when_asked(warm_start):
+    """Without warm_start every plan starts from zeros (init None); with it, from the previous plan's
+    unexecuted blocks followed by a block of zeros."""
+    model = tiny_model(history=2)
+    planner = RecordingCEM(num_samples=8, topk=2, iterations=1)
+    env = FakeEnv(2)
+    policy = MPCPolicy(model, planner, horizon=3, receding_horizon=1, warm_start=warm_start)
+    policy.reset(env)
+    for _ in range(9):
+        policy.act(env, env.obs())
+    assert len(planner.inits) == 3 and planner.inits[0] is None
+    for init, previous in zip(planner.inits[1:], planner.plans[:-1]):
+        if not warm_start:
+            assert init is None
+        else:
+            want = torch.cat([previous[:, 1:], torch.zeros_like(previous[:, :1])], 1)
+            assert torch.equal(init, want)
+
+
+@pytest.mark.parametrize("deadline", [13, 14, 15, 16])
+def test_mpc_plan_horizon_is_the_blocks_left_to_the_deadline(deadline):
+    """frameskip 3, horizon 5, replanning every block: the plan at step t has min(5, ceil((deadline - t) / 3))
+    blocks, at least one, for deadlines on and off a block boundary."""
+    model = tiny_model(history=2)
+    planner = RecordingCEM(num_samples=4, topk=2, iterations=1)
+    env = FakeEnv(1)
+    policy = MPCPolicy(model, planner, horizon=5, receding_horizon=1, deadline=deadline)
+    policy.reset(env)
+    for _ in range(21):
+        policy.act(env, env.obs())
+    want = [max(1, min(5, math.ceil((deadline - t) / 3))) for t in range(0, 21, 3)]
+    assert [p.horizon for p in planner.problems] == want
+
+
+def test_mppi_returns_a_plan_inside_the_bounds_when_its_mean_starts_outside():
+    """Sample 0 is the unclipped mean: with init far below the box and near-uniform weights the
+    weighted mean falls outside [0.5, 1], and the returned plan is clipped back to the box."""
+    target = torch.full((2, 3, 2), 0.75, dtype=torch.float64)
+    problem = Quadratic(target, low=0.5, high=1.0)
+    init = torch.full_like(target, -50.0)
+    out = MPPI(num_samples=8, iterations=1, temperature=100.0, seed=0).plan(problem, init=init)
+    samples = problem.seen[0]
+    assert (samples[:, 0] == -50).all() and (samples[:, 1:] >= 0.5).all()  # the weighted mean is below the box
+    torch.testing.assert_close(out, torch.full_like(out, 0.5), rtol=0, atol=0)

@@ -207,6 +207,9 @@ def test_holdout_split_holds_out_whole_groups():
     fit, held = holdout_split(30, groups, 0.2, seed=0)
     assert sorted(np.r_[fit, held].tolist()) == list(range(30))
     assert len(np.unique(groups[held])) == 2 and not set(groups[fit]) & set(groups[held])
+    for fraction in (0.9, 1.0):  # at least one group is always left to fit on
+        fit, held = holdout_split(6, np.array([0, 0, 0, 1, 1, 1]), fraction, seed=0)
+        assert len(fit) == 3 and len(held) == 3
 
 
 def test_select_frames_draws_distinct_rows_inside_each_episode_under_the_cap(dataset):
@@ -231,10 +234,15 @@ def test_probe_fits_on_training_episodes_and_scores_on_validation_episodes(datas
         embedded.append(rows.copy())
         return np.c_[rows, np.random.default_rng(len(rows)).normal(size=(len(rows), 7))]
 
+    linear_calls = []
+
     def recording(fit):
         def wrapped(x, *args, **kwargs):
             fitted.append(x[:, 0].astype(np.int64))
-            return fit(x, *args, **kwargs)
+            made = fit(x, *args, **kwargs)
+            if fit is fit_linear:
+                linear_calls.append((x[:, 0].astype(np.int64), args, kwargs, made))
+            return made
         return wrapped
 
     monkeypatch.setattr(probe_mod, "embed_frames", fake_embed)
@@ -254,6 +262,21 @@ def test_probe_fits_on_training_episodes_and_scores_on_validation_episodes(datas
     assert all(set(rows.tolist()) <= set(train_rows.tolist()) for rows in fitted)
     assert result["frames"] == {"train": 5 * len(train_eps), "val": 5 * len(val_eps),
                                 "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
+    # the ridge is chosen on held-out whole episodes: fit_linear gets each training row's episode
+    rows, args, kwargs, linear = next(c for c in linear_calls if np.array_equal(c[0], train_rows))
+    groups = kwargs.get("groups", args[2] if len(args) > 2 else None)
+    np.testing.assert_array_equal(groups, episode_of_row[train_rows])
+    # the scores are those of the fitted probe on the validation rows, computed here by hand
+    x_val = fake_embed(model, store, val_rows)
+    name = next(iter(result["quantities"]))
+    y_val = probe_mod.targets(result["env"], store.read("state", val_rows))[name].astype(np.float64)
+    pred = linear.predict(x_val)
+    mse = ((pred - y_val) ** 2).mean(0)
+    got = result["quantities"][name]["linear"]
+    np.testing.assert_allclose(got["mse_per_output"], mse, rtol=1e-12)
+    assert got["mse"] == pytest.approx(mse.mean(), rel=1e-12)
+    r = [np.corrcoef(pred[:, k], y_val[:, k])[0, 1] for k in range(y_val.shape[1])]
+    np.testing.assert_allclose(got["r_per_output"], r, rtol=1e-9)
 
 
 # ---- command line -------------------------------------------------------------------------------------

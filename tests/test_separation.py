@@ -29,7 +29,7 @@ def brute_force(z, states, episode, env, band, radius=16.0):
     """separation() with every frame a goal, written as plain loops over goals and candidates."""
     z = np.asarray(z, np.float64)
     kinds = ("pose", "angle") if env == "pusht" else ("agent",)
-    aucs, top1, chance = {q: [] for q in kinds}, [], []
+    aucs, pairs, top1, chance = {q: [] for q in kinds}, {q: 0 for q in kinds}, [], []
     for g in range(len(z)):
         cands = []
         for n in range(len(z)):
@@ -51,7 +51,8 @@ def brute_force(z, states, episode, env, band, radius=16.0):
             if miss:
                 wins = sum(1.0 if p < m else 0.5 if p == m else 0.0 for p, m in itertools.product(passing, miss))
                 aucs[q].append(wins / (len(passing) * len(miss)))
-    return ({q: (np.mean(v) if v else float("nan"), len(v)) for q, v in aucs.items()},
+                pairs[q] += len(passing) * len(miss)
+    return ({q: (np.mean(v) if v else float("nan"), len(v), pairs[q]) for q, v in aucs.items()},
             (np.mean(top1), len(top1), np.mean(chance)))
 
 
@@ -110,8 +111,8 @@ def test_separation_matches_brute_force(env):
     assert result["goals"] == len(states) and result["top1"]["goals"] == goals > 0
     assert result["top1"]["rate"] == pytest.approx(top1, abs=1e-12)
     assert result["top1"]["chance"] == pytest.approx(chance, abs=1e-12)
-    for q, (value, n) in expected.items():
-        assert n > 0 and result["misses"][q]["goals"] == n
+    for q, (value, n, pairs) in expected.items():
+        assert n > 0 and result["misses"][q]["goals"] == n and result["misses"][q]["pairs"] == pairs
         assert result["misses"][q]["auc"] == pytest.approx(value, abs=1e-12)
 
 
@@ -175,9 +176,22 @@ def test_validation_frames_take_every_stride_and_cap_whole_episodes(dataset):
     capped, capped_owner = validation_frames(store, np.array([1, 3, 6]), stride=1, max_frames=70, seed=0)
     kept = np.unique(capped_owner)
     assert len(kept) == 2 and len(capped) == sum(store.episode_length[e] for e in kept) <= 70
+    total = int(sum(store.episode_length[e] for e in (1, 3, 6)))
+    exact, exact_owner = validation_frames(store, np.array([1, 3, 6]), stride=1, max_frames=total, seed=0)
+    assert len(exact) == total and np.array_equal(np.unique(exact_owner), [1, 3, 6])  # a cap of exactly all keeps all
 
 
-def test_cli_equals_the_brute_force_over_the_models_embeddings(tmp_path, dataset, capsys):
+@pytest.fixture(scope="module")
+def dataset_radius_8(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tworoom_r8.h5"
+    return collect("tworoom", episodes=8, steps=30, resolution=32, seed=5, out=path, progress=False,
+                   env_kwargs={"success_radius": 8.0})
+
+
+@pytest.mark.parametrize("radius", [16.0, 8.0])
+def test_cli_equals_the_brute_force_over_the_models_embeddings(tmp_path, radius, capsys, request):
+    """The command scores with the success radius the dataset was collected with."""
+    dataset = request.getfixturevalue("dataset" if radius == 16.0 else "dataset_radius_8")
     model, model_dir = export_tiny(tmp_path / "model", dataset)
     out = tmp_path / "sep.json"
     sep_mod.main(["--model", str(model_dir), "--out", str(out), "--num-goals", "100000", "--no-progress"])
@@ -190,10 +204,11 @@ def test_cli_equals_the_brute_force_over_the_models_embeddings(tmp_path, dataset
     _, val = split_episodes(store.num_episodes, 0.5, 0)
     rows, owner = validation_frames(store, val)
     z = embed_frames(model, store, rows, progress=False)
-    expected, (top1, goals, _) = brute_force(z, store.read("state", rows), owner, "tworoom", band=3.0)
+    expected, (top1, goals, _) = brute_force(z, store.read("state", rows), owner, "tworoom", band=3.0, radius=radius)
     assert result["frames"] == len(rows) and result["top1"]["goals"] == goals > 0
     assert result["top1"]["rate"] == pytest.approx(top1, abs=1e-9)
     assert result["misses"]["agent"]["goals"] == expected["agent"][1] > 0
+    assert result["misses"]["agent"]["pairs"] == expected["agent"][2]
     assert result["misses"]["agent"]["auc"] == pytest.approx(expected["agent"][0], abs=1e-9)
     assert not list(tmp_path.glob(".sep.json.*"))
 

@@ -270,3 +270,54 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch(tmp_path):
         x_grad = x.grad[lo : lo + SPLIT[rank]]
         torch.testing.assert_close(r["x_grad"] / 2, x_grad, rtol=1e-5, atol=1e-5)
         lo += SPLIT[rank]
+
+
+def test_the_module_draws_with_its_own_seed():
+    z = torch.randn(64, 2, 16, generator=torch.Generator().manual_seed(0))
+    got = SIGReg(num_directions=32, seed=3)(z, 5)
+    assert got.item() == sigreg(z, 5, num_directions=32, seed=3).item()
+    assert got.item() != sigreg(z, 5, num_directions=32, seed=0).item()
+
+
+def test_directions_are_drawn_on_the_device_asked_for_by_the_function_and_the_module(monkeypatch):
+    """`directions_device` reaches `sample_directions`; without it the directions are drawn on z's
+    device. "cpu:0" is a CPU device other than z's ("cpu"), so the two cannot be confused."""
+    import leworld.sigreg as sigreg_mod
+
+    asked = []
+    real = sigreg_mod.sample_directions
+
+    def recording(dim, num_directions, step, seed=0, device="cpu"):
+        asked.append(torch.device(device))
+        return real(dim, num_directions, step, seed, device)
+
+    monkeypatch.setattr(sigreg_mod, "sample_directions", recording)
+    z = torch.randn(32, 8)
+    plain = sigreg(z, 4, num_directions=16).item()
+    assert asked == [torch.device("cpu")]
+    assert sigreg(z, 4, num_directions=16, directions_device="cpu:0").item() == plain
+    assert SIGReg(num_directions=16, directions_device="cpu:0")(z, 4).item() == plain
+    assert SIGReg(num_directions=16)(z, 4).item() == plain
+    assert asked == [torch.device("cpu"), torch.device("cpu:0"), torch.device("cpu:0"), torch.device("cpu")]
+
+
+def test_negative_seeds_and_steps_and_fewer_than_two_knots_are_refused():
+    with pytest.raises(ValueError, match="seed=-1"):
+        sample_directions(4, 2, step=0, seed=-1)
+    with pytest.raises(ValueError, match="step=-1"):
+        sample_directions(4, 2, step=-1)
+    for num_knots in (0, 1):  # a trapezoid needs both ends of [0, t_max]
+        with pytest.raises(ValueError, match="num_knots >= 2"):
+            knots_and_weights(num_knots, 3.0)
+    with pytest.raises(ValueError, match="t_max > 0"):
+        knots_and_weights(17, 0.0)
+    t, w = knots_and_weights(2, 3.0)  # the smallest rule: both ends, weight dt each
+    torch.testing.assert_close(t, torch.tensor([0.0, 3.0]))
+    torch.testing.assert_close(w, torch.tensor([3.0, 3.0 * math.exp(-4.5)]))
+
+
+def test_default_knots_are_the_papers_17_on_0_to_3():
+    t, w = knots_and_weights()
+    t_paper, w_paper = knots_and_weights(17, 3.0)
+    assert torch.equal(t, t_paper) and torch.equal(w, w_paper)
+    assert len(t) == 17 and t[-1].item() == 3.0

@@ -497,6 +497,7 @@ def test_nan_loss_stops_with_a_clear_error(data_path, tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"lambda_sigreg": float("nan")}, "lambda_sigreg weighs SIGReg"),
+    ({"lambda_sigreg": float("inf")}, "lambda_sigreg weighs SIGReg"),
     ({"lambda_sigreg": -1.0}, "lambda_sigreg weighs SIGReg"),
     ({"warmup_fraction": 5.0}, "warmup_fraction"),
     ({"lr": 0.0}, "need lr > 0"),
@@ -1602,6 +1603,100 @@ def test_sigreg_term_regularises_the_embeddings_of_every_frame(data_path):
         first = sigreg(emb[:, :1], step=0, num_directions=64, num_knots=module.hparams.num_knots,
                        t_max=module.hparams.t_max, seed=module.hparams.sigreg_seed)
     assert float(reg) == pytest.approx(float(want), rel=1e-6) and abs(float(first) - float(want)) > 1e-3
+
+
+def test_sigreg_term_follows_the_step_and_the_modules_sigreg_settings(data_path, monkeypatch):
+    """The loss draws SIGReg's directions for the optimiser step it is at (new ones every step), with
+    the module's seed, knots, t_max and direction device; checked at step 7 with non-default settings."""
+    import leworld.module as module_mod
+    from leworld.sigreg import sigreg
+
+    torch.manual_seed(0)
+    module, dm = make(data_path, "unused", sigreg_seed=5, num_knots=9, t_max=2.0)
+    dm.setup("fit")
+    module.model.set_action_stats(torch.as_tensor(dm.action_mean), torch.as_tensor(dm.action_std))
+    module._directions_device = "cpu"
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return sigreg(*args, **kwargs)
+
+    monkeypatch.setattr(module_mod, "sigreg", recording)
+    monkeypatch.setattr(LeWMModule, "global_step", property(lambda self: 7))
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        _, reg, emb = module.losses(batch)
+        want = sigreg(emb, step=7, num_directions=64, num_knots=9, t_max=2.0, seed=5)
+        others = [sigreg(emb, **{**dict(step=7, num_directions=64, num_knots=9, t_max=2.0, seed=5), **change})
+                  for change in ({"step": 0}, {"seed": 0}, {"num_knots": 17}, {"t_max": 3.0})]
+    assert float(reg) == pytest.approx(float(want), rel=1e-6)
+    for other in others:  # each setting changes the value (by far more than the match above allows)
+        assert abs(float(other) - float(want)) > 1e-5 * float(want)
+    assert calls[-1]["directions_device"] == "cpu"
+
+
+def test_the_encoder_learns_from_both_sides_of_the_prediction(data_path):
+    """No stop-gradient anywhere in the prediction term: the encoder's gradient is that of
+    mse(predict(enc(x_t), a_t), enc(x_t+1)) through the predictor's input and through the target,
+    as computed here by hand; detaching either side gives another gradient."""
+    torch.manual_seed(0)
+    module, dm = make(data_path, None)
+    dm.setup("fit")
+    module.model.set_action_stats(dm.action_mean, dm.action_std)
+    module.eval()  # no dropout, BatchNorm on running statistics: the same function twice
+    perturb_adaln(module.model)
+    batch = next(iter(dm.train_dataloader()))
+    m = module.model
+    params = [p for n, p in m.named_parameters() if n.startswith("encoder.")]
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params)
+
+    got = grads(module.losses(batch)[0])
+    pixels = batch["pixels"].permute(0, 1, 4, 2, 3)
+    act = m.encode_actions(m.normalize_actions(batch["action"].float()))
+
+    def by_hand(detach_input=False, detach_target=False):
+        z = m.encode(pixels)
+        inp, target = z[:, :-1], z[:, 1:]
+        inp = inp.detach() if detach_input else inp
+        target = target.detach() if detach_target else target
+        return grads(((m.predict(inp, act) - target) ** 2).mean())
+
+    for a, b in zip(got, by_hand()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    for wrong in (by_hand(detach_input=True), by_hand(detach_target=True)):
+        assert max(float((a - b).abs().max()) for a, b in zip(got, wrong)) > 1e-3 * max(
+            float(a.abs().max()) for a in got)
+
+
+@pytest.mark.parametrize("fraction, total", [(0.3, 12), (0.25, 12), (0.0, 5)])
+def test_the_schedule_rounds_its_warm_up_and_stays_at_zero_after_the_last_step(fraction, total):
+    """warm-up = round(fraction x steps) (at least 1): 0.3 x 12 = 3.6 gives 4 steps; the cosine
+    reaches 0 at the last step and stays there (a run that goes on, say resumed with more steps,
+    does not climb back up)."""
+    import math
+    from types import SimpleNamespace
+
+    module = LeWMModule(LeWMConfig(**TINY), lr=1e-3, warmup_fraction=fraction)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=total, precision_plugin=None)
+    rate = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    warm = max(1, math.floor(fraction * total + 0.5))
+    assert [rate(s) for s in range(warm)] == pytest.approx([(s + 1) / warm for s in range(warm)], rel=1e-12)
+    for s in range(warm, total):
+        assert rate(s) == pytest.approx((1 + math.cos(math.pi * (s - warm) / (total - warm))) / 2, rel=1e-12, abs=1e-15)
+    assert [rate(s) for s in range(total, total + 8)] == [0.0] * 8
+
+
+def test_the_open_loop_monitor_holds_no_graph(data_path):
+    """The logged open-loop error is a detached number: it must not keep the step's graph alive."""
+    module, dm = make(data_path, None, open_loop_frames=2)
+    dm.setup("fit")
+    module.model.set_action_stats(dm.action_mean, dm.action_std)
+    module.train()
+    pred_loss, _, _ = module.losses(next(iter(dm.train_dataloader())))
+    assert pred_loss.requires_grad and not module._open_loop_mse.requires_grad
 
 
 def test_validation_loss_uses_the_sigreg_weight_in_force(data_path, tmp_path):
