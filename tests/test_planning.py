@@ -682,17 +682,22 @@ def test_mpc_seed_drives_the_planners_samples():
     assert not np.array_equal(runs["a"], runs["c"])
 
 
+def run_recorded_mpc(planner, num_envs: int, steps: int, **policy_kwargs):
+    """Act `steps` env steps with an MPC policy replanning every block on a FakeEnv; returns the planner."""
+    env = FakeEnv(num_envs)
+    policy = MPCPolicy(tiny_model(history=2), planner, receding_horizon=1, **policy_kwargs)
+    policy.reset(env)
+    for _ in range(steps):
+        policy.act(env, env.obs())
+    return planner
+
+
 @pytest.mark.parametrize("warm_start", [False, True])
 def test_mpc_warm_starts_only_when_asked(warm_start):
     """Without warm_start every plan starts from zeros (init None); with it, from the previous plan's
     unexecuted blocks followed by a block of zeros."""
-    model = tiny_model(history=2)
-    planner = RecordingCEM(num_samples=8, topk=2, iterations=1)
-    env = FakeEnv(2)
-    policy = MPCPolicy(model, planner, horizon=3, receding_horizon=1, warm_start=warm_start)
-    policy.reset(env)
-    for _ in range(9):
-        policy.act(env, env.obs())
+    planner = run_recorded_mpc(RecordingCEM(num_samples=8, topk=2, iterations=1), num_envs=2, steps=9, horizon=3,
+                               warm_start=warm_start)
     assert len(planner.inits) == 3 and planner.inits[0] is None
     for init, previous in zip(planner.inits[1:], planner.plans[:-1]):
         if not warm_start:
@@ -706,13 +711,8 @@ def test_mpc_warm_starts_only_when_asked(warm_start):
 def test_mpc_plan_horizon_is_the_blocks_left_to_the_deadline(deadline):
     """frameskip 3, horizon 5, replanning every block: the plan at step t has min(5, ceil((deadline - t) / 3))
     blocks, at least one, for deadlines on and off a block boundary."""
-    model = tiny_model(history=2)
-    planner = RecordingCEM(num_samples=4, topk=2, iterations=1)
-    env = FakeEnv(1)
-    policy = MPCPolicy(model, planner, horizon=5, receding_horizon=1, deadline=deadline)
-    policy.reset(env)
-    for _ in range(21):
-        policy.act(env, env.obs())
+    planner = run_recorded_mpc(RecordingCEM(num_samples=4, topk=2, iterations=1), num_envs=1, steps=21, horizon=5,
+                               deadline=deadline)
     want = [max(1, min(5, math.ceil((deadline - t) / 3))) for t in range(0, 21, 3)]
     assert [p.horizon for p in planner.problems] == want
 
