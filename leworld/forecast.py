@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,13 +45,10 @@ from tqdm import tqdm
 
 from leworld.allocator import keep_freed_memory
 from leworld.cli import HelpFormatter
-from leworld.checkpoint import result_path
 from leworld.data.clips import ClipDataset, split_episodes
 from leworld.probe import (
-    QUANTITIES, LinearProbe, check_common_args, command_record, embed_frames, fit_linear, open_model_and_data, pearson, select_frames,
-    targets,
+    QUANTITIES, LinearProbe, check_common_args, embed_frames, fit_linear, pearson, run_command, select_frames, targets,
 )
-from leworld.results import write_json
 
 PROTOCOL = "forecast-v1"
 UNITS = {"agent": "px", "block": "px", "angle": "degrees"}
@@ -277,25 +273,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     keep_freed_memory()  # faster CPU steps on Linux (leworld/allocator.py)
-    start = time.perf_counter()
-    model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
-    val_fraction, split_seed = data.get("val_fraction", 0.1), data.get("split_seed", 0)
-    try:
-        result = forecast(model, store, env=data_env, horizon=args.horizon, num_clips=args.num_clips,
-                          val_fraction=val_fraction, split_seed=split_seed,
-                          frames_per_episode=args.frames_per_episode, max_train_frames=args.max_train_frames,
-                          ridge=args.ridge, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    result = {**command_record(PROTOCOL, args, model_path, data_path, val_fraction, split_seed), **result,
-              "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start}
-    out = Path(args.out or result_path("forecast", args.model, args.seed))
-    write_json(out, result)
-    print(f"{result['env']}: {result['clips']} validation clips ({result['val_episodes']} episodes), history "
-          f"{result['history']}, {result['horizon']} blocks of {result['frameskip']} steps; protocol {PROTOCOL}")
-    print(table(result))
-    print(f"wrote {out} in {result['wall_seconds']:.1f} s")
-    return result
+
+    def score(model, store, env, val_fraction, split_seed):
+        return forecast(model, store, env=env, horizon=args.horizon, num_clips=args.num_clips,
+                        val_fraction=val_fraction, split_seed=split_seed, frames_per_episode=args.frames_per_episode,
+                        max_train_frames=args.max_train_frames, ridge=args.ridge, seed=args.seed,
+                        batch_size=args.batch_size, progress=not args.no_progress)
+
+    def describe(result):
+        return (f"{result['env']}: {result['clips']} validation clips ({result['val_episodes']} episodes), history "
+                f"{result['history']}, {result['horizon']} blocks of {result['frameskip']} steps; protocol {PROTOCOL}")
+
+    return run_command("forecast", PROTOCOL, args, score, describe, table)
 
 
 if __name__ == "__main__":

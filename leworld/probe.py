@@ -33,6 +33,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -447,51 +448,76 @@ def open_model_and_data(model_arg, data_arg=None, device: str = "cpu"):
 
 def command_record(protocol: str, args: argparse.Namespace, model_path, data_path, val_fraction: float,
                    split_seed: int) -> dict:
-    """The head of a command's result JSON, shared by `leworld.forecast` and `leworld.separation`:
-    protocol, package version, model and its weights' sha256, dataset and the settings."""
+    """The head of a command's result JSON, shared by `leworld.probe`, `leworld.forecast` and
+    `leworld.separation`: protocol, package version, model and its weights' sha256, dataset, seed
+    and the settings."""
     return {
         "protocol": protocol, "leworld_version": package_version(), "model": str(args.model),
-        "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path),
+        "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path), "seed": args.seed,
         "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
     }
+
+
+def run_command(kind: str, protocol: str, args: argparse.Namespace, score: Callable, describe: Callable,
+                table: Callable, split: Callable | None = None) -> dict:
+    """The body of the `main` of `leworld.probe`, `leworld.forecast` and `leworld.separation`.
+
+    Opens the model and its data (`open_model_and_data`), scores them with
+    `score(model, store, env, val_fraction, split_seed) -> dict`, writes the result JSON (the
+    `command_record` head, the scores, torch threads and wall time) to `args.out` or
+    `runs/<kind>/...`, and prints `describe(result)`, `table(result)` and where it was written.
+    `split(model_path, data_path, data settings) -> (val_fraction, split_seed)` chooses the split;
+    by default the one the model was trained with. A ValueError from `score` exits with its message.
+    """
+    start = time.perf_counter()
+    model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
+    if split is None:
+        val_fraction, split_seed = data.get("val_fraction", 0.1), data.get("split_seed", 0)
+    else:
+        val_fraction, split_seed = split(model_path, data_path, data)
+    try:
+        result = score(model, store, data_env, val_fraction, split_seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    result = {**command_record(protocol, args, model_path, data_path, val_fraction, split_seed), **result,
+              "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start}
+    out = Path(args.out or result_path(kind, args.model, args.seed))
+    write_json(out, result)
+    print(describe(result))
+    print(table(result))
+    print(f"wrote {out} in {result['wall_seconds']:.1f} s")
+    return result
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     keep_freed_memory()  # faster CPU steps on Linux (leworld/allocator.py)
-    start = time.perf_counter()
-    model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
-    val_fraction = data.get("val_fraction", 0.1) if args.val_fraction is None else args.val_fraction
-    split_seed = data.get("split_seed", 0) if args.split_seed is None else args.split_seed
-    trained_on = recorded_data_path(model_path, data.get("path"))
-    own_data = trained_on is not None and Path(data_path).resolve() == Path(trained_on).resolve()
-    if own_data and (val_fraction, split_seed) != (data.get("val_fraction", 0.1), data.get("split_seed", 0)):
-        print(f"warning: --val-fraction {val_fraction} / --split-seed {split_seed} is not the split the model was "
-              f"trained with ({data.get('val_fraction', 0.1)} / {data.get('split_seed', 0)}) on this dataset: some "
-              "'validation' episodes were trained on, so the scores are optimistic", file=sys.stderr)
-    try:
-        result = probe(model, store, env=data_env, val_fraction=val_fraction, split_seed=split_seed,
-                       frames_per_episode=args.frames_per_episode, max_train_frames=args.max_train_frames,
-                       max_val_frames=args.max_val_frames, seed=args.seed, ridge=args.ridge,
-                       mlp_hidden=args.mlp_hidden, mlp_epochs=args.mlp_epochs, mlp_patience=args.mlp_patience,
-                       holdout_fraction=args.holdout_fraction, batch_size=args.batch_size,
-                       progress=not args.no_progress)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    result = {
-        "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
-        "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path), "seed": args.seed,
-        "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
-        **result, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
-    }
-    out = Path(args.out or result_path("probe", args.model, args.seed))
-    write_json(out, result)
-    f = result["frames"]
-    print(f"{result['env']}: {f['train']} training frames ({f['train_episodes']} episodes), {f['val']} validation "
-          f"frames ({f['val_episodes']} episodes); MSE in {result['units']}; r: mean over outputs")
-    print(table(result))
-    print(f"wrote {out} in {result['wall_seconds']:.1f} s")
-    return result
+
+    def split(model_path, data_path, data):
+        val_fraction = data.get("val_fraction", 0.1) if args.val_fraction is None else args.val_fraction
+        split_seed = data.get("split_seed", 0) if args.split_seed is None else args.split_seed
+        trained_on = recorded_data_path(model_path, data.get("path"))
+        own_data = trained_on is not None and Path(data_path).resolve() == Path(trained_on).resolve()
+        if own_data and (val_fraction, split_seed) != (data.get("val_fraction", 0.1), data.get("split_seed", 0)):
+            print(f"warning: --val-fraction {val_fraction} / --split-seed {split_seed} is not the split the model "
+                  f"was trained with ({data.get('val_fraction', 0.1)} / {data.get('split_seed', 0)}) on this "
+                  "dataset: some 'validation' episodes were trained on, so the scores are optimistic", file=sys.stderr)
+        return val_fraction, split_seed
+
+    def score(model, store, env, val_fraction, split_seed):
+        return probe(model, store, env=env, val_fraction=val_fraction, split_seed=split_seed,
+                     frames_per_episode=args.frames_per_episode, max_train_frames=args.max_train_frames,
+                     max_val_frames=args.max_val_frames, seed=args.seed, ridge=args.ridge,
+                     mlp_hidden=args.mlp_hidden, mlp_epochs=args.mlp_epochs, mlp_patience=args.mlp_patience,
+                     holdout_fraction=args.holdout_fraction, batch_size=args.batch_size,
+                     progress=not args.no_progress)
+
+    def describe(result):
+        f = result["frames"]
+        return (f"{result['env']}: {f['train']} training frames ({f['train_episodes']} episodes), {f['val']} "
+                f"validation frames ({f['val_episodes']} episodes); MSE in {result['units']}; r: mean over outputs")
+
+    return run_command("probe", PROTOCOL, args, score, describe, table, split)
 
 
 if __name__ == "__main__":

@@ -37,17 +37,13 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from leworld.allocator import keep_freed_memory
 from leworld.cli import HelpFormatter
-from leworld.checkpoint import result_path
 from leworld.data.clips import split_episodes
-from leworld.probe import check_common_args, command_record, embed_frames, open_model_and_data
-from leworld.results import write_json
+from leworld.probe import check_common_args, embed_frames, run_command
 
 PROTOCOL = "separation-v1"
 MISSES = {"tworoom": ("agent",), "pusht": ("pose", "angle")}
@@ -218,25 +214,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     keep_freed_memory()  # faster CPU steps on Linux (leworld/allocator.py)
-    start = time.perf_counter()
-    model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
-    val_fraction, split_seed = data.get("val_fraction", 0.1), data.get("split_seed", 0)
-    try:
-        result = separation_of_model(model, store, env=data_env, val_fraction=val_fraction, split_seed=split_seed,
-                                     stride=args.stride, max_frames=args.max_frames, num_goals=args.num_goals,
-                                     band=args.band, seed=args.seed, batch_size=args.batch_size,
-                                     progress=not args.no_progress)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    result = {**command_record(PROTOCOL, args, model_path, data_path, val_fraction, split_seed), **result,
-              "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start}
-    out = Path(args.out or result_path("separation", args.model, args.seed))
-    write_json(out, result)
-    print(f"{result['env']}: {result['frames']} validation frames ({result['val_episodes']} episodes), "
-          f"{result['goals']} goals, near misses up to {result['band']:g}x a threshold; protocol {PROTOCOL}")
-    print(table(result))
-    print(f"wrote {out} in {result['wall_seconds']:.1f} s")
-    return result
+
+    def score(model, store, env, val_fraction, split_seed):
+        return separation_of_model(model, store, env=env, val_fraction=val_fraction, split_seed=split_seed,
+                                   stride=args.stride, max_frames=args.max_frames, num_goals=args.num_goals,
+                                   band=args.band, seed=args.seed, batch_size=args.batch_size,
+                                   progress=not args.no_progress)
+
+    def describe(result):
+        return (f"{result['env']}: {result['frames']} validation frames ({result['val_episodes']} episodes), "
+                f"{result['goals']} goals, near misses up to {result['band']:g}x a threshold; protocol {PROTOCOL}")
+
+    return run_command("separation", PROTOCOL, args, score, describe, table)
 
 
 if __name__ == "__main__":

@@ -242,6 +242,7 @@ def test_cli_writes_a_complete_json(tmp_path, dataset, capsys):
     assert "block (px)" in printed and "slopes agent" in printed
     result = json.loads(out.read_text())
     assert result["protocol"] == "forecast-v1" and result["env"] == "pusht" and result["clips"] == 16
+    assert result["seed"] == 0 and result["data"] == str(dataset) and result["settings"]["horizon"] == 2
     assert result["model_sha256"] == hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
     assert [s["step"] for s in result["quantities"]["block"]["steps"]] == [1, 2]
     assert result["quantities"]["block"]["steps"][1]["env_steps"] == 10

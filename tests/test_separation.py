@@ -240,3 +240,4 @@ def test_default_result_files_keep_each_seed(tmp_path, dataset, monkeypatch):
     first = json.loads((tmp_path / "runs" / "separation" / "sep_tiny.json").read_text())
     second = json.loads((tmp_path / "runs" / "separation" / "sep_tiny-seed1.json").read_text())
     assert (first["settings"]["seed"], second["settings"]["seed"]) == (0, 1)
+    assert (first["seed"], second["seed"]) == (0, 1)  # the seed heads the record, as in every result JSON
