@@ -6,6 +6,7 @@ Example:
     resolve_device("cuda")            # ValueError on a machine without a usable GPU
     describe_device("cpu")            # e.g. 'AMD EPYC 7B13 (2 cores visible, 2 torch threads)'
     synchronize(device)               # wait for the device's queued work (benchmark timing)
+    frames_to_tensor(obs["pixels"], device)  # an env's (N, H, W, 3) uint8 frames as a tensor there
 
 `--device` of `plan.py`, `surprise.py` and the analysis commands goes through `resolve_device`,
 so `--device cuda` on a machine without a usable GPU stops before any work, naming what is
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 
+import numpy as np
 import torch
 
 
@@ -59,6 +61,16 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def frames_to_tensor(pixels: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """Host frames (any numpy array, e.g. an env's (N, H, W, 3) uint8 pixels) -> the same values as a
+    tensor on `device`, sharing memory with `pixels` where torch can (a writable, C-contiguous array
+    on the CPU). Read-only frames, such as Push-T's observations (views of the env's frame cache), are
+    copied first: torch cannot wrap a read-only array, and a tensor that did could write into the env."""
+    if not isinstance(pixels, np.ndarray):
+        raise TypeError(f"frames_to_tensor takes a numpy array, got {type(pixels).__name__}")
+    return torch.from_numpy(np.require(pixels, requirements=("C", "W"))).to(device)
 
 
 def peak_rss_gib() -> float:

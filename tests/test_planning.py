@@ -727,3 +727,39 @@ def test_mppi_returns_a_plan_inside_the_bounds_when_its_mean_starts_outside():
     samples = problem.seen[0]
     assert (samples[:, 0] == -50).all() and (samples[:, 1:] >= 0.5).all()  # the weighted mean is below the box
     torch.testing.assert_close(out, torch.full_like(out, 0.5), rtol=0, atol=0)
+
+
+PUSHT_MPC_CHILD = """
+import warnings
+warnings.filterwarnings("error", message=".*not writable")  # torch warns once per process: a fresh one
+import numpy as np, torch
+import envs
+from leworld.model import LeWMConfig, LeWorldModel
+from leworld.planning import CEM, MPCPolicy
+cfg = LeWMConfig(encoder="cnn", image_size=32, cnn_channels=(8, 16, 16), enc_width=32, embed_dim=16,
+                 proj_hidden=32, history=2, pred_depth=1, pred_heads=2, pred_head_dim=8, pred_mlp=32,
+                 action_hidden=16, action_dim=2, frameskip=3)
+env = envs.make_batch("pusht", num_envs=2, resolution=32, seed=0)
+obs = env.reset(seed=0)
+assert not obs["pixels"].flags.writeable  # the env's frame cache, as the planner meets it
+before = obs["pixels"].copy()
+policy = MPCPolicy(LeWorldModel(cfg).eval(), CEM(num_samples=8, topk=2, iterations=1), horizon=2, receding_horizon=1)
+policy.reset(env)
+action = policy.act(env, obs)
+assert action.shape == (2, 2) and np.isfinite(action).all()
+assert np.array_equal(obs["pixels"], before) and not obs["pixels"].flags.writeable
+print("ok")
+"""
+
+
+def test_mpc_plans_on_read_only_push_t_frames_without_a_warning():
+    """Push-T's observations are read-only views of its frame cache; the planner copies them rather
+    than handing torch an array it cannot own (which warns), and leaves the env's frames as they were."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", PUSHT_MPC_CHILD], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

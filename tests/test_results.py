@@ -155,6 +155,29 @@ def test_synchronize_waits_for_the_device_it_is_given(monkeypatch):
     assert waited == [("cuda", torch.device("cuda:1")), ("mps", None), ("cuda", torch.device("cuda:0"))]
 
 
+def test_frames_to_tensor_copies_read_only_frames_and_shares_writable_ones():
+    import numpy as np
+    import torch
+
+    from leworld.device import frames_to_tensor
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
+    shared = frames_to_tensor(frames, "cpu")
+    assert shared.dtype == torch.uint8 and np.array_equal(shared.numpy(), frames)
+    assert shared.data_ptr() == frames.ctypes.data  # a writable C-contiguous array is wrapped, not copied
+    cache = frames.copy()
+    cache.flags.writeable = False  # as an env's frame cache
+    copied = frames_to_tensor(cache, "cpu")
+    assert np.array_equal(copied.numpy(), frames) and copied.data_ptr() != cache.ctypes.data
+    copied.zero_()  # writing the tensor cannot reach the env's frames
+    assert np.array_equal(cache, frames) and not cache.flags.writeable
+    strided = frames[:, ::2]  # not contiguous: copied into a contiguous tensor
+    assert np.array_equal(frames_to_tensor(strided, "cpu").numpy(), strided)
+    with pytest.raises(TypeError, match="numpy array"):
+        frames_to_tensor(torch.zeros(2, 8, 8, 3), "cpu")
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak from /proc (Linux)")
 def test_peak_rss_is_the_kernels_high_water_mark_in_gib():
     from leworld.device import peak_rss_gib

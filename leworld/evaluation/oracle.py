@@ -36,6 +36,7 @@ import torch
 
 from envs.push_t_physics import SUCCESS_ANGLE, SUCCESS_POS
 
+from leworld.device import frames_to_tensor
 from leworld.planning.cem import CEM
 
 COSTS = ("margin", "terminal", "latent")
@@ -147,7 +148,7 @@ class SimulatorOracle:
     def _encode(self, frames: np.ndarray) -> torch.Tensor:
         """frames (n, R, R, 3) uint8 -> the model's embeddings (n, D), in float64 on the CPU."""
         device = next(self.model.parameters()).device
-        x = torch.as_tensor(np.ascontiguousarray(frames), device=device).permute(0, 3, 1, 2)[:, None]
+        x = frames_to_tensor(frames, device).permute(0, 3, 1, 2)[:, None]
         return self.model.encode(x)[:, 0].to(torch.float64).cpu()
 
     def _latent_cost(self, env, rows: np.ndarray):

@@ -36,6 +36,7 @@ import time
 import numpy as np
 import torch
 
+from leworld.device import frames_to_tensor
 from leworld.planning.problem import COSTS, HeldActions, LatentProblem
 
 
@@ -128,7 +129,7 @@ class MPCPolicy:
             raise ValueError(f"MPCPolicy takes a batched env (envs.make_batch) and its (N, H, W, 3) pixels, got "
                              f"shape {getattr(pixels, 'shape', None)}; a gymnasium env is one env: use "
                              "envs.make_batch(name, num_envs=1) instead")
-        x = torch.as_tensor(np.ascontiguousarray(pixels), device=self.device)  # (N, Hp, Wp, C) uint8
+        x = frames_to_tensor(pixels, self.device)  # (N, Hp, Wp, C) uint8
         return self.model.encode(x.permute(0, 3, 1, 2)[:, None])[:, 0]  # (N, D)
 
     @torch.no_grad()
