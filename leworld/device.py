@@ -67,7 +67,8 @@ def frames_to_tensor(pixels: np.ndarray, device: str | torch.device) -> torch.Te
     """Host frames (any numpy array, e.g. an env's (N, H, W, 3) uint8 pixels) -> the same values as a
     tensor on `device`, sharing memory with `pixels` where torch can (a writable, C-contiguous array
     on the CPU). Read-only frames, such as Push-T's observations (views of the env's frame cache), are
-    copied first: torch cannot wrap a read-only array, and a tensor that did could write into the env."""
+    copied first: torch does not support wrapping a read-only array (it warns), and a tensor that
+    did could write into the env."""
     if not isinstance(pixels, np.ndarray):
         raise TypeError(f"frames_to_tensor takes a numpy array, got {type(pixels).__name__}")
     return torch.from_numpy(np.require(pixels, requirements=("C", "W"))).to(device)
