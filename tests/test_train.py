@@ -359,24 +359,18 @@ def test_two_process_monitors_equal_one_process_on_the_whole_batch(tmp_path):
     assert abs(share["pred_loss"] - want["pred_loss"]) > 1e-3
 
 
-def test_collapse_warning_fires_below_the_threshold(data_path, tmp_path):
-    module, dm = make(data_path, tmp_path, collapse_rank_fraction=1.0,  # threshold = D: always "collapsed"
-                      collapse_warmup_steps=0)
-    with pytest.warns(UserWarning, match="embedding collapse"):
-        trainer(tmp_path, max_steps=1, log_every_n_steps=1, enable_checkpointing=False).fit(module, dm)
-    module, dm = make(data_path, tmp_path, collapse_rank_fraction=0.0, collapse_warmup_steps=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer(tmp_path / "b", max_steps=1, log_every_n_steps=1, enable_checkpointing=False).fit(module, dm)
-    assert not [w for w in caught if "embedding collapse" in str(w.message)]
-
-
-def _collapse_warnings(data_path, root, max_steps, warmup_steps):
-    module, dm = make(data_path, root, collapse_rank_fraction=1.0, collapse_warmup_steps=warmup_steps)
+def _collapse_warnings(data_path, root, max_steps, warmup_steps, fraction=1.0):
+    """The collapse warnings of a short run; fraction 1.0 puts the threshold at D: always "collapsed"."""
+    module, dm = make(data_path, root, collapse_rank_fraction=fraction, collapse_warmup_steps=warmup_steps)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(root, max_steps=max_steps, log_every_n_steps=1, enable_checkpointing=False).fit(module, dm)
     return [str(w.message) for w in caught if "embedding collapse" in str(w.message)]
+
+
+def test_collapse_warning_fires_below_the_threshold(data_path, tmp_path):
+    assert _collapse_warnings(data_path, tmp_path / "a", max_steps=1, warmup_steps=0)
+    assert _collapse_warnings(data_path, tmp_path / "b", max_steps=1, warmup_steps=0, fraction=0.0) == []
 
 
 def test_collapse_warning_waits_for_its_warm_up_then_fires_once(data_path, tmp_path):
