@@ -8,7 +8,7 @@ Example:
 Why: glibc serves every allocation above its mmap threshold (dynamic, at most 32 MiB by
 default) with fresh pages from the kernel and unmaps them again on free, and it hands the top
 of its heap back to the kernel once more than the trim threshold is free. A CPU training step
-allocates and frees many tensors of that size (SIGReg's (T, K, B, J) = (4, 1024, 128, 17)
+allocates and frees many tensors of that size (SIGReg's (T, K, J, B) = (4, 1024, 17, 128)
 float32 arrays are 36 MiB, a CNN's activations at batch 128 x 4 frames more), so every such op
 first page-faults its output in: on a 2-core CPU a Push-T tiny training step took 480-488 ms
 with glibc's defaults and 293-320 ms with both thresholds raised (`docs/benchmarks.md`).

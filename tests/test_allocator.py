@@ -55,11 +55,11 @@ def no_user_choice(monkeypatch):
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True, timeout=120)
     r = json.loads(out.stdout)
-    pages = 4 * 1024 * 128 * 17 * 4 // 4096  # of one (T, K, B, J) array
+    pages = 4 * 1024 * 17 * 128 * 4 // 4096  # of one (T, K, J, B) array
     assert r["applied"] is True
     # glibc's default: each such array is mmap'd and unmapped again, so every round faults in
-    # several of them anew
-    assert min(r["default"]) > 4 * pages, r
+    # the three of the forward (t s, cos, sin) anew
+    assert min(r["default"]) > 2.5 * pages, r
     # kept: the first round faults the blocks in, later rounds mostly reuse them
     assert sum(r["kept"][1:]) < 0.2 * sum(r["default"][1:]), r
 

@@ -179,21 +179,28 @@ def test_gradient_matches_float64_autograd():
     torch.testing.assert_close(z.grad, z64.grad.float(), rtol=1e-4, atol=1e-6)
 
 
-def test_cos_sin_sums_backward_is_autograds_exactly():
+def test_cos_sin_sums_and_their_backward_match_autograd_in_float64():
     from leworld.sigreg import _CosSinSums
 
-    x64 = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_CosSinSums.apply, (x64,))
-    x = (torch.randn(3, 64, 32, 17) * 4).requires_grad_()
+    t64 = torch.linspace(0, 3, 4, dtype=torch.float64)
+    proj64 = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: _CosSinSums.apply(p, t64), (proj64,))
+    # float32 against autograd's own graph of the same sums, run in float64
+    proj = (torch.randn(3, 64, 32) * 2).requires_grad_()
+    t = torch.linspace(0, 3, 17)
     grad_cos, grad_sin = torch.randn(3, 32, 17), torch.randn(3, 32, 17)
-    plain = x.cos().sum(1), x.sin().sum(1)
-    (plain_grad,) = torch.autograd.grad(plain, x, (grad_cos, grad_sin))
-    fused = _CosSinSums.apply(x)
-    (fused_grad,) = torch.autograd.grad(fused, x, (grad_cos, grad_sin))
-    assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1], fused[1])
-    assert torch.equal(plain_grad, fused_grad)  # bit-identical: training is unchanged
+    ref_in = proj.detach().double().requires_grad_()
+    x = ref_in[..., None] * t.double()  # (T, B, K, J)
+    ref = x.cos().sum(1), x.sin().sum(1)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, (grad_cos.double(), grad_sin.double()))
+    fused = _CosSinSums.apply(proj, t)
+    (fused_grad,) = torch.autograd.grad(fused, proj, (grad_cos, grad_sin))
+    assert fused[0].shape == fused[1].shape == (3, 32, 17) and fused_grad.shape == proj.shape
+    torch.testing.assert_close(fused[0].double(), ref[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused[1].double(), ref[1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused_grad.double(), ref_grad, rtol=1e-5, atol=1e-4)
     with torch.no_grad():  # evaluation: the same values without a graph
-        assert torch.equal(_CosSinSums.apply(x)[0], plain[0])
+        assert torch.equal(_CosSinSums.apply(proj, t)[0], fused[0])
 
 
 def test_float32_under_bf16_autocast():
