@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
+    if args.num_calibration is not None and args.num_calibration < 3:
+        p.error(f"--num-calibration needs at least 3 calibration runs (the threshold scores each against the mean "
+                f"and std of the others), got {args.num_calibration}; leave it out to use --num-trajectories")
     if args.num_trajectories < 2 or (args.num_calibration or args.num_trajectories) < 3:
         p.error("need at least 2 trajectories (the t-test needs a spread) and 3 calibration runs (the threshold "
                 "scores each against the mean and std of the others; --num-calibration defaults to "
@@ -252,7 +255,7 @@ def main(argv=None) -> dict:
     cfg = model.config
     setup = resolve_env(model_dir, cfg, args.env)
     n, L, p = args.num_trajectories, args.num_frames, args.perturb_step
-    n_cal = args.num_calibration or n
+    n_cal = n if args.num_calibration is None else args.num_calibration
     progress = not args.no_progress
     run = dict(num_frames=L, frameskip=cfg.frameskip, resolution=cfg.image_size, perturb_step=p, progress=progress)
     scored_seed, calibration_seed = (int(s) for s in np.random.SeedSequence(args.seed).generate_state(2))

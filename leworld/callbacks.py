@@ -9,7 +9,9 @@ Example:
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -19,13 +21,25 @@ from leworld.checkpoint import read_checkpoint
 
 class InterruptNote(L.Callback):
     """On Ctrl-C (KeyboardInterrupt), say which checkpoint the run can resume from and how, or
-    that it wrote none yet (Lightning itself only says that it shuts down)."""
+    that it wrote none yet (Lightning itself only says that it shuts down).
+
+    Only this run's checkpoints are named: those written since its fit began, or the one it
+    resumed from. Runs without a logger share one checkpoint folder, where the newest file may be
+    an earlier run's."""
+
+    def __init__(self) -> None:
+        self.started_ns: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # file times may be truncated to whole seconds (or two, on some file systems): a checkpoint
+        # written in the first moments of the run must not look older than the run
+        self.started_ns = time.time_ns() - 2_000_000_000
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
             return
         step = trainer.global_step
-        newest = newest_checkpoint(trainer)
+        newest = newest_checkpoint(trainer, since_ns=self.started_ns)
         if newest is None:
             every = [c._every_n_train_steps for c in trainer.checkpoint_callbacks  # ModelCheckpoint's setting
                      if getattr(c, "_every_n_train_steps", 0)]
@@ -50,11 +64,19 @@ class InterruptNote(L.Callback):
               f"  python train.py fit {config_arg} --ckpt_path {newest}", file=sys.stderr)
 
 
-def newest_checkpoint(trainer: L.Trainer) -> Path | None:
-    """The most recently written .ckpt of the trainer's checkpoint callbacks, or None."""
+def newest_checkpoint(trainer: L.Trainer, since_ns: int | None = None) -> Path | None:
+    """The most recently written .ckpt of the trainer's checkpoint callbacks, or None.
+
+    With `since_ns` (a `time.time_ns()`), only files written since then count, and the checkpoint
+    the trainer resumed from (`trainer.ckpt_path`) stands for the run when it wrote none since."""
     found = []
     for callback in trainer.checkpoint_callbacks:
         folder = getattr(callback, "dirpath", None)
         if folder and Path(folder).is_dir():
             found += [p for p in Path(folder).glob("*.ckpt") if p.is_file()]
+    if since_ns is not None:
+        found = [p for p in found if p.stat().st_mtime_ns >= since_ns]
+        resumed = getattr(trainer, "ckpt_path", None)
+        if not found and resumed and os.path.isfile(resumed):
+            return Path(resumed)
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None

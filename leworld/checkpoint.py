@@ -11,13 +11,16 @@ Example:
 
 `model.safetensors` holds every parameter and persistent buffer (action statistics included);
 `config.json` holds the format version, the package version, `LeWMConfig.to_dict()` and any
-`extra` information (training run, dataset). Both are written atomically (temporary file in
-the same directory, then `os.replace`). Loading never unpickles: safetensors and JSON only;
+`extra` information (training run, dataset), and the sha256 of the weights file written with
+it. Both are written atomically (temporary file in the same directory, then `os.replace`), the
+weights first: an export stopped between the two leaves new weights beside the old config.json,
+which loading then refuses (its recorded sha256 is not the weights'). Loading never unpickles: safetensors and JSON only;
 a Lightning `.ckpt` is read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -31,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from leworld.model import LeWMConfig, LeWorldModel
-from leworld.results import package_version
+from leworld.results import package_version, sha256_file
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -76,7 +79,7 @@ def export_model(model: LeWorldModel, directory: str | os.PathLike, extra: dict 
         "extra": extra or {},
     }
     try:
-        text = json.dumps(info, indent=2, sort_keys=True)
+        json.dumps(info)
     except TypeError as e:
         raise TypeError(f"export_model: `extra` must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -84,7 +87,10 @@ def export_model(model: LeWorldModel, directory: str | os.PathLike, extra: dict 
     # (or one written beside other weights) is caught at load time, even where the shapes still fit
     meta = {"format": "pt", "leworld_format_version": str(FORMAT_VERSION),
             "leworld_config": json.dumps(model.config.to_dict(), sort_keys=True)}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(_safetensors_bytes(tensors, meta)))
+    blob = _safetensors_bytes(tensors, meta)
+    info["weights_sha256"] = hashlib.sha256(blob).hexdigest()  # pairs this config.json with these weights
+    text = json.dumps(info, indent=2, sort_keys=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(blob))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     return directory
 
@@ -131,22 +137,52 @@ def _build(config: LeWMConfig, state: dict[str, torch.Tensor], source: Path, map
     return model.to(map_location).eval()
 
 
-def _read_config(path: Path) -> LeWMConfig:
+def _read_json(path: Path):
+    """The JSON value in `path`; ValueError naming the file where it is not UTF-8 JSON."""
     try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); export the model again.") from e
+
+
+def _read_info(path: Path) -> dict:
+    """config.json as written by `export_model`, its format checked."""
+    info = _read_json(path)
     if not isinstance(info, dict) or "config" not in info:
         raise ValueError(f"{path} has no 'config' entry; it was not written by leworld.checkpoint.export_model.")
-    if info.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+    version = info.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path} has format_version {version!r}, not an integer: it was not written by "
+                         "leworld.checkpoint.export_model (or was edited); export the model again.")
+    if version > FORMAT_VERSION:
         raise ValueError(
-            f"{path} has format_version {info['format_version']}, newer than this leworld reads "
+            f"{path} has format_version {version}, newer than this leworld reads "
             f"({FORMAT_VERSION}); upgrade leworld."
         )
+    return info
+
+
+def _read_config(path: Path) -> LeWMConfig:
+    info = _read_info(path)
     try:
         return LeWMConfig.from_dict(info["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"bad model config in {path}: {e}") from e
+
+
+def _check_pair(info: dict, config_path: Path, weights: Path) -> None:
+    """config.json must have been written with these weights (exports that record their sha256)."""
+    recorded = info.get("weights_sha256")
+    if recorded is None:  # exports from before the record was added
+        return
+    actual = sha256_file(weights)
+    if actual != recorded:
+        raise ValueError(
+            f"{config_path} was written with other weights than {weights} (sha256 {str(recorded)[:12]} recorded, "
+            f"{actual[:12]} found): an export stopped between its two files, or they come from different "
+            "exports. Export the model again (leworld.checkpoint.export_model, from a checkpoint of its run) "
+            "or put back the config.json that belongs to these weights."
+        )
 
 
 def _config_from_hparams(hparams) -> LeWMConfig | None:
@@ -233,11 +269,13 @@ def model_extra(path: str | os.PathLike) -> dict:
     config = (path if path.is_dir() else path.parent) / CONFIG_NAME
     if not config.is_file():
         return {}
-    try:
-        info = json.loads(config.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config} is not valid JSON ({e}); export the model again.") from e
-    return info.get("extra", {}) if isinstance(info, dict) else {}
+    info = _read_json(config)
+    if not isinstance(info, dict):
+        return {}
+    weights = config.with_name(WEIGHTS_NAME)
+    if weights.is_file():  # the record must describe these weights, not an earlier export's
+        _check_pair(info, config, weights)
+    return info.get("extra", {})
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -269,7 +307,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     for needed in (weights, config_path):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing: {_HOW_TO_MAKE}.")
-    config = _read_config(config_path)
+    info = _read_info(config_path)
+    try:
+        config = LeWMConfig.from_dict(info["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad model config in {config_path}: {e}") from e
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:  # tensors and metadata in one read
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -278,6 +320,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise ValueError(f"{weights} is not a readable safetensors file ({e}): it may be truncated or corrupt; "
                          "export it again from a checkpoint of its run (leworld.checkpoint.export_model) or train "
                          "again") from None
+    _check_pair(info, config_path, weights)  # after the read: a truncated file is named as such
     _check_config_travelled(config, meta.get("leworld_config"), config_path, weights)
     return _build(config, state, weights, map_location)
 

@@ -244,7 +244,8 @@ class LeWMModule(L.LightningModule):
                             f"{hp.num_frames}: lower model.open_loop_frames or raise data.num_frames")
         if problems:
             raise ValueError("config does not match the dataset:\n  " + "\n  ".join(problems))
-        if stage == "fit" and self.trainer.ckpt_path is None:
+        if stage == "fit":  # a resumed run restores its checkpoint after this hook, whose statistics then win
+            # (`trainer.ckpt_path` cannot tell: during setup it still holds an earlier call's path)
             self.model.set_action_stats(dm.action_mean, dm.action_std)
 
     # ---------------------------------------------------------------- the method

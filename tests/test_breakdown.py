@@ -81,6 +81,16 @@ def test_bad_input_is_a_clear_error():
     del old["results"][1]["per_episode"][0]["start_errors"]
     with pytest.raises(ValueError, match="rerun plan.py"):
         breakdown(old, "angle_deg", 20.0)
+    for field in ("start_errors", "final_errors"):  # an episode after the first lacks the key
+        edited = fake_results()
+        episode = edited["results"][1]["per_episode"][next(
+            i for i, e in enumerate(edited["results"][1]["per_episode"]) if i and not e["success"])]
+        del episode[field]["angle_deg"]
+        with pytest.raises(ValueError, match=rf"policy 'random'.*{field}.*'angle_deg'.*rerun plan.py"):
+            (breakdown if field == "start_errors" else failures)(edited, "angle_deg", 20.0)
+        if field == "start_errors":
+            with pytest.raises(ValueError, match=r"start_errors\['angle_deg'\]: rerun plan.py"):
+                failures(edited, "angle_deg", 20.0)
     other = fake_results()
     other["results"][1] = fake_results(seed=1)["results"][1]
     with pytest.raises(ValueError, match="same pairs"):

@@ -125,7 +125,8 @@ def test_every_setting_of_an_edited_config_is_caught(tmp_path, name):
 
 
 def without_config_record(directory) -> None:
-    """Rewrite the weights as exports did before they carried their config."""
+    """Rewrite the export as exports were before the weights carried their config and config.json
+    their sha256."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -133,6 +134,9 @@ def without_config_record(directory) -> None:
     with safe_open(path, framework="pt") as f:
         meta = {k: v for k, v in f.metadata().items() if k != "leworld_config"}
     save_file(load_file(path), path, metadata=meta)
+    info = json.loads((directory / "config.json").read_text())
+    del info["weights_sha256"]
+    (directory / "config.json").write_text(json.dumps(info))
 
 
 def test_mismatched_config_names_the_mismatch(tmp_path):
@@ -192,6 +196,56 @@ def test_an_export_that_fails_midway_leaves_the_old_model_whole(tmp_path, monkey
     monkeypatch.undo()
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+
+
+def test_an_export_stopped_between_its_two_files_is_refused_not_loaded_with_the_old_record(tmp_path, monkeypatch):
+    """The weights are replaced first; if writing config.json then fails, the old config.json (the
+    same architecture, another run's record) sits beside new weights. Loading, and reading the
+    record that evaluation takes its held-out episodes from, must refuse that pair."""
+    from leworld.checkpoint import model_extra
+
+    export_model(tiny_model(), tmp_path, extra={"global_step": 100, "data": {"path": "data/old.h5"}})
+    real = checkpoint._atomic_write
+
+    def fail_on_the_config(path, write):
+        if path.name == "config.json":
+            raise OSError("disk full")
+        real(path, write)
+
+    monkeypatch.setattr(checkpoint, "_atomic_write", fail_on_the_config)
+    newer = tiny_model()  # the same architecture, other weights
+    newer.set_action_stats(torch.tensor([0.1, 0.1]), torch.tensor([1.0, 1.0]))
+    with pytest.raises(OSError, match="disk full"):
+        export_model(newer, tmp_path, extra={"global_step": 200, "data": {"path": "data/new.h5"}})
+    monkeypatch.undo()
+    for read in (load_model, model_extra):
+        with pytest.raises(ValueError, match=r"config\.json was written with other weights than .*model\.safetensors "
+                                             r"\(sha256 [0-9a-f]{12} recorded, [0-9a-f]{12} found\).*Export the model again"):
+            read(tmp_path)
+    export_model(tiny_model(), tmp_path, extra={"global_step": 300})  # a whole export pairs them again
+    assert model_extra(tmp_path)["global_step"] == 300 and load_model(tmp_path) is not None
+
+
+def test_a_truncated_weights_file_is_named_as_such_not_as_another_exports(tmp_path):
+    export_model(tiny_model(), tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file .*truncated or corrupt"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("version", ["1", None, 1.5, True])
+def test_a_config_json_of_a_bad_format_version_or_encoding_is_a_clear_error(tmp_path, version):
+    export_model(tiny_model(), tmp_path)
+    info = json.loads((tmp_path / "config.json").read_text())
+    info["format_version"] = version
+    (tmp_path / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=rf"format_version {re.escape(repr(version))}, not an integer.*export the model again"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{not utf-8")
+    for read in (load_model, checkpoint.model_extra):
+        with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+            read(tmp_path)
 
 
 def test_an_export_is_readable_by_others_and_loads_where_asked(tmp_path):

@@ -312,6 +312,73 @@ def test_a_writer_that_cannot_start_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_rejected_block_leaves_every_field_as_long_as_the_episodes(tmp_path):
+    """A block with one misshapen field is refused before anything is written: the file closed
+    afterwards holds exactly the accepted episodes' rows in every field."""
+    from leworld.data.store import EpisodeWriter
+
+    def block(num_eps, length, bad=None):
+        fields = {"pixels": np.zeros((num_eps, length, 16, 16, 3), np.uint8),
+                  "action": np.zeros((num_eps, length, 2), np.float32),
+                  "proprio": np.zeros((num_eps, length, 2), np.float32), "state": np.zeros((num_eps, length, 4))}
+        if bad:
+            fields[bad] = np.zeros((num_eps, length + 1, *fields[bad].shape[2:]), fields[bad].dtype)
+        return fields
+
+    writer = EpisodeWriter(tmp_path / "x.h5", resolution=16, action_dim=2, proprio_dim=2, state_dim=4, metadata={})
+    writer.append(block(2, 5))
+    for bad in ("action", "proprio", "state"):  # fields checked after pixels in the writing order
+        with pytest.raises(ValueError, match=f"{bad} has shape"):
+            writer.append(block(3, 5, bad))
+    writer.close()
+    store = EpisodeStore(tmp_path / "x.h5")
+    with h5py.File(tmp_path / "x.h5") as f:
+        assert {name: f[name].shape[0] for name in ("pixels", "action", "proprio", "state")} == dict.fromkeys(
+            ("pixels", "action", "proprio", "state"), 10)
+    assert store.num_episodes == 2 and int(store.episode_length.sum()) == store.num_frames == 10
+
+
+def test_two_writers_of_one_path_neither_collide_nor_replace_each_other(tmp_path):
+    """Two writers of the same target in one process get their own temporary files; the second to
+    finish, not told to overwrite, keeps the first one's file and drops its own."""
+    from leworld.data.store import EpisodeWriter
+
+    block = {"pixels": np.zeros((1, 3, 16, 16, 3), np.uint8), "action": np.zeros((1, 3, 2), np.float32),
+             "proprio": np.zeros((1, 3, 2), np.float32), "state": np.zeros((1, 3, 4))}
+    kw = dict(resolution=16, action_dim=2, proprio_dim=2, state_dim=4)
+    first = EpisodeWriter(tmp_path / "x.h5", metadata={"writer": 1}, **kw)
+    second = EpisodeWriter(tmp_path / "x.h5", metadata={"writer": 2}, **kw)
+    assert first.tmp_path != second.tmp_path
+    first.append(block), second.append(block), second.append(block)
+    first.close()
+    with pytest.raises(FileExistsError, match="appeared while this dataset was being written"):
+        second.close()
+    assert EpisodeStore(tmp_path / "x.h5").metadata["writer"] == 1 and EpisodeStore(tmp_path / "x.h5").num_episodes == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["x.h5"]
+    assert (tmp_path / "x.h5").stat().st_mode & 0o777 == 0o644
+    third = EpisodeWriter(tmp_path / "x.h5", metadata={"writer": 3}, overwrite=True, **kw)
+    third.append(block)
+    third.close()
+    assert EpisodeStore(tmp_path / "x.h5").metadata["writer"] == 3
+
+
+def test_numpy_numbers_are_taken_as_arguments_and_stored_as_plain_ones(tmp_path):
+    """A sweep over np.arange passes numpy scalars; the metadata must still be JSON, and equal
+    to the one from plain numbers, and a fractional count is a clear error."""
+    common = dict(env="tworoom", resolution=16, workers=1, progress=False)
+    a = collect(episodes=np.int64(2), steps=np.int32(4), seed=np.int64(3), noise=np.float32(0.5),
+                out=tmp_path / "a.h5", **common)
+    b = collect(episodes=2, steps=4, seed=3, noise=0.5, out=tmp_path / "b.h5", **common)
+    meta_a, meta_b = EpisodeStore(a).metadata, EpisodeStore(b).metadata
+    for meta in (meta_a, meta_b):
+        meta.pop("created"), meta.pop("seconds", None), meta.pop("steps_per_second", None)
+    assert meta_a == meta_b and type(meta_a["seed"]) is int
+    np.testing.assert_array_equal(EpisodeStore(a).read("pixels", slice(None)), EpisodeStore(b).read("pixels", slice(None)))
+    with pytest.raises(ValueError, match="--episodes must be an integer, got 2.5"):
+        collect(episodes=2.5, steps=4, out=tmp_path / "c.h5", **common)
+    assert not (tmp_path / "c.h5").exists()
+
+
 def test_ctrl_c_to_the_process_group_stops_parallel_collection_at_once(tmp_path):
     """Ctrl-C reaches the workers too; they leave it to the parent, which must stop the pool
     and delete the partial file instead of hanging on workers killed mid-block."""

@@ -373,6 +373,29 @@ def test_mpc_after_a_reset_acts_as_a_fresh_policy():
     assert len(policy.plan_seconds) > 0 and np.abs(runs[0]).max() > 0
 
 
+@pytest.mark.parametrize("to_bounds", [np.array, torch.tensor, list])
+def test_mpc_takes_action_bounds_per_dimension_and_clips_every_action_to_them(to_bounds):
+    """Per-dimension bounds reach the planner (every evaluated sample inside them, in raw units)
+    and the executed actions; bounds of the wrong shape or order are a clear error."""
+    model = tiny_model(history=2)
+    low, high = [-1.0, -0.05], [0.05, 1.0]
+    planner = RecordingCEM(num_samples=8, topk=2, iterations=2)
+    policy = MPCPolicy(model, planner, horizon=2, action_low=to_bounds(low), action_high=to_bounds(high), seed=1)
+    env = FakeEnv(3, seed=1)
+    policy.reset(env)
+    actions = np.stack([policy.act(env, env.obs()) for _ in range(12)])  # (steps, N, A)
+    assert (actions >= np.array(low) - 1e-6).all() and (actions <= np.array(high) + 1e-6).all()
+    assert np.isclose(actions[..., 0], 0.05).any() and np.isclose(actions[..., 1], -0.05).any()  # clipped at both
+    for problem in planner.problems:
+        raw_low, raw_high = (model.denormalize_actions(b).view(-1, 2) for b in (problem.low, problem.high))
+        torch.testing.assert_close(raw_low, torch.tensor([low] * 3), rtol=0, atol=1e-6)
+        torch.testing.assert_close(raw_high, torch.tensor([high] * 3), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"numbers, or \(2,\) per action dimension; got shapes \(3,\) and \(\)"):
+        MPCPolicy(model, CEM(), action_low=to_bounds([-1.0, -1.0, -1.0]), action_high=1.0)
+    with pytest.raises(ValueError, match=r"action_low < action_high in every dimension, got \[-1.0, 1.0\]"):
+        MPCPolicy(model, CEM(), action_low=to_bounds([-1.0, 1.0]), action_high=to_bounds([1.0, 1.0]))
+
+
 def test_mpc_keeps_history_and_replans_every_receding_horizon():
     model = tiny_model(history=2)
     planner = RecordingCEM(num_samples=8, topk=2, iterations=1)
@@ -614,9 +637,10 @@ def test_mpc_refuses_settings_at_construction(kwargs, error, match):
 
 @pytest.mark.parametrize("name", ["cem", "mppi", "icem"])
 def test_first_samples_spread_by_init_std_around_the_warm_start(name):
-    """The first iteration samples init + init_std * (the seeded generator's first standard-normal
-    draw), clipped to the bounds (iCEM with beta 0: white noise, drawn (B, S, A, T); MPPI's sample 0
-    and iCEM's last-iteration sample 0 are the mean itself)."""
+    """The first iteration samples init (clipped to the bounds: some of it lies outside) + init_std *
+    (the seeded generator's first standard-normal draw), clipped to the bounds (iCEM with beta 0:
+    white noise, drawn (B, S, A, T); MPPI's sample 0 and iCEM's last-iteration sample 0 are the
+    clipped init itself)."""
     B, S, T, A, std = 2, 6, 3, 2, 0.1
     target = torch.zeros(B, T, A, dtype=torch.float64)
     init = torch.rand((B, T, A), generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 2 - 1
@@ -628,10 +652,12 @@ def test_first_samples_spread_by_init_std_around_the_warm_start(name):
         noise = torch.randn((B, S, A, T), generator=g, dtype=torch.float64).transpose(2, 3)
     else:
         noise = torch.randn((B, S, T, A), generator=g, dtype=torch.float64)
-    want = torch.stack([torch.stack([(init[b] + std * noise[b, s]).clamp(-0.9, 0.9) for s in range(S)])
+    assert (init.abs() > 0.9).any()
+    mean = init.clamp(-0.9, 0.9)
+    want = torch.stack([torch.stack([(mean[b] + std * noise[b, s]).clamp(-0.9, 0.9) for s in range(S)])
                         for b in range(B)])
     if name != "cem":
-        want[:, 0] = init
+        want[:, 0] = mean
     torch.testing.assert_close(problem.seen[0], want, rtol=0, atol=1e-12)
 
 
@@ -717,16 +743,46 @@ def test_mpc_plan_horizon_is_the_blocks_left_to_the_deadline(deadline):
     assert [p.horizon for p in planner.problems] == want
 
 
-def test_mppi_returns_a_plan_inside_the_bounds_when_its_mean_starts_outside():
-    """Sample 0 is the unclipped mean: with init far below the box and near-uniform weights the
-    weighted mean falls outside [0.5, 1], and the returned plan is clipped back to the box."""
+@pytest.mark.parametrize("name", sorted(PLANNER_KW))
+def test_a_warm_start_outside_the_box_is_clipped_before_anything_is_evaluated(name):
+    """MPPI scores its mean every iteration and iCEM in its last: from an init far below the box,
+    that mean too must be an executable plan, and the caller's init is left as it was."""
     target = torch.full((2, 3, 2), 0.75, dtype=torch.float64)
     problem = Quadratic(target, low=0.5, high=1.0)
     init = torch.full_like(target, -50.0)
-    out = MPPI(num_samples=8, iterations=1, temperature=100.0, seed=0).plan(problem, init=init)
-    samples = problem.seen[0]
-    assert (samples[:, 0] == -50).all() and (samples[:, 1:] >= 0.5).all()  # the weighted mean is below the box
-    torch.testing.assert_close(out, torch.full_like(out, 0.5), rtol=0, atol=0)
+    kw = {**PLANNER_KW[name], "iterations": 2}
+    out = make_planner(name, seed=0, **kw).plan(problem, init=init)
+    evaluated = torch.cat([s.flatten(0, 2) for s in problem.seen])
+    assert (evaluated >= 0.5).all() and (evaluated <= 1.0).all()
+    assert (out >= 0.5).all() and (out <= 1.0).all()
+    assert (init == -50).all()
+
+
+class TwoWells:
+    """One action; cost min((a - 5)^2, 1 + (a + 1)^2): 0 at a = 5, outside the box [-1, 1], whose
+    best action is a = -1 (cost 1); a = 1 costs 5."""
+
+    batch_size, horizon, action_dim = 1, 1, 1
+    low, high = torch.tensor([-1.0]), torch.tensor([1.0])
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def cost(self, actions: torch.Tensor) -> torch.Tensor:  # (B, S, T, A) -> (B, S)
+        self.seen.append(actions.detach().clone())
+        a = actions[..., 0, 0]
+        return torch.minimum((a - 5) ** 2, 1 + (a + 1) ** 2)
+
+
+def test_icem_returns_the_cheapest_plan_it_evaluated_from_an_init_outside_the_box():
+    """iCEM returns its cheapest evaluated sample. A mean scored at a = 5 (cost 0) would win and come
+    back clipped to a = 1 (cost 5), worse than plans that were evaluated."""
+    problem = TwoWells()
+    out = ICEM(num_samples=50, topk=5, iterations=1, seed=0).plan(problem, init=torch.full((1, 1, 1), 5.0))
+    costs = problem.cost(torch.cat(problem.seen, dim=1))
+    returned = problem.cost(out[:, None]).item()
+    assert returned == pytest.approx(costs.min().item(), abs=1e-6)
+    assert returned < 5.0
 
 
 PUSHT_MPC_CHILD = """

@@ -465,8 +465,8 @@ def test_cli_checks_horizon_device_and_out_before_any_work(tmp_path, capsys, mon
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_args([*base, "--horizon", "0"])
     assert exit_info.value.code == 2 and "--horizon must be at least 1" in capsys.readouterr().err
-    for counts in (["--num-trajectories", "2"], ["--num-calibration", "2"]):
-        with pytest.raises(SystemExit) as exit_info:
+    for counts in (["--num-trajectories", "2"], ["--num-calibration", "2"], ["--num-calibration", "0"]):
+        with pytest.raises(SystemExit) as exit_info:  # 0 is refused too, not taken as "the default"
             cli.parse_args([*base, *counts])
         assert exit_info.value.code == 2 and "3 calibration runs" in capsys.readouterr().err
     (tmp_path / "afile").write_text("keep")

@@ -78,6 +78,31 @@ def test_a_few_steps_reduce_the_loss_and_export_the_model(data_path, tmp_path):
     torch.testing.assert_close(exported.action_std, module.model.action_std)
 
 
+def test_action_statistics_come_from_the_data_on_a_fresh_fit_and_from_the_checkpoint_on_resume(data_path, tmp_path):
+    """A Trainer that has scored a checkpoint and then fits a new model gives it the data's
+    statistics; a resumed fit keeps the checkpoint's, even where they differ from the data's."""
+    module, dm = make(data_path, tmp_path)
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    trainer(tmp_path / "a", max_steps=2, callbacks=[saver]).fit(module, dm)
+    ckpt = tmp_path / "ckpts" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    state["state_dict"]["model.action_mean"] = torch.tensor([0.25, -0.5])  # not the data's
+    state["state_dict"]["model.action_std"] = torch.tensor([2.0, 3.0])
+    torch.save(state, ckpt)
+
+    t = trainer(tmp_path / "b", max_steps=2, enable_checkpointing=False)
+    t.validate(*make(data_path, tmp_path), ckpt_path=str(ckpt), verbose=False)
+    fresh, fresh_dm = make(data_path, tmp_path)
+    t.fit(fresh, fresh_dm)
+    np.testing.assert_allclose(fresh.model.action_mean.numpy(), fresh_dm.action_mean, rtol=1e-6)
+    np.testing.assert_allclose(fresh.model.action_std.numpy(), fresh_dm.action_std, rtol=1e-6)
+    assert not np.allclose(fresh_dm.action_mean, [0.25, -0.5])
+
+    resumed, resumed_dm = make(data_path, tmp_path)
+    trainer(tmp_path / "c", max_steps=4, enable_checkpointing=False).fit(resumed, resumed_dm, ckpt_path=str(ckpt))
+    assert resumed.model.action_mean.tolist() == [0.25, -0.5] and resumed.model.action_std.tolist() == [2.0, 3.0]
+
+
 class StopAtStep(L.Callback):
     """Interrupts a run after optimiser step `step` (its schedule still planned for max_steps)."""
 
@@ -501,6 +526,32 @@ def test_ctrl_c_says_which_checkpoint_the_run_resumes_from(data_path, tmp_path, 
     else:
         assert "interrupted at step 3: resume from the newest checkpoint (step 2) with" in err
         assert f"--ckpt_path {tmp_path / 'ckpts' / 'epoch=0-step=2.ckpt'}" in err
+
+
+def test_ctrl_c_names_only_this_runs_checkpoints_where_runs_share_a_folder(data_path, tmp_path, capsys):
+    """Without a logger, runs share one checkpoint folder. A fresh run interrupted before its first
+    checkpoint has nothing to resume, whatever an earlier run left there; a resumed run that wrote
+    none yet resumes again from where it started."""
+    import os
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(at, **fit):
+        module, dm = make(data_path, tmp_path)
+        every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_top_k=-1)
+        with pytest.raises(SystemExit):
+            trainer(tmp_path, max_steps=10, callbacks=[every, RaiseInterrupt(at)]).fit(module, dm, **fit)
+        return capsys.readouterr().err
+
+    assert "resume from the newest checkpoint (step 2)" in run(3)  # an earlier run
+    earlier = tmp_path / "ckpts" / "epoch=0-step=2.ckpt"
+    hour_ago = earlier.stat().st_mtime - 3600
+    os.utime(earlier, (hour_ago, hour_ago))
+    err = run(1)
+    assert "interrupted at step 1: no checkpoint was written yet (checkpoints every 2 steps)" in err, err
+    assert "resume from" not in err
+    err = run(3, ckpt_path=str(earlier))  # resumed at step 2, stopped at 3: writes its first at 4
+    assert "interrupted at step 3: resume from the newest checkpoint (step 2) with" in err, err
+    assert f"--ckpt_path {earlier}" in err
 
 
 def test_nan_loss_stops_with_a_clear_error(data_path, tmp_path):

@@ -116,6 +116,13 @@ def _interrupts_abort():
             signal.signal(sig, old)
 
 
+def _as_int(name: str, value) -> int:
+    """`value` as a Python int, or a clear error where it is not a whole number."""
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+    return int(value)
+
+
 def _check_args(env: str, episodes: int, steps: int, resolution: int, policy: str,
                 noise: float | None, chunk_size: int, workers: int, supersample: int = 1, seed: int = 0) -> None:
     if env not in envs.ENV_NAMES:
@@ -148,6 +155,12 @@ def collect(env: str, episodes: int, steps: int = 100, resolution: int = 224, po
     """
     policy = policy or DEFAULT_POLICY.get(env, "random")
     workers = DEFAULT_WORKERS.get(env, 1) if workers is None else workers
+    # numpy scalars (a sweep over np.arange, say) become plain numbers, which the metadata's JSON can hold
+    episodes, steps, resolution, seed, chunk_size, workers, supersample = (
+        _as_int(name, value) for name, value in (("episodes", episodes), ("steps", steps), ("resolution", resolution),
+                                                 ("seed", seed), ("chunk_size", chunk_size), ("workers", workers),
+                                                 ("supersample", supersample)))
+    noise = None if noise is None else float(noise)
     _check_args(env, episodes, steps, resolution, policy, noise, chunk_size, workers, supersample, seed)
     if supersample != 1:
         env_kwargs = {**(env_kwargs or {}), "supersample": int(supersample)}

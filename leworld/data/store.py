@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -53,14 +54,20 @@ class EpisodeWriter:
             raise IsADirectoryError(f"{self.path} is a directory: give a file path such as data/tworoom.h5")
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists: pass overwrite=True (--overwrite) to replace it")
+        self.overwrite = bool(overwrite)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise PermissionError(f"cannot create the directory {self.path.parent}: {e.strerror}; choose another path for the dataset (--out, or data.path in a config)") from e
-        self.tmp_path = self.path.parent / f".{self.path.name}.{os.getpid()}.tmp"
-        try:
+        try:  # a name no other writer holds, even one of this process writing the same target
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(fd)
+            self.tmp_path = Path(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp's file is private; a dataset is meant to be read by others too
             self._file = h5py.File(self.tmp_path, "w")
         except OSError as e:
+            if hasattr(self, "tmp_path"):
+                self.tmp_path.unlink(missing_ok=True)
             raise PermissionError(f"cannot write to {self.path.parent} ({e}); choose a writable path for the dataset (--out, or data.path in a config)") from e
         try:
             self._start(metadata, resolution, action_dim, proprio_dim, state_dim, compression)
@@ -90,10 +97,12 @@ class EpisodeWriter:
         """Append a block of episodes: each field shaped (E, L + 1, ...), same L for all."""
         num_eps, length = episodes["pixels"].shape[:2]
         start, stop = self._num_frames, self._num_frames + num_eps * length
-        for name in _FIELDS:
+        for name in _FIELDS:  # every field is checked before any is written: a rejected block leaves no rows
             data = episodes[name]
             if data.shape[:2] != (num_eps, length):
                 raise ValueError(f"{name} has shape {data.shape}, expected leading dims {(num_eps, length)}")
+        for name in _FIELDS:
+            data = episodes[name]
             ds = self._file[name]
             ds.resize(stop, axis=0)
             ds[start:stop] = data.reshape(num_eps * length, *data.shape[2:])  # (E*(L+1), ...)
@@ -114,6 +123,10 @@ class EpisodeWriter:
             f.create_dataset("episode_length", data=np.asarray(self._lengths, np.int64))
             f.attrs["complete"] = True
             f.close()
+            if not self.overwrite and self.path.exists():
+                raise FileExistsError(f"{self.path} appeared while this dataset was being written (another "
+                                      "collection to the same path?); it was kept and this one dropped: pass "
+                                      "overwrite=True (--overwrite) to replace it, or write to another path")
             os.replace(self.tmp_path, self.path)
         except BaseException:  # a full disk, say: the partial file goes, whatever was at `path` stays
             self.abort()

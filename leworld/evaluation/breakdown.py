@@ -55,6 +55,10 @@ def breakdown(results: dict, key: str, threshold: float) -> dict:
         available = sorted(episodes[0]["start_errors"])
         if key not in available:
             raise ValueError(f"no start error named {key!r}; this file has {available}")
+        lacking = [i for i, e in enumerate(episodes) if key not in e["start_errors"]]
+        if lacking:
+            raise ValueError(f"policy {row.get('policy')!r}: episodes {lacking[:5]} have no start_errors[{key!r}] while "
+                             "episode 0 has it; the file was edited or joined from other runs: rerun plan.py")
         s = np.array([e["start_errors"][key] for e in episodes], dtype=float)
         if starts is not None and (len(s) != len(starts) or not np.allclose(s, starts)):
             raise ValueError("the policies of this file were not run on the same pairs")
@@ -94,9 +98,9 @@ def failures(results: dict, key: str, threshold: float) -> list[dict]:
     out = []
     for row in check_results(results):
         failed = [e for e in row.get("per_episode") or [] if not e["success"]]
-        if any("final_errors" not in e or key not in e["final_errors"] for e in failed):
-            raise ValueError(f"policy {row.get('policy')!r} has no per-episode final_errors[{key!r}]: "
-                             f"rerun plan.py")
+        for field in ("start_errors", "final_errors"):
+            if any(key not in (e.get(field) or {}) for e in failed):
+                raise ValueError(f"policy {row.get('policy')!r} has no per-episode {field}[{key!r}]: rerun plan.py")
         end = np.array([e["final_errors"][key] for e in failed], dtype=float)
         start = np.array([e["start_errors"][key] for e in failed], dtype=float)
         out.append({"policy": row.get("policy"), "failures": len(failed),

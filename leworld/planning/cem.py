@@ -16,12 +16,14 @@ from leworld.planning.problem import PlanningProblem
 
 
 def start(problem: PlanningProblem, init: torch.Tensor | None, init_std: float):
-    """Initial mean (B, T, A) (zeros, or `init`) and std (B, T, A)."""
+    """Initial mean (B, T, A) (zeros, or `init` clipped to the bounds, so that a mean that competes
+    as a sample is an executable plan) and std (B, T, A)."""
     shape = (problem.batch_size, problem.horizon, problem.action_dim)
     device, dtype = problem.low.device, problem.low.dtype
     if init is not None and tuple(init.shape) != shape:
         raise ValueError(f"init must have shape (B, T, A) = {shape}, got {tuple(init.shape)}")
-    mean = torch.zeros(shape, device=device, dtype=dtype) if init is None else init.to(device, dtype).clone()
+    mean = (torch.zeros(shape, device=device, dtype=dtype) if init is None
+            else init.to(device, dtype).clamp(problem.low, problem.high))  # a copy: the caller's init is kept
     return mean, torch.full(shape, float(init_std), device=device, dtype=dtype)
 
 

@@ -54,7 +54,7 @@ class MPCPolicy:
             (`HeldActions`), instead of a free action at every step.
         cost: "terminal" (paper), "sum", "min" (the goal reached at any block of the plan) or
             "min_terminal" (reached, then kept); see `latent_cost`.
-        action_low, action_high: the env's raw action bounds.
+        action_low, action_high: the env's raw action bounds: numbers, or (A,) per action dimension.
         warm_start: start each plan from the unexecuted rest of the previous plan (zeros otherwise).
         compile: plan with a torch.compile'd rollout.
         compile_mode: torch.compile mode of that rollout, e.g. "reduce-overhead" (CUDA graphs: the
@@ -68,7 +68,7 @@ class MPCPolicy:
     """
 
     def __init__(self, model, planner, horizon: int = 5, receding_horizon: int | None = None,
-                 cost: str = "terminal", action_low: float = -1.0, action_high: float = 1.0,
+                 cost: str = "terminal", action_low=-1.0, action_high=1.0,
                  warm_start: bool = False, compile: bool = False, amp: bool = False, device=None, seed: int = 0,
                  compile_mode: str | None = None, deadline: int | None = None, replan_every: int | None = None,
                  hold_actions: bool = False):
@@ -78,8 +78,14 @@ class MPCPolicy:
             raise ValueError(f"unknown cost {cost!r}: choose one of {', '.join(COSTS)}")
         if not callable(getattr(planner, "plan", None)):
             raise TypeError(f"planner must be a planner object (e.g. leworld.planning.CEM()), got {planner!r}")
-        if not action_low < action_high:
-            raise ValueError(f"need action_low < action_high, got {action_low} and {action_high}")
+        A = model.config.action_dim
+        low, high = (torch.as_tensor(b, dtype=torch.float64) for b in (action_low, action_high))
+        if low.ndim > 1 or high.ndim > 1 or low.numel() not in (1, A) or high.numel() not in (1, A):
+            raise ValueError(f"action_low and action_high are numbers, or ({A},) per action dimension; got shapes "
+                             f"{tuple(low.shape)} and {tuple(high.shape)}")
+        if not bool((low < high).all()):
+            raise ValueError(f"need action_low < action_high in every dimension, got {low.tolist()} and "
+                             f"{high.tolist()}")
         if deadline is not None and int(deadline) < 1:
             raise ValueError(f"deadline must be a positive number of env steps or None, got {deadline}")
         self.deadline = None if deadline is None else int(deadline)
@@ -103,6 +109,7 @@ class MPCPolicy:
         self.model, self.planner = model.eval().requires_grad_(False), planner
         self.horizon, self.receding_horizon, self.cost = int(horizon), receding_horizon, cost
         self.action_low, self.action_high = action_low, action_high
+        self._raw_low, self._raw_high = low.expand(A).float(), high.expand(A).float()  # (A,) each, for clipping
         self.warm_start, self.seed = bool(warm_start), int(seed)
         self.hold_actions = bool(hold_actions)
         self.compile, self.compile_mode = bool(compile) or compile_mode is not None, compile_mode
@@ -220,6 +227,7 @@ class MPCPolicy:
             self.rest = steps[:, self.replan_every:]
         step = self.queue.pop(0)  # (N, A) normalised
         self.executed = (self.executed + [step])[-(c.history - 1) * fs:] if c.history > 1 else []
-        raw = self.model.denormalize_actions(step).clamp(self.action_low, self.action_high)
+        raw = self.model.denormalize_actions(step)
+        raw = raw.clamp(self._raw_low.to(raw), self._raw_high.to(raw))  # (N, A)
         self.steps += 1
         return raw.cpu().numpy()
