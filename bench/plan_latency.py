@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from leworld.allocator import keep_freed_memory
-from leworld.device import describe_device, synchronize
+from leworld.device import describe_device, resolve_device, synchronize
 from leworld.model import LeWMConfig, LeWorldModel
 from leworld.planning import LatentProblem, make_planner
 
@@ -37,7 +37,7 @@ def run(config: str, batch: int, planner: str, num_samples: int, topk: int, iter
         repeats: int, warmup: int, device: str, compile: bool, amp: bool, compile_mode: str | None = None,
         graph: bool = False, share: bool = True, profile: str | None = None) -> dict:
     arch = yaml.safe_load(open(config))["model"]["model"]
-    dev = torch.device(device)
+    dev = resolve_device(device)
     model = LeWorldModel(LeWMConfig(**arch)).to(dev).eval().requires_grad_(False)
     c = model.config
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -136,6 +136,10 @@ def main() -> None:
     args = p.parse_args()
     if args.repeats < 1 or args.warmup < 0 or min(args.batch) < 1:
         p.error("--repeats and every --batch value must be at least 1, --warmup at least 0")
+    try:
+        args.device = str(resolve_device(args.device))
+    except ValueError as e:
+        p.error(f"--device: {e}")
     keep_freed_memory()  # as train.py and plan.py do (leworld/allocator.py)
     for b in args.batch:
         r = run(args.config, b, args.planner, args.num_samples, args.topk, args.iterations, args.horizon,
@@ -144,7 +148,7 @@ def main() -> None:
         print(f"{r['device']}: batch {b:>3}  {r['call_ms_median']:9.1f} ms per call  {r['ms_per_plan']:8.1f} ms/plan  "
               f"{r['plans_per_s']:7.1f} plans/s  (history {r['history']}, {args.planner} {args.num_samples}x"
               f"{args.iterations}, horizon {args.horizon}, compile {r['compile']}{' ' + args.compile_mode if args.compile_mode else ''}, "
-              f"amp {args.amp}, graph {args.graph}, shared context {not args.no_share})")
+              f"amp {r['amp']}, graph {args.graph}, shared context {not args.no_share})")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")

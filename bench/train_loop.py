@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from leworld.allocator import keep_freed_memory
-from leworld.device import describe_device, synchronize
+from leworld.device import describe_device, resolve_device, synchronize
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule
 
@@ -88,6 +88,8 @@ class Clock(L.Callback):
 def run(config: str, steps: int, warmup: int, device: str, batch_size: int | None = None, log_every: int | None = None,
         compile: bool = False, data: str | None = None, count_syncs: bool = False, workers: int = 4,
         root: str = "bench/out") -> dict:
+    dev = resolve_device(device)  # train where the batch already is: Lightning then moves nothing
+    device = str(dev)
     settings = yaml.safe_load(open(config))
     module_args = dict(settings["model"])
     arch = module_args.pop("model")
@@ -108,7 +110,6 @@ def run(config: str, steps: int, warmup: int, device: str, batch_size: int | Non
         loader = torch.utils.data.DataLoader(OneBatch(batch), batch_size=None)
     cuda = device.startswith("cuda")
     clock = Clock(warmup, count_syncs and cuda)
-    dev = torch.device(device)  # train where the batch already is: Lightning then moves nothing
     trainer = L.Trainer(accelerator={"cuda": "gpu", "mps": "mps"}.get(dev.type, "cpu"),
                         devices=[dev.index or 0] if dev.type == "cuda" else 1, max_steps=warmup + steps,
                         precision="bf16-mixed" if cuda else "32-true", gradient_clip_val=1.0,
@@ -120,7 +121,7 @@ def run(config: str, steps: int, warmup: int, device: str, batch_size: int | Non
     else:
         trainer.fit(module, train_dataloaders=loader)
     seconds = clock.end - clock.start
-    result = {"config": config, "device": describe_device("cuda" if cuda else "cpu"), "data": data or "synthetic",
+    result = {"config": config, "device": describe_device(dev), "data": data or "synthetic",
               "compile": compile, "batch_size": batch_size, "clip_frames": T, "log_every_n_steps": log_every,
               "steps": steps, "ms_per_step": round(1000 * seconds / steps, 2),
               "clips_per_s": round(batch_size * steps / seconds, 1), "torch": torch.__version__}
@@ -150,6 +151,10 @@ def main() -> None:
     keep_freed_memory()  # as train.py and plan.py do (leworld/allocator.py)
     if a.steps < 1 or a.warmup < 1:
         p.error("--steps and --warmup must be at least 1")
+    try:
+        a.device = str(resolve_device(a.device))
+    except ValueError as e:
+        p.error(f"--device: {e}")
     result = run(a.config, a.steps, a.warmup, a.device, a.batch_size, a.log_every, a.compile, a.data, a.count_syncs,
                  a.workers, a.root)
     print(json.dumps(result))

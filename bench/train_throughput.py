@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from leworld.allocator import keep_freed_memory
-from leworld.device import describe_device, peak_rss_gib, synchronize
+from leworld.device import describe_device, peak_rss_gib, resolve_device, synchronize
 from leworld.model import LeWMConfig
 from leworld.module import LeWMModule
 
@@ -34,6 +34,7 @@ def load_settings(path: str) -> tuple[dict, dict, dict]:
 
 def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: bool, device: str,
         compile_mode: str | None = None, profile: str | None = None, compile_parts: bool = False) -> dict:
+    device = resolve_device(device)
     arch, module_args, data = load_settings(config)
     batch_size = batch_size or data["batch_size"]
     T = data["num_frames"]
@@ -127,6 +128,10 @@ def main() -> None:
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
+    try:
+        args.device = str(resolve_device(args.device))
+    except ValueError as e:
+        p.error(f"--device: {e}")
     kept = False if args.return_freed_memory else keep_freed_memory()
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

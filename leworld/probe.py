@@ -18,8 +18,10 @@ position, block angle as (cos, sin). Each quantity gets its own probes, fitted o
 episodes only: a linear probe (closed-form ridge regression, float64) and an MLP probe (one
 hidden layer, GELU, Adam, early stopping) that learns the residual of a linear probe, so that it
 starts at the linear fit, and its stopping epoch is never worse than that start on the held-out
-training rows (by the mean squared error of the standardised targets; on validation episodes, or in
-original units, it can still score below the linear probe). Features and targets are standardised with
+training rows by the criterion it stops on: the mean over outputs of the squared residual error,
+each output divided by the std of its training residual. By another weighting of the outputs (the
+targets' own stds, or original units), or on validation episodes, it can still score below the
+linear probe. Features and targets are standardised with
 training statistics; the ridge strength and the MLP's stopping epoch are chosen on held-out
 training episodes (`holdout_fraction`), never on validation episodes. Scores on validation
 episodes, in original units (world px for positions): MSE and Pearson r per output; the
@@ -87,9 +89,26 @@ def holdout_split(n: int, groups: np.ndarray | None, fraction: float, seed: int)
     unique = rng.permutation(np.unique(groups))
     if len(unique) < 2:
         raise ValueError("a held-out part needs rows from at least 2 episodes (groups)")
-    num_held = min(len(unique) - 1, max(1, round(fraction * len(unique))))
+    num_held = held_out_count(len(unique), fraction)
     held = np.isin(groups, unique[:num_held])
     return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def held_out_count(groups: int, fraction: float) -> int:
+    """How many of `groups` episodes `holdout_split` holds out."""
+    return min(groups - 1, max(1, round(fraction * groups)))
+
+
+def check_holdouts(train_episodes: int, fraction: float) -> None:
+    """The MLP probe holds out training episodes to stop on, and its linear base chooses its ridge
+    on a second hold-out inside the rest, which needs at least 2 episodes: ValueError otherwise."""
+    rest = train_episodes - held_out_count(train_episodes, fraction) if train_episodes >= 2 else train_episodes
+    if rest < 2:
+        raise ValueError(
+            f"the probes have {train_episodes} training episode(s); the MLP probe holds out "
+            f"{train_episodes - rest} of them (--holdout-fraction {fraction}) and chooses its linear base's ridge on "
+            f"a second hold-out inside the other {rest}, which needs at least 2: keep more training episodes "
+            "(raise --max-train-frames, or lower --frames-per-episode) or lower --holdout-fraction")
 
 
 @dataclass
@@ -205,7 +224,9 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int = 256, epochs: int = 200, 
     held-out groups; keeps the weights of the epoch (0: the linear probe alone) with the least
     held-out MSE and stops after `patience` epochs without improvement. A plain MLP on a
     low-rank embedding fits the noise of its many weak dimensions and can score below the linear
-    probe; this one cannot, on the held-out rows. Seeded: same inputs, same probe (the global
+    probe; this one cannot, on the held-out rows, by its stopping criterion: the MSE of the
+    residual standardised per output by its training std, averaged over outputs (weighted
+    otherwise, e.g. in original units, the kept epoch can score below epoch 0). Seeded: same inputs, same probe (the global
     torch RNG and thread count are left as they were). Runs on one thread.
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -300,7 +321,8 @@ def probe(model, store, env: str | None = None, val_fraction: float = 0.1, split
         frames_per_episode: random frames drawn from each episode.
         max_train_frames, max_val_frames: caps on the frames of each side (None: no cap).
         seed: seed of the frame draws, the held-out training episodes and the MLP.
-        ridge: linear probe strength; None chooses it from RIDGES on held-out training episodes.
+        ridge: linear probe strength; None chooses it from RIDGES on held-out training episodes. The
+            MLP probe's linear base always chooses its own (`fit_mlp`).
         mlp_hidden, mlp_epochs, mlp_patience: the MLP probe's width, epoch budget and early stop.
         holdout_fraction: training episodes held out to choose the ridge and stop the MLP.
         batch_size: frames per encoder call.
@@ -320,6 +342,7 @@ def probe(model, store, env: str | None = None, val_fraction: float = 0.1, split
     rng = np.random.default_rng(seed)
     train_rows, train_owner = select_frames(store, train_eps, frames_per_episode, max_train_frames, rng)
     val_rows, val_owner = select_frames(store, val_eps, frames_per_episode, max_val_frames, rng)
+    check_holdouts(len(np.unique(train_owner)), holdout_fraction)  # before the frames are encoded
     t0 = time.perf_counter()
     x_train = embed_frames(model, store, train_rows, batch_size, progress)  # (N, D)
     x_val = embed_frames(model, store, val_rows, batch_size, progress)  # (M, D)
@@ -371,7 +394,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frames-per-episode", type=int, default=8, help="random frames drawn from each episode")
     p.add_argument("--max-train-frames", type=int, default=20000, help="cap on training frames")
     p.add_argument("--max-val-frames", type=int, default=5000, help="cap on validation frames")
-    p.add_argument("--ridge", type=float, default=None, help="fixed ridge strength (default: chosen on held-out episodes)")
+    p.add_argument("--ridge", type=float, default=None, help="fixed ridge strength of the linear probe (default: chosen on held-out episodes; the MLP probe's "
+                   "linear base always chooses its own)")
     p.add_argument("--mlp-hidden", type=int, default=256, help="MLP probe hidden width")
     p.add_argument("--mlp-epochs", type=int, default=200, help="MLP probe epoch budget")
     p.add_argument("--mlp-patience", type=int, default=20, help="epochs without held-out improvement before stopping")
@@ -470,6 +494,11 @@ def run_command(kind: str, protocol: str, args: argparse.Namespace, score: Calla
     by default the one the model was trained with. A ValueError from `score` exits with its message.
     """
     start = time.perf_counter()
+    out = Path(args.out or result_path(kind, args.model, args.seed))
+    try:  # the default path too, before any work (an explicit --out was checked with the arguments)
+        check_writable(out)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; pass --out to write elsewhere") from None
     model_path, model, store, data_path, data_env, data = open_model_and_data(args.model, args.data, args.device)
     if split is None:
         val_fraction, split_seed = data.get("val_fraction", 0.1), data.get("split_seed", 0)
@@ -481,7 +510,6 @@ def run_command(kind: str, protocol: str, args: argparse.Namespace, score: Calla
         raise SystemExit(f"error: {e}") from None
     result = {**command_record(protocol, args, model_path, data_path, val_fraction, split_seed), **result,
               "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start}
-    out = Path(args.out or result_path(kind, args.model, args.seed))
     write_json(out, result)
     print(describe(result))
     print(table(result))

@@ -26,3 +26,32 @@ def test_train_loop_runs_the_trainer_and_reports_its_rate(tmp_path):
     assert "train/loss" in header and "train/grad_norm" in header
     steps = [int(row.split(",")[header.index("step")]) for row in metrics[1:] if row.split(",")[header.index("train/loss")]]
     assert steps == [1, 3]  # written every 2 steps of the 4 run
+
+
+def test_plan_latency_takes_the_devices_other_commands_take_and_prints_what_ran(tmp_path):
+    """`--device auto` resolves as in plan.py (here: the CPU); `--amp` off CUDA is printed and
+    recorded as off, since autocast runs on CUDA only; an unknown device is a usage error."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "bench/plan_latency.py"), "--config", str(ROOT / "configs/tworoom_tiny.yaml"),
+           "--batch", "1", "--num-samples", "8", "--topk", "2", "--iterations", "1", "--repeats", "1",
+           "--warmup", "0", "--amp", "--json", str(tmp_path / "r.jsonl")]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([*cmd, "--device", "auto"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "amp False" in out.stdout and "amp True" not in out.stdout
+    record = json.loads((tmp_path / "r.jsonl").read_text())
+    assert record["amp"] is False and record["device"].startswith(cpu_model())
+    bad = subprocess.run([*cmd, "--device", "bogus"], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "--device:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("script", ["train_throughput", "train_loop"])
+def test_training_benchmarks_refuse_an_unknown_device_as_a_usage_error(script):
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / f"bench/{script}.py"), "--config",
+                          str(ROOT / "configs/tworoom_tiny.yaml"), "--device", "bogus"], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2 and "--device:" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

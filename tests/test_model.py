@@ -548,6 +548,43 @@ def test_predictor_step_rejects_bad_windows():
                   pred.modulations(torch.randn(2, 1, 16)))
 
 
+def test_float_pixels_outside_zero_one_are_refused_and_those_inside_match_uint8():
+    model = LeWorldModel(tiny(encoder="cnn")).eval()
+    pixels = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
+    unit = pixels.float() / 255
+    torch.testing.assert_close(model.encode(unit), model.encode(pixels), rtol=0, atol=1e-6)
+    for bad, shown in ((unit * 2 - 1, "from -1 to 1"), (unit - 0.01, "from -0.01"),
+                       (unit.masked_fill(unit > 0.5, float("nan")), "from nan")):  # centred, shifted, NaN frames
+        with pytest.raises(ValueError, match=rf"float pixels must be in \[0, 1\], got values {shown}"):
+            model.encode(bad)
+
+
+def test_one_frame_or_row_in_training_mode_is_a_clear_error_and_fine_in_eval_mode():
+    """The projectors' BatchNorm normalises a training batch with its own statistics; one row has
+    none. A freshly built model is in training mode, so say to call eval()."""
+    model = LeWorldModel(tiny(encoder="cnn"))
+    assert model.training
+    one = torch.randint(0, 256, (1, 1, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"encode got 1 of frames while the model is in training mode.*model\.eval\(\)"):
+        model.encode(one)
+    emb, blocks = torch.zeros(1, 1, D), torch.zeros(1, 1, 2, model.config.action_block_dim)
+    with pytest.raises(ValueError, match="predict got 1 of positions while the model is in training mode"):
+        model.predict(emb, emb)
+    with pytest.raises(ValueError, match="rollout got 1 of rows x samples while the model is in training mode"):
+        model.rollout(emb, blocks)
+    assert model.encode(one.expand(2, 1, 3, 32, 32)).shape == (2, 1, D)  # two frames train
+    model.eval()
+    assert model.encode(one).shape == (1, 1, D) and model.rollout(emb, blocks).shape == (1, 1, 2, D)
+
+
+def test_non_finite_action_statistics_are_refused():
+    model = LeWorldModel(tiny(encoder="cnn"))
+    A = model.config.action_dim
+    for mean, std in ((torch.full((A,), float("nan")), torch.ones(A)), (torch.zeros(A), torch.full((A,), float("inf")))):
+        with pytest.raises(ValueError, match="action stats must be finite"):
+            model.set_action_stats(mean, std)
+
+
 def test_float_pixels_above_one_and_embeddings_of_another_width_are_refused():
     model = LeWorldModel(tiny(encoder="cnn")).eval()
     pixels = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)

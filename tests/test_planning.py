@@ -396,6 +396,22 @@ def test_mpc_takes_action_bounds_per_dimension_and_clips_every_action_to_them(to
         MPCPolicy(model, CEM(), action_low=to_bounds([-1.0, 1.0]), action_high=to_bounds([1.0, 1.0]))
 
 
+def test_mpc_times_each_plan_between_two_device_synchronisations(monkeypatch):
+    """CUDA and MPS queue work: every plan's clock starts and stops on a synchronised device (the
+    one leworld.device.synchronize waits for, MPS included)."""
+    import leworld.planning.mpc as mpc
+
+    calls = []
+    monkeypatch.setattr(mpc, "synchronize", lambda device: calls.append((torch.device(device), len(calls))))
+    policy = MPCPolicy(tiny_model(history=2), CEM(num_samples=8, topk=2, iterations=1), horizon=2)
+    env = FakeEnv(2)
+    policy.reset(env)
+    for _ in range(12):  # two plans of 2 blocks x 3 steps
+        policy.act(env, env.obs())
+    assert len(policy.plan_seconds) == 2 and len(calls) == 4
+    assert all(device == torch.device("cpu") for device, _ in calls)
+
+
 def test_mpc_keeps_history_and_replans_every_receding_horizon():
     model = tiny_model(history=2)
     planner = RecordingCEM(num_samples=8, topk=2, iterations=1)

@@ -391,3 +391,52 @@ def test_a_negative_ridge_or_device_or_out_that_cannot_work_is_refused_before_an
         with pytest.raises(SystemExit) as exit_info:
             module.parse_args(["--model", str(tmp_path / "model"), *args])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, (module.__name__, args)
+
+
+@pytest.mark.parametrize("args, episodes", [(["--max-train-frames", "16", "--frames-per-episode", "8"], 2),
+                                            (["--holdout-fraction", "0.7"], 5)])
+def test_too_few_training_episodes_for_the_two_holdouts_is_refused_before_encoding(tmp_path, dataset, monkeypatch,
+                                                                                 args, episodes):
+    """The MLP probe's stopping hold-out and its linear base's ridge hold-out together need 3 or more
+    training episodes (more for a large --holdout-fraction); settings that leave fewer are named,
+    before any frame is encoded."""
+    model_dir = export_tiny(tmp_path / "model", dataset)
+    monkeypatch.setattr(probe_mod, "embed_frames", lambda *a, **k: pytest.fail("encoded before the check"))
+    with pytest.raises(SystemExit, match=rf"error: the probes have {episodes} training episode\(s\).*needs at least "
+                                         r"2: keep more training episodes .*--max-train-frames.*--holdout-fraction"):
+        probe_mod.main(["--model", str(model_dir), "--out", str(tmp_path / "p.json"), "--no-progress", *args])
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_the_holdout_check_agrees_with_what_fitting_needs():
+    """check_holdouts refuses exactly the episode counts and fractions where fit_mlp cannot fit."""
+    from leworld.probe import check_holdouts
+
+    rng = np.random.default_rng(0)
+    for episodes in range(1, 8):
+        for fraction in (0.1, 0.2, 0.5, 0.7, 0.9):
+            groups = np.repeat(np.arange(episodes), 4)
+            x, y = rng.normal(size=(len(groups), 3)), rng.normal(size=(len(groups), 2))
+            try:
+                fit_mlp(x, y, epochs=1, groups=groups, holdout_fraction=fraction)
+                fits = True
+            except ValueError:
+                fits = False
+            try:
+                check_holdouts(episodes, fraction)
+                allowed = True
+            except ValueError:
+                allowed = False
+            assert allowed == fits, (episodes, fraction)
+
+
+def test_an_unwritable_default_result_path_is_refused_before_any_work(tmp_path, dataset, monkeypatch):
+    """Without --out the result goes to runs/probe/<name>.json; where that cannot be written (here
+    `runs` is a file), the command says so at once, not after probing."""
+    model_dir = export_tiny(tmp_path / "model", dataset)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("not a folder")
+    monkeypatch.setattr(probe_mod, "embed_frames", lambda *a, **k: pytest.fail("worked before the check"))
+    with pytest.raises(SystemExit, match=r"error: cannot write runs/probe/\S+\.json: runs is a file.*pass --out"):
+        probe_mod.main(["--model", str(model_dir), "--no-progress"])
+    assert (tmp_path / "runs").read_text() == "not a folder"

@@ -213,6 +213,9 @@ class LeWorldModel(nn.Module):
                 f"action stats must have shape ({self.config.action_dim},) each, "
                 f"got {tuple(mean.shape)} and {tuple(std.shape)}."
             )
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError(f"action stats must be finite, got mean {mean.tolist()} and std {std.tolist()}; "
+                             "compute them from the training actions without their NaN rows.")
         if (std <= 0).any():
             raise ValueError(f"action std must be positive, got {std.tolist()}; clamp it (std.clamp_min(1e-6)).")
         self.action_mean.copy_(mean)
@@ -229,6 +232,14 @@ class LeWorldModel(nn.Module):
         return self.action_encoder(blocks)
 
     # ---- frames ----------------------------------------------------------------------------
+    def _check_batchnorm_rows(self, name: str, rows: int, what: str) -> None:
+        """In training mode the projectors normalise with their batch's statistics (BatchNorm), which
+        one row does not have: say so, instead of torch's error from inside the projector."""
+        if self.training and rows < 2:
+            raise ValueError(f"{name} got 1 of {what} while the model is in training mode, where its projector's "
+                             "BatchNorm needs at least 2 to normalise with; call model.eval() to use the model "
+                             "(leworld.load_model returns it in eval mode), or pass a batch of 2 or more")
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, T, C, Hp, Wp), uint8 in [0, 255] or float in [0, 1] -> embeddings (B, T, D)."""
         _require_tensor("encode", pixels=pixels)
@@ -252,11 +263,14 @@ class LeWorldModel(nn.Module):
             x = pixels.to(self.pixel_mean.dtype) / 255.0
         elif pixels.is_floating_point():
             x = pixels.to(self.pixel_mean.dtype)
-            if x.numel() and float(x.max()) > 1.0 + 1e-3:  # reads one number back: float input only
-                raise ValueError("float pixels must be in [0, 1], got values above 1: divide by 255, or pass uint8 "
-                                 "frames as they are")
+            low, high = torch.stack(torch.aminmax(x)).tolist()  # one read-back, float input only
+            if not (low >= -1e-3 and high <= 1.0 + 1e-3):  # NaN fails both
+                raise ValueError(f"float pixels must be in [0, 1], got values from {low:.3g} to {high:.3g}: divide "
+                                 "uint8 frames by 255 (or pass them as they are), and do not centre them ([-1, 1] "
+                                 "frames: (x + 1) / 2); the model normalises them itself")
         else:
             raise TypeError(f"pixels must be uint8 or floating point, got {pixels.dtype}.")
+        self._check_batchnorm_rows("encode", B * T, "frames")
         x = (x.reshape(B * T, C, Hp, Wp) - self.pixel_mean) / self.pixel_std  # (B*T, C, Hp, Wp)
         features = self.encoder(x)  # (B*T, enc_width)
         return self.projector(features).view(B, T, -1)  # (B, T, D)
@@ -270,6 +284,7 @@ class LeWorldModel(nn.Module):
                 f"predict expects emb and act_emb of equal shape (B, T, D) with D = config.embed_dim = "
                 f"{self.config.embed_dim}, got {tuple(emb.shape)} and {tuple(act_emb.shape)}."
             )
+        self._check_batchnorm_rows("predict", emb.shape[0] * emb.shape[1], "positions")
         return self.pred_proj(self.predictor(emb, act_emb))  # (B, T, D)
 
     def rollout(
@@ -309,6 +324,7 @@ class LeWorldModel(nn.Module):
             raise ValueError(f"rollout expects context embeddings of width config.embed_dim = {self.config.embed_dim} "
                              f"and at least one row, sample and block; got context_emb {tuple(context_emb.shape)} "
                              f"and action_blocks {tuple(action_blocks.shape)}")
+        self._check_batchnorm_rows("rollout", B * S, "rows x samples")
         if context_actions is None:
             context_actions = action_blocks.new_zeros(B, H - 1, block_dim)
         if context_actions.shape != (B, H - 1, block_dim):

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from leworld.device import frames_to_tensor
+from leworld.device import frames_to_tensor, synchronize
 from leworld.planning.problem import COSTS, HeldActions, LatentProblem
 
 
@@ -187,16 +187,13 @@ class MPCPolicy:
         if self.hold_actions:
             problem = HeldActions(problem, self.model.config.frameskip)
             init = None if init is None else problem.reduce(init)
-        sync = self.device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)  # CUDA and MPS run asynchronously: time the plan, not its queueing
         t0 = time.perf_counter()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             blocks = self.planner.plan(problem, init, self.g)  # (N, T, fs*A), or (N, T, A) held
         if self.hold_actions:
             blocks = problem.expand(blocks)
-        if sync:
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.plan_seconds.append(time.perf_counter() - t0)
         self.plans += blocks.shape[0]
         return blocks
