@@ -401,15 +401,32 @@ def test_mpc_times_each_plan_between_two_device_synchronisations(monkeypatch):
     one leworld.device.synchronize waits for, MPS included)."""
     import leworld.planning.mpc as mpc
 
-    calls = []
-    monkeypatch.setattr(mpc, "synchronize", lambda device: calls.append((torch.device(device), len(calls))))
-    policy = MPCPolicy(tiny_model(history=2), CEM(num_samples=8, topk=2, iterations=1), horizon=2)
+    events, devices = [], []
+    real_clock = mpc.time.perf_counter
+
+    def synchronize(device):
+        devices.append(torch.device(device))
+        events.append("sync")
+
+    def clock():
+        events.append("clock")
+        return real_clock()
+
+    class Recording(CEM):
+        def plan(self, *args, **kwargs):
+            events.append("plan")
+            return super().plan(*args, **kwargs)
+
+    monkeypatch.setattr(mpc, "synchronize", synchronize)
+    monkeypatch.setattr(mpc.time, "perf_counter", clock)
+    policy = MPCPolicy(tiny_model(history=2), Recording(num_samples=8, topk=2, iterations=1), horizon=2)
     env = FakeEnv(2)
     policy.reset(env)
     for _ in range(12):  # two plans of 2 blocks x 3 steps
         policy.act(env, env.obs())
-    assert len(policy.plan_seconds) == 2 and len(calls) == 4
-    assert all(device == torch.device("cpu") for device, _ in calls)
+    monkeypatch.undo()
+    assert events == ["sync", "clock", "plan", "sync", "clock"] * 2 and len(policy.plan_seconds) == 2
+    assert devices == [torch.device("cpu")] * 4
 
 
 def test_mpc_keeps_history_and_replans_every_receding_horizon():

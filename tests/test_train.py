@@ -394,8 +394,21 @@ def _collapse_warnings(data_path, root, max_steps, warmup_steps, fraction=1.0):
 
 
 def test_collapse_warning_fires_below_the_threshold(data_path, tmp_path):
-    assert _collapse_warnings(data_path, tmp_path / "a", max_steps=1, warmup_steps=0)
-    assert _collapse_warnings(data_path, tmp_path / "b", max_steps=1, warmup_steps=0, fraction=0.0) == []
+    """The warning compares the step's effective rank r (as logged) with fraction x D: a threshold
+    just above r fires and names r, one just below stays silent."""
+    L.seed_everything(0)
+    module, dm = make(data_path, tmp_path / "r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path / "r", max_steps=1, log_every_n_steps=1, enable_checkpointing=False).fit(module, dm)
+    rank, dim = float(module.trainer.callback_metrics["train/effective_rank"]), module.config.embed_dim
+    assert 1 < rank < dim - 1
+    for fraction, fires in (((rank + 0.05) / dim, True), ((rank - 0.05) / dim, False)):
+        L.seed_everything(0)  # the same step as above
+        fired = _collapse_warnings(data_path, tmp_path / f"{fraction}", max_steps=1, warmup_steps=0, fraction=fraction)
+        assert bool(fired) == fires, (rank, fraction, fired)
+        if fires:
+            assert f"effective rank {rank:.1f} of {dim} at step 0" in fired[0], fired
 
 
 def test_collapse_warning_waits_for_its_warm_up_then_fires_once(data_path, tmp_path):
@@ -852,10 +865,33 @@ def test_fused_adamw_under_bf16_mixed_precision_clips_gradients(data_path, tmp_p
             assert max(float(g.abs().max()) for g in grads) == pytest.approx(clip, rel=1e-6)
 
 
-def test_adamw_is_fused_only_where_asked_or_on_cuda(data_path, tmp_path):
+def test_adamw_is_fused_only_where_asked_or_on_cuda(data_path, tmp_path, monkeypatch):
+    """fused=None: fused on CUDA unless a float16 scaler unscales the gradients; fused=True/False as
+    asked. The decision is read from the optimizer's construction (a CUDA device is only named:
+    no GPU here), and a real CPU run builds an unfused one."""
+    from types import SimpleNamespace
+
     module, dm = make(data_path, tmp_path)
     trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, dm)
     assert module.trainer.optimizers[0].defaults["fused"] in (False, None)  # CPU, no fused asked for
+
+    asked_for = []
+    real = torch.optim.AdamW
+
+    def recording(params, **kwargs):
+        asked_for.append(kwargs["fused"])
+        return real(params, **{**kwargs, "fused": None})  # built unfused: the parameters are on the CPU
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    cases = [("cpu", None, None, False), ("cuda:0", None, None, True), ("cuda:0", "fp16 scaler", None, False),
+             ("cpu", None, True, True), ("cuda:0", None, False, False)]
+    for device, scaler, fused, want in cases:
+        module = LeWMModule(LeWMConfig(**TINY), fused=fused)
+        module._device = torch.device(device)
+        module._trainer = SimpleNamespace(estimated_stepping_batches=10,
+                                          precision_plugin=SimpleNamespace(scaler=scaler))
+        module.configure_optimizers()
+        assert asked_for[-1] is want, (device, scaler, fused, asked_for[-1])
 
 
 def test_config_that_does_not_match_the_data_is_refused(data_path, tmp_path):
