@@ -178,6 +178,29 @@ class LeWMCLI(LightningCLI):
             if generate.get("resolution") and model.get("image_size") and generate["resolution"] != model["image_size"]:
                 self.parser.error(f"data.generate.resolution is {generate['resolution']} px but "
                                   f"model.model.image_size is {model['image_size']} px: make them equal")
+            self._check_clips_fit_the_model(config, model)
+
+    def _check_clips_fit_the_model(self, config, model: dict) -> None:
+        """The clip settings the model must agree with, before any data is read or generated (the
+        module checks them again against the dataset itself)."""
+        from leworld.model import LeWMConfig
+
+        default = LeWMConfig()
+        history, frameskip = model.get("history", default.history), model.get("frameskip", default.frameskip)
+        num_frames, data_frameskip = config.data.get("num_frames"), config.data.get("frameskip")
+        open_loop = config.model.get("open_loop_frames") or 0
+        problems = []
+        if num_frames is not None and num_frames - 1 != history:
+            problems.append(f"data.num_frames is {num_frames}, which trains a history of {num_frames - 1}, but "
+                            f"model.model.history is {history}: set data.num_frames = model.model.history + 1")
+        if data_frameskip is not None and data_frameskip != frameskip:
+            problems.append(f"data.frameskip is {data_frameskip} but model.model.frameskip is {frameskip}: make them "
+                            "equal")
+        if num_frames is not None and open_loop > num_frames - 1:
+            problems.append(f"model.open_loop_frames {open_loop} needs clips of at least {open_loop + 1} frames, "
+                            f"data.num_frames is {num_frames}")
+        if problems:
+            self.parser.error("the clips do not fit the model:\n  " + "\n  ".join(problems))
 
 
 def main(args=None) -> LeWMCLI:
@@ -192,8 +215,8 @@ def main(args=None) -> LeWMCLI:
 # printed as one line, not as the traceback of wherever in Lightning they surfaced.
 # Errors that name the problem and the fix: printed in a line, not as a traceback. A NaN loss is a
 # FloatingPointError; an unwritable path an OSError; a setting Lightning refuses (max_steps -5) a
-# MisconfigurationException.
-USER_ERRORS = (ValueError, OSError, DatasetError, FloatingPointError, MisconfigurationException)
+# MisconfigurationException; frames that do not fit in memory (data.frames_on_device) a MemoryError.
+USER_ERRORS = (ValueError, OSError, DatasetError, FloatingPointError, MisconfigurationException, MemoryError)
 
 
 if __name__ == "__main__":

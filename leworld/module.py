@@ -187,6 +187,18 @@ class LeWMModule(L.LightningModule):
         if collapse_warmup_steps < 0:
             raise ValueError(f"collapse_warmup_steps is the first step the collapse warning may fire: >= 0, "
                              f"got {collapse_warmup_steps}")
+        if isinstance(num_directions, bool) or int(num_directions) != num_directions or num_directions < 1:
+            raise ValueError(f"num_directions is the number K of SIGReg's random directions per step: an integer "
+                             f">= 1 (the paper: 1024), got {num_directions}")
+        if int(num_knots) != num_knots or num_knots < 2 or not (math.isfinite(t_max) and t_max > 0):
+            raise ValueError(f"SIGReg integrates over num_knots >= 2 knots on [0, t_max], t_max > 0 (the paper: 17 "
+                             f"and 3.0), got num_knots={num_knots}, t_max={t_max}")
+        if isinstance(compile, str):
+            from torch._inductor import list_mode_options
+
+            if compile not in list_mode_options():
+                raise ValueError(f"unknown compile mode {compile!r}: choose one of {', '.join(list_mode_options())}, "
+                                 "or true (the default mode) or false")
         self._lambda_steps, self._lambda_values = _check_lambda_schedule(lambda_schedule)
         self.config = model if isinstance(model, LeWMConfig) else LeWMConfig.from_dict(model)
         self.save_hyperparameters(ignore=["model"])

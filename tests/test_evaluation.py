@@ -477,7 +477,8 @@ def test_plan_cli_clear_errors(tmp_path, tiny_model_dir, tworoom_data):
     assert proc.returncode != 0 and "32 px" in proc.stderr and "64 px" in proc.stderr
     proc = run_plan("--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.h5"), cwd=tmp_path)
     assert proc.returncode != 0 and "no dataset at" in proc.stderr
-    assert f"(for this model add --resolution {RES})" in proc.stderr  # not the collector's default 224 px
+    # the collect command with this env and the model's size, not the collector's default 224 px
+    assert f"`python -m leworld.data.collect --env tworoom --resolution {RES} --out" in proc.stderr
 
 
 def load_plan_script():

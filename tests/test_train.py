@@ -1015,7 +1015,8 @@ def test_train_cli_prints_an_input_error_in_a_line(tmp_path):
     cmd = [sys.executable, "train.py", "fit", "--config", str(config)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert f"error: no dataset at {tmp_path / 'gen.h5'}: generate one with `python -m leworld.data.collect" in out.stderr
+    assert (f"error: no dataset at {tmp_path / 'gen.h5'}: generate one with `python -m leworld.data.collect --env "
+            "<tworoom or pusht> --resolution <the model's image_size> --out") in out.stderr
     assert "(DatasetError; LEWORLD_TRACEBACK=1 shows where it was raised)" in out.stderr
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "LEWORLD_TRACEBACK": "1"})
@@ -1030,6 +1031,38 @@ def test_train_cli_prints_an_input_error_in_a_line(tmp_path):
         out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config), *extra], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 1 and "Traceback" not in out.stderr and message in out.stderr, out.stderr[-3000:]
+
+
+def test_train_cli_refuses_settings_no_run_can_use_before_the_work_they_would_waste(tmp_path):
+    """Clips that do not fit the model are refused before the dataset is generated; SIGReg or
+    compile settings no run can use when the module is built; frames too big for memory
+    (data.frames_on_device) in a line, not a traceback."""
+    config = write_config(tmp_path)  # history 1, clips of 2 frames; its dataset is generated on first use
+
+    def train(*extra, wrapper=None):
+        start = [sys.executable, "train.py"] if wrapper is None else [sys.executable, "-c", wrapper]
+        return subprocess.run([*start, "fit", "--config", str(config), *extra], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    out = train("--model.model.history", "3")
+    assert out.returncode == 2 and "data.num_frames is 2, which trains a history of 1, but model.model.history is 3: " \
+        "set data.num_frames = model.model.history + 1" in out.stderr, out.stderr[-3000:]
+    out = train("--data.frameskip", "4", "--model.open_loop_frames", "2")
+    assert out.returncode == 2 and "data.frameskip is 4 but model.model.frameskip is 5" in out.stderr
+    assert "model.open_loop_frames 2 needs clips of at least 3 frames" in out.stderr
+    for extra, message in ((["--model.num_directions", "0"], "num_directions is the number K of SIGReg's random "
+                             "directions per step: an integer >= 1"),
+                           (["--model.t_max", "-1"], "num_knots >= 2 knots on [0, t_max], t_max > 0"),
+                           (["--model.compile", "nosuchmode"], "unknown compile mode 'nosuchmode': choose one of")):
+        out = train(*extra)
+        assert out.returncode == 1 and "Traceback" not in out.stderr and message in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "gen.h5").exists()  # nothing generated for runs that could not train
+    low_memory = ("import runpy, sys\nimport leworld.data.datamodule as dm\n"
+                  "dm.free_memory_bytes = lambda device: 1 << 10  # 1 KiB free: less than the frames need\n"
+                  "sys.argv = ['train.py', *sys.argv[1:]]\nrunpy.run_path('train.py', run_name='__main__')")
+    out = train("--data.frames_on_device", "true", wrapper=low_memory)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "error: data.frames_on_device needs" in out.stderr and "(MemoryError;" in out.stderr
 
 
 def test_frames_to_device_copies_every_frame_in_file_order(data_path):

@@ -35,6 +35,11 @@ FORMAT_VERSION = 1
 _FIELDS = ("pixels", "action", "proprio", "state")
 
 
+# Placeholders of the collect command in the "no dataset" message, which callers that know the env
+# or the model fill in (plan.py)
+ENV_HINT, RESOLUTION_HINT = "<tworoom or pusht>", "<the model's image_size>"
+
+
 class DatasetError(RuntimeError):
     """A dataset file is missing, incomplete or of the wrong format."""
 
@@ -160,8 +165,9 @@ class EpisodeStore:
             raise DatasetError(f"{self.path} is a directory: a dataset is one .h5 file, e.g. data/tworoom_64.h5")
         if not self.path.is_file():
             raise DatasetError(
-                f"no dataset at {self.path}: generate one with "
-                f"`python -m leworld.data.collect --env tworoom --out {self.path}`"
+                f"no dataset at {self.path}: generate one with `python -m leworld.data.collect --env {ENV_HINT} "
+                f"--resolution {RESOLUTION_HINT} --out {self.path}`, or let training generate it (data.generate "
+                "in its config)"
             )
         try:
             f = h5py.File(self.path, "r")
