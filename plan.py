@@ -173,6 +173,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.model is not None and len({os.path.abspath(find_model(m)) for m in args.model}) < len(args.model):
         parser.error("the same model is given twice to --model: an ensemble takes different models")
+    if args.out is not None:  # the default path, named after the env and protocol, is checked once they are known
+        try:
+            check_writable(args.out)
+        except ValueError as e:
+            parser.error(f"--out: {e}")
 
 
 def pick_device(name: str) -> torch.device:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -549,13 +550,20 @@ def test_plan_cli_refuses_a_dataset_other_than_the_one_the_model_trained_on(tmp_
     assert proc.returncode == 0 and "not the dataset" not in proc.stderr, proc.stderr
 
 
-def test_plan_cli_refuses_what_would_mislabel_or_lose_results(tmp_path, tiny_model_dir, tworoom_data, monkeypatch):
+def test_plan_cli_refuses_what_would_mislabel_or_lose_results(tmp_path, tiny_model_dir, tworoom_data, monkeypatch,
+                                                              capsys):
     monkeypatch.setenv("LEWORLD_KEEP_FREED_MEMORY", "0")
     plan_script = load_plan_script()
     small = ["--num-episodes", "2", "--iterations", "1", "--num-samples", "8", "--topk", "2", "--no-progress"]
     (tmp_path / "adir").mkdir()
-    with pytest.raises(SystemExit, match="--out: .*adir is a directory"):  # before planning, not after
-        plan_script.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "adir"), *small])
+    (tmp_path / "afile").write_text("")
+    # a given --out that cannot be written: a usage error before planning, and before the model is
+    # even loaded (or found)
+    for model, out, message in ((tiny_model_dir, tmp_path / "adir", "adir is a directory"),
+                                (tmp_path / "no_such_model", tmp_path / "afile" / "r.json", "afile is a file")):
+        with pytest.raises(SystemExit) as exit_info:
+            plan_script.main(["--model", str(model), "--out", str(out), *small])
+        assert exit_info.value.code == 2 and re.search(f"--out: .*{message}", capsys.readouterr().err)
     with pytest.raises(SystemExit, match="unknown device 'bogus'"):
         plan_script.main(["--model", str(tiny_model_dir), "--device", "bogus", *small])
     # a held-out protocol measured on other episodes would print its name beside the wrong numbers
