@@ -48,7 +48,7 @@ from leworld.evaluation.protocols import PROTOCOLS, heldout_path
 from leworld.model import ModelEnsemble
 from leworld.planning import PLANNERS, MPCPolicy, make_planner
 from leworld.planning.problem import COSTS
-from leworld.results import check_writable, package_version, sha256_file, write_json
+from leworld.results import check_writable, package_version, recorded_model, replaced_model_note, sha256_file, write_json
 
 DEFAULT_ITERATIONS = {"tworoom": 10, "pusht": 30}  # the LeWM paper used 10 outside Push-T
 
@@ -507,11 +507,11 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "wall_seconds": time.perf_counter() - t_start,
         }
-        replaced = replaced_model(out, results["model"])
+        before = recorded_model(out)
         write_json(out, results)
+        replaced = replaced_model_note(out, before, results["model"]["sha256"])
         if replaced:
-            print(f"note: {out} held the results of another model ({replaced}); they were replaced. Give --out to "
-                  "keep both", file=sys.stderr)
+            print(replaced, file=sys.stderr)
         if videos_tmp is not None:  # this run's GIFs replace any earlier run's, never mix with them
             if videos.exists():
                 shutil.rmtree(videos)
@@ -533,18 +533,6 @@ def main(argv: list[str] | None = None) -> int:
               "of one episode are not independent, so the 95% intervals are too narrow: evaluate on a dataset with "
               f"at least {len(pairs.episode)} {'validation ' if protocol.split == 'val' else ''}episodes")
     return 0
-
-
-def replaced_model(out: Path, model: dict) -> str | None:
-    """The model path of the results in `out` when they are another model's (default file names
-    name the run, not its version), else None."""
-    try:
-        old = json.loads(out.read_text()).get("model") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    if old.get("sha256") is None or old.get("sha256") == model.get("sha256"):
-        return None
-    return str(old.get("path"))
 
 
 def run_one(name: str, args, model, store, env_name: str, protocol, pairs, device, out: Path, videos_tmp):

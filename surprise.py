@@ -13,13 +13,15 @@ nominal; colour (Two-Room: agent, Push-T: block); teleport (Two-Room: agent, Pus
 block, to a reset-distribution state). Frame p is the first perturbed frame. Separate nominal
 runs (another seed) calibrate per-step z-scores and the threshold (`--false-alarm-rate`).
 Written to `--out` (default runs/surprise/<the model's run name>, with `-seed<N>` for a seed other
-than 0): surprise.png and surprise.json (protocol `surprise-v3`, settings, model sha256, every
-statistic); the table is printed.
+than 0; a note says when results of another model there were replaced): surprise.json (protocol
+`surprise-v3`, settings, the model's directory and weights sha256, every statistic, the figure's
+sha256) and surprise.png; the table is printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,10 @@ from leworld.allocator import keep_freed_memory
 from leworld.cli import HelpFormatter
 from leworld.checkpoint import find_model, load_model, model_name
 from leworld.device import resolve_device
-from leworld.results import atomic_write, check_writable, finite, package_version, sha256_file, write_json
+from leworld.results import (
+    atomic_write, check_writable, finite, package_version, recorded_model, replaced_model_note, sha256_file,
+    write_json,
+)
 from leworld.surprise import (
     auroc, calibrate, detection_rate, false_alarm_rate, mean_latency, paired_t_test, trajectory_surprise,
 )
@@ -269,21 +274,33 @@ def main(argv=None) -> dict:
     stats = statistics(surprise, cal, p, args.window, args.horizon)
     z = {c: cal.zscore(surprise[c]) for c in CONDITIONS}
     title = f"{setup['env']}: {args.model}  ({n} runs per condition, quartile bands)"
-    figure(out / "surprise.png", z, pixels, cal, p, title)
+    # the figure is drawn beside its final name and takes it only once the JSON is written, so an
+    # interruption leaves no figure of other results than the JSON's
+    figure_tmp = out / f".surprise.png.{os.getpid()}.tmp"
+    figure(figure_tmp, z, pixels, cal, p, title)
 
     weights = model_dir / "model.safetensors"
     result = {
         "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
-        "model_sha256": sha256_file(weights), "seed": args.seed,
+        "model_dir": str(model_dir), "model_sha256": sha256_file(weights), "seed": args.seed,
         "settings": dict(vars(args)), **setup,
         "frameskip": cfg.frameskip, "history": cfg.history, "colour": COLOUR[setup["env"]],
         "calibration": {"threshold_z": cal.threshold, "false_alarm_target": cal.false_alarm_rate, "runs": n_cal},
         "statistics": stats,
         "median_surprise": {c: surprise[c].nanquantile(0.5, dim=0).tolist() for c in CONDITIONS},
+        "figure_sha256": sha256_file(figure_tmp),
         "wall_seconds": time.perf_counter() - start,
     }
     result = finite(result)
-    write_json(out / "surprise.json", result)
+    before = recorded_model(out / "surprise.json")
+    try:
+        write_json(out / "surprise.json", result)
+        os.replace(figure_tmp, out / "surprise.png")
+    finally:
+        figure_tmp.unlink(missing_ok=True)
+    replaced = replaced_model_note(out, before, result["model_sha256"])
+    if replaced:
+        print(replaced, file=sys.stderr)
     print(f"{setup['env']}: {n} trajectories per condition, perturbation at kept frame {p}, "
           f"threshold z > {cal.threshold:.2f}, detection window {args.window} frames")
     print(table(stats))

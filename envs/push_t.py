@@ -105,8 +105,8 @@ class PushTBatch:
     def reset_to(self, starts, goals) -> dict:
         """Start each env at `starts` (N, 7) with goal `goals` (N, 7), default colours (dataset replay)."""
         idx = self._indices(None)
-        self._rows(starts, idx, "reset_to starts")  # both checked before anything changes
-        self._rows(goals, idx, "reset_to goals", widths=(7, 5))
+        self._check_positions(self._rows(starts, idx, "reset_to starts"), "reset_to starts")  # both checked
+        self._rows(goals, idx, "reset_to goals", widths=(7, 5))  # before anything changes
         self._block_rgb = [LIGHT_SLATE_GRAY] * self.num_envs
         self._agent_rgb = [ROYAL_BLUE] * self.num_envs
         self.set_state(starts)
@@ -138,6 +138,14 @@ class PushTBatch:
                              f"got shape {np.shape(values)}")
         return rows
 
+    @staticmethod
+    def _check_positions(states: np.ndarray, what: str) -> np.ndarray:
+        outside = (states[:, :4] < 0) | (states[:, :4] > WORLD_SIZE)
+        if outside.any():
+            raise ValueError(f"{what}: agent and block positions must lie in [0, {WORLD_SIZE:g}]^2, "
+                             f"got {states[outside.any(1), :4].tolist()}")
+        return states
+
     def set_state(self, states, index=None) -> None:
         """Teleport envs `index` (default all) to `states` (n, 7); the block is at rest afterwards.
 
@@ -146,11 +154,7 @@ class PushTBatch:
         one step, at times over 10 px): its block may have been moving, and that velocity is not part of
         the state (`envs/push_t_physics.py`)."""
         idx = self._indices(index)
-        states = self._rows(states, idx, "set_state")
-        outside = (states[:, :4] < 0) | (states[:, :4] > WORLD_SIZE)
-        if outside.any():
-            raise ValueError(f"set_state: agent and block positions must lie in [0, {WORLD_SIZE:g}]^2, "
-                             f"got {states[outside.any(1), :4].tolist()}")
+        states = self._check_positions(self._rows(states, idx, "set_state"), "set_state")
         sims = self._sims or [None] * self.num_envs
         for i, s in zip(idx, states):
             sims[i] = PushTSim(s, self.damping)

@@ -61,7 +61,9 @@ _LO, _HI = WALL + AGENT_RADIUS, WORLD_SIZE - WALL - AGENT_RADIUS  # range of the
 
 def wrap_angle(angle):
     """Wrap angles to [-pi, pi)."""
-    return (np.asarray(angle, dtype=np.float64) + np.pi) % (2 * np.pi) - np.pi
+    wrapped = (np.asarray(angle, dtype=np.float64) + np.pi) % (2 * np.pi) - np.pi
+    # an angle just below -pi rounds to 2 pi in the modulo, so to +pi here
+    return wrapped - 2 * np.pi * (wrapped >= np.pi)
 
 
 def block_polygon(pose) -> np.ndarray:

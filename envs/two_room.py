@@ -62,8 +62,10 @@ class TwoRoomBatch:
                  agent_std: float = 7.0, success_radius: float = 16.0, colour=(255, 0, 0)):
         if int(num_envs) < 1 or int(resolution) < 8:
             raise ValueError(f"need num_envs >= 1 and resolution >= 8, got {num_envs} and {resolution}")
-        if speed <= 0 or agent_std <= 0 or success_radius <= 0:
-            raise ValueError("speed, agent_std and success_radius must be positive")
+        bad = {k: v for k, v in (("speed", speed), ("agent_std", agent_std), ("success_radius", success_radius))
+               if not (np.isfinite(v) and v > 0)}
+        if bad:
+            raise ValueError(f"speed, agent_std and success_radius must be positive finite numbers, got {bad}")
         self.num_envs, self.resolution, self.seed = int(num_envs), int(resolution), int(seed)
         self.speed, self.agent_std = float(speed), float(agent_std)
         self.success_radius = float(success_radius)

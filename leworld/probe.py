@@ -46,7 +46,9 @@ from leworld.allocator import keep_freed_memory
 from leworld.cli import HelpFormatter
 from leworld.checkpoint import find_model, load_model, model_extra, recorded_data_path, result_path, weights_file
 from leworld.device import resolve_device
-from leworld.results import check_writable, package_version, sha256_file, write_json
+from leworld.results import (
+    check_writable, package_version, recorded_model, replaced_model_note, sha256_file, write_json,
+)
 from leworld.data.clips import split_episodes
 from leworld.data.store import DatasetError, EpisodeStore
 
@@ -477,7 +479,7 @@ def command_record(protocol: str, args: argparse.Namespace, model_path, data_pat
     and the settings."""
     return {
         "protocol": protocol, "leworld_version": package_version(), "model": str(args.model),
-        "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path), "seed": args.seed,
+        "model_dir": str(model_path), "model_sha256": sha256_file(weights_file(model_path)), "data": str(data_path), "seed": args.seed,
         "settings": {**vars(args), "data": str(data_path), "val_fraction": val_fraction, "split_seed": split_seed},
     }
 
@@ -510,10 +512,14 @@ def run_command(kind: str, protocol: str, args: argparse.Namespace, score: Calla
         raise SystemExit(f"error: {e}") from None
     result = {**command_record(protocol, args, model_path, data_path, val_fraction, split_seed), **result,
               "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start}
+    before = recorded_model(out)
     write_json(out, result)
     print(describe(result))
     print(table(result))
     print(f"wrote {out} in {result['wall_seconds']:.1f} s")
+    replaced = replaced_model_note(out, before, result["model_sha256"])
+    if replaced:
+        print(replaced, file=sys.stderr)
     return result
 
 

@@ -48,11 +48,12 @@ def _data_module(extra: dict, source: Path, batch_size: int | None) -> LeWMDataM
 
 
 def val_pred_loss(module: LeWMModule, dm: LeWMDataModule, batches: int) -> float:
-    """Mean prediction loss of the first `batches` validation batches, in evaluation mode."""
+    """Mean prediction loss of the first `batches` validation batches, in evaluation mode (NaN
+    when there is no validation batch)."""
     module.model.eval()
     with torch.no_grad():
         losses = [float(module.losses(b)[0]) for b in itertools.islice(dm.val_dataloader(), batches)]
-    return sum(losses) / max(len(losses), 1)
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: int = 100,
@@ -63,7 +64,9 @@ def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: 
     run's). Returns the counts and the losses before and after.
 
     When the validation prediction loss gets worse (too few batches to average over, say),
-    nothing is written unless `force`; the result then has `written: False`. An `out` that holds
+    nothing is written unless `force`; the result then has `written: False`. A run trained
+    without validation episodes cannot be checked: it is refused unless `force` (then
+    `checked: False` and NaN losses). An `out` that holds
     another model is refused unless `overwrite`."""
     if batches < 1 or val_batches < 1:
         raise ValueError(f"--batches and --val-batches must be at least 1, got {batches} and {val_batches}")
@@ -85,20 +88,25 @@ def recalibrate(model_path: str | Path, out: str | Path | None = None, batches: 
         out = source
     extra = model_extra(source)
     dm = _data_module(extra, source, batch_size)
+    checked = dm.val_set is not None
+    if not checked and not force:
+        raise ValueError(f"{source} was trained with val_fraction {dm.hparams.val_fraction}: {dm.path} holds out no "
+                         "validation episodes, so whether the re-estimate helps cannot be checked. Give --force to "
+                         "write it unchecked")
     # the run's own loss passes (with `open_loop_frames` the rollout also goes through pred_proj's
     # BatchNorm), as the end of training recalibrates
     open_loop = int((extra.get("hparams") or {}).get("open_loop_frames", 0))
     module = LeWMModule(model.config, open_loop_frames=open_loop)
     module.model = model
-    before = val_pred_loss(module, dm, val_batches)
+    before = val_pred_loss(module, dm, val_batches) if checked else float("nan")
     used = recalibrate_batchnorm(model, module.losses, itertools.islice(dm.train_dataloader(), batches))
     if used == 0:
         raise ValueError(f"{dm.path} gave no training batch to average over: check data.batch_size against "
                          "the training split's clips")
-    after = val_pred_loss(module, dm, val_batches)
+    after = val_pred_loss(module, dm, val_batches) if checked else float("nan")
     model.eval()
     result = {"out": str(out), "batches": used, "val_pred_loss_before": before, "val_pred_loss_after": after,
-              "written": force or after <= before}
+              "checked": checked, "written": force or after <= before}
     if result["written"]:
         extra = {**extra, "bn_recalibration": {"batches": used, "batch_size": dm.hparams.batch_size}}
         export_model(model, out, extra=extra)
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     loss = (f"validation pred_loss in evaluation mode {result['val_pred_loss_before']:.4g} -> "
-            f"{result['val_pred_loss_after']:.4g}")
+            f"{result['val_pred_loss_after']:.4g}" if result["checked"]
+            else "not checked: no validation episodes (--force)")
     if not result["written"]:
         raise SystemExit(f"re-estimated the BatchNorm statistics over {result['batches']} training batches, but the "
                          f"{loss} got worse: nothing written (more --batches, or --force to write it anyway)")

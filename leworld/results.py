@@ -89,3 +89,31 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Write `data` as indented JSON, atomically; NaN/inf become null."""
     text = json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def recorded_model(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(weights sha256, model location) that the results JSON at `path` records, in either layout
+    (`plan.py`'s `model` record, or the other commands' `model_sha256` beside `model_dir` or
+    `model`); (None, None) where there is no such file or it says neither."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    model = data.get("model")
+    if isinstance(model, dict):
+        return model.get("sha256"), model.get("path")
+    return data.get("model_sha256"), data.get("model_dir") or model
+
+
+def replaced_model_note(path: str | os.PathLike, before: tuple[str | None, str | None], sha256) -> str | None:
+    """The note to print when results just written to `path` replaced those of another model:
+    `before` is what `recorded_model(path)` said before the write, `sha256` the new results' model.
+    Default result names name a run, not its version, so a second version's results land on the
+    first's."""
+    old_sha, old_model = before
+    if old_sha is None or old_sha == sha256:
+        return None
+    return (f"note: {path} held the results of another model ({old_model}); they were replaced. Give --out to "
+            "keep both")

@@ -21,6 +21,7 @@ z-scores and a threshold with a target false-alarm rate; the statistics at the b
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +113,9 @@ def calibrate(nominal: torch.Tensor, false_alarm_rate: float = 0.01, per_step: b
     leave-one-out z-scores: each run scored against the mean and std (ddof 1) of the other N - 1.
     A fresh run is scored the same way, against N - 1 of the runs (all but the last finite one of
     each step), so that its z-scores and the calibration runs' are alike in distribution and the
-    threshold flags the target fraction of fresh nominal steps at any N. Scored against all N
+    threshold flags the target fraction of fresh nominal steps at any N with enough z-scores: with
+    fewer than 1 / false_alarm_rate - 1 the threshold is their maximum, exceeded by about 1 in
+    (their number + 1) fresh steps, more than the target (a warning says so). Scored against all N
     instead, fresh z-scores have lighter tails than those the threshold came from and too few steps
     are flagged at small N (Gaussian surprise, 19 steps, 1% target: 0.2% at N = 3, 0.5% at N = 5).
     In-sample z-scores, for their part, cannot exceed (N - 1) / sqrt(N) and sit closer to 0 than a
@@ -137,16 +140,31 @@ def calibrate(nominal: torch.Tensor, false_alarm_rate: float = 0.01, per_step: b
     d = torch.where(finite, x - mean, 0.0)  # (N, L) deviations, 0 where not finite
     ss = d.pow(2).sum(0)  # (L,)
     # leave-one-out: mean_-i = mean - d_i / (n - 1), SS_-i = SS - d_i^2 n / (n - 1)
-    ss_loo = (ss - d.pow(2) * n / (n - 1)).clamp_min(0.0)
-    std_loo = (ss_loo / (n - 2)).sqrt().clamp_min(min_std)
-    z = d * n / (n - 1) / std_loo  # (N, L)
-    threshold = float(torch.quantile(z[finite & (count >= 3)], 1.0 - false_alarm_rate, interpolation="higher"))
+    mean_loo = mean - d / (n - 1)  # (N, L)
+    diff = d * n / (n - 1)  # x_i - mean_-i
+    ss_loo = ss - d.pow(2) * n / (n - 1)
+    # These cancel where one run dominates its step (one 1e8 times the others: the std 2% off):
+    # those few, whose SS_-i is under 1e-4 of SS, are computed from the other runs directly.
+    for i, j in (finite & (ss_loo < 1e-4 * ss)).nonzero().tolist():
+        others = x[:, j][finite[:, j] & (torch.arange(x.shape[0], device=x.device) != i)]
+        mean_loo[i, j] = others.mean()
+        diff[i, j] = x[i, j] - mean_loo[i, j]
+        ss_loo[i, j] = (others - mean_loo[i, j]).pow(2).sum()
+    std_loo = (ss_loo.clamp_min(0.0) / (n - 2)).sqrt().clamp_min(min_std)
+    z = diff / std_loo  # (N, L)
+    scores = z[finite & (count >= 3)]
+    threshold = float(torch.quantile(scores, 1.0 - false_alarm_rate, interpolation="higher"))
+    if 0 < false_alarm_rate and (scores.numel() + 1) * false_alarm_rate < 1:
+        warnings.warn(f"calibrating a {false_alarm_rate:g} false-alarm rate on {scores.numel()} nominal z-scores: "
+                      f"the threshold is their maximum, which a fresh nominal step exceeds about "
+                      f"1/{scores.numel() + 1} = {1 / (scores.numel() + 1):.2%} of the time. Use more calibration "
+                      f"runs (at least {math.ceil(1 / false_alarm_rate) - 1} z-scores)", stacklevel=2)
     # fresh runs: against the N - 1 runs left when each step's last finite run is left out, i.e. the
     # leave-one-out mean and std of that run
     rows = torch.arange(x.shape[0], device=x.device)[:, None]  # (N, 1)
     last = (torch.where(finite, rows, -1).amax(0).clamp_min(0), torch.arange(x.shape[1], device=x.device))
     enough = count >= 3
-    ref_mean = torch.where(enough, mean - d[last] / (n - 1), float("nan"))  # (L,)
+    ref_mean = torch.where(enough, mean_loo[last], float("nan"))  # (L,)
     ref_std = torch.where(enough, std_loo[last], float("nan"))
     return Calibration(ref_mean, ref_std, threshold, float(false_alarm_rate))
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -673,6 +674,72 @@ def test_a_bad_generate_setting_is_named_as_the_config_key(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def fitting_trainer(world=1, rank=0, processed=0, limit=1.0):
+    """What the data module reads of a Trainer that fits: its processes, this one's rank, the
+    batches the run has trained on, and limit_train_batches."""
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(batch_progress=SimpleNamespace(total=SimpleNamespace(processed=processed)))
+    return SimpleNamespace(state=SimpleNamespace(fn="fit"), ckpt_path="last.ckpt", world_size=world,
+                           global_rank=rank, limit_train_batches=limit,
+                           fit_loop=SimpleNamespace(epoch_loop=progress))
+
+
+def test_ddp_ranks_deal_one_process_batches_without_repeating_a_clip(dataset):
+    """Under DDP a step's batches over the ranks hold the clips of one process's batch of their
+    total size, so a run can resume on another number of processes at the same clips per step; and
+    no clip is trained on twice in an epoch (shares padded to equal length repeated one: 104 clips
+    on 3 ranks were 35 each, 5 batches of 7, with a clip on two ranks)."""
+    dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=21, num_workers=0, val_fraction=0.34)
+    dm.setup("fit")
+    assert len(dm.train_set) == 104  # 4 steps of 21 clips an epoch, on 1 process or on 3 with 7 each
+
+    def batches(batch_size, world, rank, start):
+        dm.hparams.batch_size = batch_size
+        dm.trainer = fitting_trainer(world, rank, processed=start)
+        return [list(b) for b in dm.train_dataloader().batch_sampler]
+
+    for start in (0, 2, 5, 9):  # a pass of the run from this step: across epochs' ends too
+        one = batches(21, 1, 0, start)
+        ranks = [batches(7, 3, r, start) for r in range(3)]
+        assert len(one) == 4 and [len(b) for b in ranks] == [4, 4, 4]
+        assert [sorted(sum(step, [])) for step in zip(*ranks)] == [sorted(b) for b in one]
+    epoch = [i for step in zip(*[batches(7, 3, r, 0) for r in range(3)]) for b in step for i in b]
+    assert len(epoch) == len(set(epoch)) == 84
+
+
+def test_a_resume_refuses_other_clips_per_step_or_steps_per_epoch(dataset):
+    """The run's position in the clip order is counted in steps: resumed with other clips per step
+    or steps per epoch, it would point elsewhere in the order and repeat some clips and skip others
+    (an epoch of 208 clips drew 52 twice). The same clips per step on another number of processes
+    is the same order, and checkpoints without the record resume as before."""
+    def module(batch_size=4, world=1, limit=1.0):
+        dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=batch_size, num_workers=0,
+                            val_fraction=0.34)
+        dm.setup("fit")
+        dm.trainer = fitting_trainer(world, limit=limit)
+        return dm
+
+    state = module().state_dict()
+    assert state["stream"] == {"clips_per_step": 4, "steps_per_epoch": 26, "batch_size": 4, "processes": 1}
+    module().load_state_dict(state)
+    module(batch_size=2, world=2).load_state_dict(state)  # 2 clips on each of 2 processes
+    module(limit=26).load_state_dict(state)  # a limit that leaves the epoch as it was
+    with pytest.raises(ValueError, match=re.escape(
+            "last.ckpt was trained with 4 clips per step (data.batch_size 4 on 1 process), 26 steps per epoch; this "
+            "run would train with 8 clips per step (data.batch_size 8 on 1 process), 13 steps per epoch")):
+        module(batch_size=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="4 clips per step \\(data.batch_size 2 on 2 processes\\), 13 steps per epoch"):
+        module(batch_size=2, world=2, limit=0.5).load_state_dict(state)
+    with pytest.raises(ValueError, match="repeat some training clips and skip others"):
+        module(batch_size=4, world=2).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "stream"}
+    module(batch_size=8).load_state_dict(older)
+    scored = module(batch_size=8)
+    scored.trainer.state.fn = "validate"
+    scored.load_state_dict(state)  # scoring a checkpoint uses no training clips
+
+
 def test_a_resumed_data_module_refuses_another_split_or_dataset_and_takes_its_own(dataset, tmp_path):
     """`load_state_dict` (what Lightning calls on resume) accepts the checkpoint's own split and
     dataset, refuses another split seed or fraction (the validation episodes would include ones
@@ -683,7 +750,7 @@ def test_a_resumed_data_module_refuses_another_split_or_dataset_and_takes_its_ow
         dm = LeWMDataModule(str(path), num_frames=2, frameskip=5, batch_size=4, num_workers=0,
                             **{"val_fraction": 0.34, "split_seed": 3, **kwargs})
         dm.setup("fit")
-        dm.trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), ckpt_path="last.ckpt")
+        dm.trainer = fitting_trainer()
         return dm
 
     state = module().state_dict()

@@ -16,7 +16,7 @@ import envs
 from envs.policies import make_policy
 from envs.policies.push_t import segment_clearance
 from envs.push_t import LIGHT_SLATE_GRAY, ROYAL_BLUE, PushTBatch, block_distance, block_polygon, is_success
-from envs.push_t_physics import AGENT_RADIUS, T_BOXES, T_OUTLINE, WALL, WORLD_SIZE, PushTSim
+from envs.push_t_physics import AGENT_RADIUS, T_BOXES, T_OUTLINE, WALL, WORLD_SIZE, PushTSim, wrap_angle
 from envs.push_t_render import PushTRenderer
 
 LIGHT_GREEN = (144, 238, 144)
@@ -54,7 +54,7 @@ def test_check_env_and_gym_make():
     assert info["state"].shape == (7,) and isinstance(info["success"], bool)
     np.testing.assert_allclose(obs["proprio"], info["state"][[0, 1, 5, 6]], rtol=1e-6)
     obs, reward, terminated, truncated, info = env.step(np.array([0.5, -0.5], np.float32))
-    assert reward == float(info["success"]) and not truncated
+    assert reward == float(info["success"]) and not terminated and not truncated
 
 
 def test_batch_interface_and_params():
@@ -658,6 +658,28 @@ def test_reset_to_checks_starts_and_goals_before_changing_anything():
         env.reset_to(before, before[:1])  # a goal for one env only
     np.testing.assert_array_equal(env.get_state(), before)
     np.testing.assert_array_equal(env.render(), frames)  # colours untouched too
+    outside = before.copy()
+    outside[0, 0] = 600.0  # an agent beyond the 512 px world
+    with pytest.raises(ValueError, match=r"reset_to starts: agent and block positions must lie in \[0, 512\]"):
+        env.reset_to(outside, before)
+    np.testing.assert_array_equal(env.get_state(), before)
+    env.step(np.zeros((2, 2)))  # frames drawn afresh: the block keeps its colour
+    assert ((env.render() == (220, 20, 60)).all(-1).sum((1, 2)) > 0).all()
+
+
+def test_wrapped_angles_lie_in_minus_pi_to_pi():
+    """Angles a rounding step below -pi came back as +pi, outside the half-open range."""
+    below = np.nextafter(-np.pi, -np.inf)
+    angles = np.array([below, -np.pi, np.pi, 3 * np.pi, -3 * np.pi, np.nextafter(np.pi, 0), 0.5, 7.0])
+    wrapped = wrap_angle(angles)
+    assert ((wrapped >= -np.pi) & (wrapped < np.pi)).all()
+    np.testing.assert_allclose(np.cos(wrapped), np.cos(angles), atol=1e-12)
+    np.testing.assert_allclose(np.sin(wrapped), np.sin(angles), atol=1e-12)
+    env = envs.make_batch("pusht", 1, resolution=8)
+    state = env.get_state()
+    state[0, 4] = below
+    env.set_state(state)
+    assert -np.pi <= env.get_state()[0, 4] < np.pi
 
 
 def test_reset_seed_chooses_the_episodes():

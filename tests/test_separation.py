@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 from envs.push_t_physics import is_success, pose_error
 from leworld import separation as sep_mod
-from leworld.checkpoint import export_model
+from leworld.checkpoint import export_model, model_extra
 from leworld.data.clips import split_episodes
 from leworld.data.collect import collect
 from leworld.data.store import EpisodeStore
@@ -241,3 +242,22 @@ def test_default_result_files_keep_each_seed(tmp_path, dataset, monkeypatch):
     second = json.loads((tmp_path / "runs" / "separation" / "sep_tiny-seed1.json").read_text())
     assert (first["settings"]["seed"], second["settings"]["seed"]) == (0, 1)
     assert (first["seed"], second["seed"]) == (0, 1)  # the seed heads the record, as in every result JSON
+
+
+def test_a_second_version_of_a_run_names_the_results_it_replaced(tmp_path, dataset, monkeypatch, capsys):
+    """The default file names the run, not its version: results of version_1 replace version_0's,
+    and say so; rerunning one model says nothing. The file records which version it holds."""
+    runs = tmp_path / "runs" / "sep_tiny"
+    _, first = export_tiny(runs / "version_0" / "model", dataset)
+    other, _ = export_tiny(tmp_path / "scratch", dataset)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    second = export_model(other, runs / "version_1" / "model", extra=model_extra(first))
+    monkeypatch.chdir(tmp_path)
+    out = Path("runs") / "separation" / "sep_tiny.json"  # relative to the working directory, as the default
+    for model in (first, first):
+        sep_mod.main(["--model", str(model), "--num-goals", "20", "--no-progress"])
+        assert "held the results of another model" not in capsys.readouterr().err
+    sep_mod.main(["--model", str(second), "--num-goals", "20", "--no-progress"])
+    assert f"{out} held the results of another model ({first}); they were replaced" in capsys.readouterr().err
+    assert json.loads(out.read_text())["model_dir"] == str(second)

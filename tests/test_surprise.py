@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -211,6 +212,35 @@ def test_the_fewest_calibration_runs_give_the_target_rate_on_fresh_runs(n):
     assert 0.043 < sum(rates) / len(rates) < 0.057
 
 
+def test_a_run_that_dominates_its_step_leaves_the_others_statistics_exact():
+    """The leave-one-out shortcuts (the mean less the run's share; SS less its term) cancel when
+    one run is 1e8 times the others: the reference std came out 1.29 instead of 1.32. Against the
+    definition, with each run left out in turn:"""
+    g = torch.Generator().manual_seed(0)
+    x = -torch.log(torch.rand(20, 3, generator=g, dtype=torch.float64))  # exponential, like surprise
+    x[-1, 0] = 1.23e8 * x[:-1, 0].mean()  # the last run, which fresh runs are scored without
+    x[4, 1] = 1e9
+    cal = calibrate(x, 0.05)
+    xs = x.numpy()
+    loo = [(xs[i, j] - np.delete(xs[:, j], i).mean()) / np.delete(xs[:, j], i).std(ddof=1)
+           for j in range(3) for i in range(20)]
+    assert cal.threshold == pytest.approx(float(np.quantile(loo, 0.95, method="higher")), rel=1e-12)
+    for j in range(3):
+        assert cal.mean[j].item() == pytest.approx(xs[:-1, j].mean(), rel=1e-12)
+        assert cal.std[j].item() == pytest.approx(xs[:-1, j].std(ddof=1), rel=1e-12)
+
+
+def test_too_few_calibration_z_scores_for_the_rate_are_warned_about():
+    """With fewer than 1 / rate - 1 z-scores the threshold is their maximum, which about 1 in
+    (their number + 1) fresh steps exceeds: 3 runs of 19 steps flag 1.4% at a 1% target."""
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match=r"on 57 nominal z-scores: the threshold is their maximum, .* 1/58 = 1.72%"):
+        calibrate(torch.randn(3, 19, generator=g, dtype=torch.float64), 0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate(torch.randn(6, 19, generator=g, dtype=torch.float64), 0.01)  # 114 z-scores
+
+
 def test_pooled_calibration_and_length_check():
     x = torch.randn(100, 8, dtype=torch.float64) * 2 + 3
     cal = calibrate(x, per_step=False)
@@ -385,6 +415,72 @@ def test_calibration_runs_are_other_runs_than_the_scored_ones(tmp_path, monkeypa
               "--out", str(tmp_path / "out"), "--no-progress"])
     calibration, scored = seeds[0][1], {s for c, s in seeds[1:]}
     assert len(scored) == 1 and calibration not in scored and len(seeds) == 1 + len(cli.CONDITIONS)
+
+
+def test_cli_options_set_the_calibration_and_the_statistics(tmp_path, monkeypatch):
+    """--num-calibration, --false-alarm-rate and --window reach what they set, and the
+    calibration is fitted on its own nominal runs, not on the scored ones."""
+    cli = load_cli()
+    seen = {}
+    calibrate_real, statistics_real = cli.calibrate, cli.statistics
+
+    def calibrate_spy(nominal, rate):
+        seen["nominal"], seen["rate"] = nominal, rate
+        seen["cal"] = calibrate_real(nominal, rate)
+        return seen["cal"]
+
+    def statistics_spy(surprise, cal, p, window, horizon):
+        seen["scored"], seen["stats_cal"], seen["window"] = surprise["nominal"], cal, window
+        return statistics_real(surprise, cal, p, window, horizon)
+
+    monkeypatch.setattr(cli, "calibrate", calibrate_spy)
+    monkeypatch.setattr(cli, "statistics", statistics_spy)
+    model_dir = tiny_model(tmp_path / "model", TWOROOM_DATA)
+    base = ["--model", str(model_dir), "--num-frames", "6", "--perturb-step", "3", "--no-progress"]
+    result = cli.main([*base, "--num-trajectories", "3", "--num-calibration", "5", "--false-alarm-rate", "0.2",
+                       "--window", "2", "--out", str(tmp_path / "a")])
+    assert seen["nominal"].shape[0] == 5 and seen["rate"] == 0.2 and seen["window"] == 2
+    assert seen["stats_cal"] is seen["cal"]
+    assert result["calibration"] == {"threshold_z": seen["cal"].threshold, "false_alarm_target": 0.2, "runs": 5}
+    assert (result["settings"]["window"], result["settings"]["false_alarm_rate"]) == (2, 0.2)
+    # as many calibration runs as scored ones: still other runs
+    cli.main([*base, "--num-trajectories", "3", "--out", str(tmp_path / "b")])
+    assert seen["nominal"].shape == seen["scored"].shape and not torch.equal(seen["nominal"], seen["scored"])
+
+
+def test_a_second_version_of_a_run_names_the_results_it_replaced_and_the_figure_pairs_the_json(tmp_path,
+                                                                                               monkeypatch, capsys):
+    """Default folders name the run, not its version: a second version's results replace the
+    first's, and say so. The figure takes its name only once the JSON has been written, and the JSON
+    records its sha256."""
+    import hashlib
+
+    cli = load_cli()
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs" / "sr_tiny"
+    first = tiny_model(runs / "version_0" / "model", TWOROOM_DATA)
+    torch.manual_seed(1)
+    second = export_model(LeWorldModel(LeWMConfig(**{**TINY, "history": 2})), runs / "version_1" / "model",
+                          extra={"dataset": TWOROOM_DATA})
+    base = ["--num-trajectories", "3", "--num-frames", "6", "--perturb-step", "3", "--no-progress"]
+    out = Path("runs") / "surprise" / "sr_tiny"  # relative to the working directory, as the default
+    for model in (first, first):
+        cli.main(["--model", str(model), *base])
+        assert "held the results of another model" not in capsys.readouterr().err
+    result = cli.main(["--model", str(second), *base])
+    assert f"{out} held the results of another model ({first}); they were replaced" in capsys.readouterr().err
+    assert json.loads((out / "surprise.json").read_text())["model_dir"] == str(second) == result["model_dir"]
+    png = (out / "surprise.png").read_bytes()
+    assert hashlib.sha256(png).hexdigest() == result["figure_sha256"]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--model", str(first), *base, "--seed", "0", "--num-frames", "7"])
+    assert (out / "surprise.png").read_bytes() == png  # the figure of the results still there
+    assert sorted(p.name for p in out.iterdir()) == ["surprise.json", "surprise.png"]  # no temporary file left
 
 
 def tiny_model(path: Path, dataset: dict | None, **overrides) -> Path:

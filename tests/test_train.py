@@ -194,6 +194,24 @@ def test_resuming_mid_epoch_continues_identically(data_path, tmp_path, num_worke
     assert not [w for w in caught if "resuming from a checkpoint that ended before the epoch" in str(w.message)]
 
 
+def test_a_resume_with_other_clips_per_step_stops_before_training(data_path, tmp_path):
+    """Through Lightning's restore: the checkpoint's data state records the clips per step (16),
+    and a resume at 8 (which would go on at the wrong place in the clip order) stops before a step."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    module, dm = make(data_path, tmp_path / "a")
+    trainer(tmp_path / "a", max_steps=3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "a", save_last=True)]).fit(
+        module, dm)
+    ckpt = tmp_path / "a" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["LeWMDataModule"]["stream"]["clips_per_step"] == 16
+    module, dm = make(data_path, tmp_path / "b", batch_size=8)
+    rec = LossRecorder()
+    with pytest.raises(ValueError, match="trained with 16 clips per step .*; this run would train with 8 clips"):
+        trainer(tmp_path / "b", max_steps=6, callbacks=[rec]).fit(module, dm, ckpt_path=str(ckpt))
+    assert rec.losses == []
+
+
 class BatchRecorder(L.Callback):
     """The clips of every training batch, as digests of their pixels."""
 
@@ -1115,6 +1133,57 @@ def test_frames_that_do_not_fit_on_the_device_are_a_clear_error(data_path, monke
     assert "GiB" in str(err.value) and str(data_path) in str(err.value)
 
 
+def test_processes_training_on_one_cpu_need_room_for_a_copy_of_the_frames_each(data_path, monkeypatch):
+    """Every DDP process on the CPU holds its own copy of the frames: room for one and a half
+    copies is enough for one process, not for two. Every process checks before any allocates, and
+    all stop when one finds no room."""
+    store = EpisodeStore(data_path)
+    one = store.num_frames * store.resolution ** 2 * 3
+    monkeypatch.setattr(datamodule_mod, "free_memory_bytes", lambda device: int(1.5 * one))
+    assert datamodule_mod.frames_memory_error(store, "cpu") is None
+    assert "(2 processes, a copy each)" in datamodule_mod.frames_memory_error(store, "cpu", copies=2)
+
+    def trainer_of(devices, others_agree):
+        strategy = SimpleNamespace(root_device=torch.device("cpu"), reduce_boolean_decision=lambda ok, all: ok and others_agree)
+        return SimpleNamespace(strategy=strategy, num_devices=devices, world_size=devices)
+
+    LeWMDataModule._check_frames_fit(store, trainer_of(1, True))
+    with pytest.raises(MemoryError, match=r"\(2 processes, a copy each\), but only"):
+        LeWMDataModule._check_frames_fit(store, trainer_of(2, True))
+    monkeypatch.setattr(datamodule_mod, "free_memory_bytes", lambda device: 3 * one)
+    LeWMDataModule._check_frames_fit(store, trainer_of(2, True))
+    with pytest.raises(MemoryError, match="do not fit in another process's memory"):
+        LeWMDataModule._check_frames_fit(store, trainer_of(2, False))
+
+
+class PretendFreeMemory(L.Callback):
+    """Makes this process see `copies` copies' worth of the frames of the data at `path` as its
+    free memory (set when the process builds its callbacks, before its data module loads frames)."""
+
+    def __init__(self, path: str, copies: float):
+        store = EpisodeStore(path)
+        free = int(copies * store.num_frames * store.resolution ** 2 * 3)
+        datamodule_mod.free_memory_bytes = lambda device: free
+
+
+def test_two_ddp_processes_on_the_cpu_stop_when_two_copies_of_the_frames_do_not_fit(tmp_path):
+    import os
+
+    config = write_config(tmp_path, data={"frames_on_device": True}, strategy="ddp", devices=2, accelerator="cpu")
+    collect("tworoom", episodes=6, steps=20, resolution=32, seed=0, out=tmp_path / "gen.h5", progress=False)
+    spec = yaml.safe_load(config.read_text())
+    spec["data"]["generate"] = None
+    spec["trainer"]["callbacks"] = [{"class_path": "test_train.PretendFreeMemory",
+                                     "init_args": {"path": str(tmp_path / "gen.h5"), "copies": 1.5}}]
+    config.write_text(yaml.safe_dump(spec))
+    out = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    assert out.returncode != 0
+    assert out.stderr.count("(2 processes, a copy each), but only") == 2, out.stderr[-3000:]
+    assert out.stderr.count("(MemoryError; LEWORLD_TRACEBACK=1") == 2 and "Traceback" not in out.stderr
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
 def test_recalibrate_batchnorm_gives_the_average_of_the_batch_statistics():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.5))
@@ -1286,6 +1355,26 @@ def test_recalibrate_writes_nothing_when_the_validation_loss_gets_worse(data_pat
         recalibrate_mod.main(["--model", str(tmp_path / "a" / "model"), "--out", str(tmp_path / "c"),
                               "--batches", "2", "--batch-size", "16", "--val-batches", "1"])
     assert not (tmp_path / "c").exists()
+
+
+def test_recalibrate_refuses_a_run_without_validation_episodes_unless_forced(data_path, tmp_path, capsys):
+    """With no validation episodes the losses before and after were both reported as 0 and the
+    model written as though checked."""
+    from leworld.recalibrate import main as recalibrate_main
+
+    L.seed_everything(0)
+    module = LeWMModule(LeWMConfig(**TINY), lr=3e-3, num_directions=64)
+    dm = LeWMDataModule(str(data_path), num_frames=4, frameskip=5, batch_size=16, num_workers=0, val_fraction=0.0)
+    trainer(tmp_path / "a", max_steps=2, enable_checkpointing=False, limit_val_batches=0).fit(module, dm)
+    args = ["--model", str(tmp_path / "a" / "model"), "--out", str(tmp_path / "c"), "--batches", "2"]
+    with pytest.raises(SystemExit, match="val_fraction 0.0: .* holds out no validation episodes, so whether the "
+                                         "re-estimate helps cannot be checked. Give --force"):
+        recalibrate_main(args)
+    assert not (tmp_path / "c").exists()
+    result = recalibrate_main(args + ["--force"])
+    assert result["written"] and not result["checked"] and (tmp_path / "c" / "model.safetensors").is_file()
+    assert np.isnan(result["val_pred_loss_before"]) and np.isnan(result["val_pred_loss_after"])
+    assert "not checked: no validation episodes" in capsys.readouterr().out
 
 
 def test_a_recorded_relative_dataset_path_is_found_from_another_directory(tmp_path, monkeypatch):

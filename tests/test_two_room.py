@@ -1,6 +1,8 @@
 """Two-Room: gymnasium compliance, determinism, wall collisions, rendering, perturbations, policies."""
 from __future__ import annotations
 
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -267,10 +269,20 @@ def _run_expert(noise, target_mode, n=200, steps=150, seed=0, doors=((49.0, 14.0
 
 
 @pytest.mark.parametrize("target_mode,doors", [("other_room", ((49.0, 14.0),)), ("any", ((49.0, 14.0),)),
-                                                ("other_room", ((40.0, 6.0), (170.0, 10.0)))])
+                                                ("other_room", ((40.0, 6.0), (170.0, 10.0))),
+                                                # doors narrower than a step (5 px): 2% and 80% reached
+                                                # when the expert stepped past the waypoint at the door
+                                                ("other_room", ((120.0, 0.5),)), ("other_room", ((120.0, 2.0),))])
 def test_noiseless_expert_reaches_the_target(target_mode, doors):
     reached, _, _ = _run_expert(0.0, target_mode, doors=doors)
     assert reached.mean() >= 0.95
+
+
+@pytest.mark.parametrize("key", ["speed", "agent_std", "success_radius"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_speed_spread_and_success_radius_must_be_positive_and_finite(key, value):
+    with pytest.raises(ValueError, match=re.escape(f"must be positive finite numbers, got {{'{key}': {value}}}")):
+        envs.make_batch("tworoom", num_envs=1, resolution=8, **{key: value})
 
 
 def test_noisy_expert_makes_progress_and_beats_random():

@@ -17,7 +17,8 @@ when the straight line does not cross the wall outside a door; otherwise it uses
 gives the shortest path, heading for a waypoint in front of the door on its own side until the
 straight line to the waypoint behind the door on the target's side passes cleanly through the
 door, then for that waypoint. Actions are unit directions plus Gaussian noise of std `noise`
-(2.0 in the paper's data), clipped to [-1, 1]. With noise 0 it never gets stuck on the wall.
+(2.0 in the paper's data), clipped to [-1, 1]; within a step of the waypoint in front of a door
+it steps onto it. With noise 0 it never gets stuck on the wall, at doors of any width.
 """
 from __future__ import annotations
 
@@ -80,21 +81,31 @@ class ExpertPolicy:
     def act(self, env) -> np.ndarray:
         """(N, 2) float32 actions in [-1, 1]."""
         core = _core(env)
-        aim = self.waypoint(core)
+        aim, near = self._aim(core)
         direction = aim - core.agent_pos
         dist = np.linalg.norm(direction, axis=1, keepdims=True)
         action = np.divide(direction, dist, out=np.zeros_like(direction), where=dist > 1e-9)
+        # a full step would overshoot the waypoint in front of a door and come back, around it but
+        # never on it; at a door narrower than the step the line through the door then never
+        # clears, so within a step the agent lands on it (wider doors never get here: their line
+        # clears first)
+        land = near[:, None] & (dist < core.speed)
+        action = np.where(land, direction / core.speed, action)
         if self.noise > 0:
             action = action + self.rng.normal(0.0, self.noise, action.shape)
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
     def waypoint(self, core) -> np.ndarray:
         """(N, 2) point each agent heads for now: the target, or a waypoint at the best door."""
+        return self._aim(core)[0]
+
+    def _aim(self, core) -> tuple[np.ndarray, np.ndarray]:
+        """`waypoint`, and (N,) bool: it is the waypoint in front of a door on the agent's side."""
         p, g = core.agent_pos, core.target_pos
-        aim = g.copy()
+        aim, near_side = g.copy(), np.zeros(len(p), dtype=bool)
         blocked = ~_clear(p, g, core.door_lo, core.door_hi)
         if not blocked.any() or len(core.doors) == 0:
-            return aim
+            return aim, near_side
         p, g = p[blocked], g[blocked]
         centre = core.doors[:, 0]  # (K,)
         mid = 0.5 * (WALL[0] + WALL[1])
@@ -107,13 +118,18 @@ class ExpertPolicy:
         k = length.argmin(1)  # (B,) the door with the shortest path
         rows = np.arange(len(k))
         near, far = near[rows, k], far[rows, k]
-        through = _clear(p, far, core.door_lo[k, None], core.door_hi[k, None], slack=1.0)
+        # the line must pass the door inside its edges by 1 px, or by half its half-extent in a
+        # narrower door (the straight line from its near waypoint passes then too)
+        slack = np.minimum(1.0, core.doors[k, 1] / 2)[:, None]
+        through = _clear(p, far, core.door_lo[k, None], core.door_hi[k, None], slack=slack)
         aim[blocked] = np.where(through[:, None], far, near)
-        return aim
+        near_side[blocked] = ~through
+        return aim, near_side
 
 
-def _clear(p: np.ndarray, q: np.ndarray, lo: np.ndarray, hi: np.ndarray, slack: float = 0.0) -> np.ndarray:
-    """(N,) bool: the segment p -> q meets the wall slab only inside one door (shrunk by `slack`).
+def _clear(p: np.ndarray, q: np.ndarray, lo: np.ndarray, hi: np.ndarray, slack=0.0) -> np.ndarray:
+    """(N,) bool: the segment p -> q meets the wall slab only inside one door (shrunk by `slack`, a
+    number or (N, 1) per segment).
 
     `lo`, `hi` are door bounds, (K,) for all doors or (N, 1) for one door per segment.
     """

@@ -126,16 +126,21 @@ class EpochSampler(Sampler[int]):
 
 class DistributedEpochSampler(DistributedSampler):
     """`EpochSampler`'s order, sharded over `num_replicas` processes: rank r takes positions
-    r, r + R, r + 2R, ... of the epoch's order (padded from its start to a multiple of R).
+    r, r + R, r + 2R, ... of the epoch's order, cut to a multiple of R with `cut` (the loaders
+    train on full batches only: a padded clip would be trained on twice in an epoch), else padded
+    from its start to a multiple of R (a share of one batch holds every clip).
 
     Lightning leaves a DistributedSampler in place. Its own wrapper for other samplers would
     shuffle the positions again with a generator of its own, so a resumed epoch could not go on
     where the checkpoint left it. Following a run (`follow`), each rank draws its own batches of
     the stream: the batches every rank has trained on are the same in number."""
 
-    def __init__(self, size: int, seed: int, num_replicas: int, rank: int):
+    def __init__(self, size: int, seed: int, num_replicas: int, rank: int, cut: bool = False):
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
         self._order = EpochSampler(size, seed)
+        if cut and size >= num_replicas:  # equal shares without a repeated clip
+            self.num_samples = size // num_replicas
+            self.total_size = self.num_samples * num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -146,7 +151,7 @@ class DistributedEpochSampler(DistributedSampler):
 
     def shard(self, epoch: int) -> list[int]:
         """This rank's positions of `epoch`'s order."""
-        order = self._order.order(epoch)
+        order = self._order.order(epoch)[:self.total_size]
         pad = self.total_size - len(order)  # to a multiple of the ranks, repeating the order as often as needed
         order += (order * -(-pad // max(len(order), 1)))[:pad]
         return order[self.rank:self.total_size:self.num_replicas]
@@ -197,23 +202,34 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def frames_memory_error(store: EpisodeStore, device: torch.device | str, copies: int = 1) -> str | None:
+    """Why `copies` copies of the frames of `store` do not fit in the free memory of `device` (the
+    processes of one machine training on its CPU each hold one), or None where they fit or the free
+    memory is not known."""
+    device = torch.device(device)
+    r, num = store.resolution, store.num_frames
+    need, free = num * r * r * 3 * copies, free_memory_bytes(device)
+    if free is None or need <= free:
+        return None
+    each = f" ({copies} processes, a copy each)" if copies > 1 else ""
+    return (f"data.frames_on_device needs {need / 2**30:.1f} GiB of {device} memory for the {num:,} frames of "
+            f"{store.path}{each}, but only {free / 2**30:.1f} GiB is free: set data.frames_on_device false to read "
+            "frames from the file, or use fewer episodes or a lower resolution")
+
+
 def frames_to_device(store: EpisodeStore, device: torch.device | str, chunk: int = 512,
-                     progress: bool = True) -> torch.Tensor:
+                     progress: bool = True, check: bool = True) -> torch.Tensor:
     """All frames of `store` as one uint8 tensor (F, R, R, 3) on `device`, in file row order.
 
     Copied `chunk` frames at a time through one host buffer, so the host never holds more than a
     chunk. Raises a `MemoryError` that names the fix when the device has less free memory than the
-    frames need.
+    frames need (unless `check` is False: the caller has checked).
     """
     device = torch.device(device)
     r, num = store.resolution, store.num_frames
-    need = num * r * r * 3
-    free = free_memory_bytes(device)
-    if free is not None and need > free:
-        raise MemoryError(
-            f"data.frames_on_device needs {need / 2**30:.1f} GiB of {device} memory for the {num:,} frames of "
-            f"{store.path}, but only {free / 2**30:.1f} GiB is free: set data.frames_on_device false to read "
-            "frames from the file, or use fewer episodes or a lower resolution")
+    problem = frames_memory_error(store, device) if check else None
+    if problem:
+        raise MemoryError(problem)
     frames = torch.empty((num, r, r, 3), dtype=torch.uint8, device=device)
     host = torch.empty((min(chunk, num), r, r, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
     bar = tqdm(total=num, desc=f"frames to {device}", unit="frame", unit_scale=True, disable=not progress)
@@ -300,7 +316,8 @@ class LeWMDataModule(L.LightningDataModule):
                        f"{len(self.val_episodes)} held out), {store.resolution} px, policy "
                        f"{store.metadata.get('policy')}, seed {store.metadata.get('seed')}")
         if hp.frames_on_device and self.trainer is not None:  # else on the first batch, where it lands
-            self._load_frames(self.trainer.strategy.root_device)
+            self._check_frames_fit(store, self.trainer)
+            self._load_frames(self.trainer.strategy.root_device, check=False)
 
     # what a dataset's metadata says about when, how fast and by which version it was written, not
     # what it holds (chunk_size stays: the collector seeds each chunk of episodes on its own)
@@ -320,8 +337,13 @@ class LeWMDataModule(L.LightningDataModule):
         share (`load_state_dict` checks them)."""
         if self.action_mean is None:
             return {}
-        return {"dataset": self.dataset_identity(), "val_episodes": _digest(self.val_episodes),
-                "train_episodes": _digest(self.train_episodes)}
+        state = {"dataset": self.dataset_identity(), "val_episodes": _digest(self.val_episodes),
+                 "train_episodes": _digest(self.train_episodes)}
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            stream = self._stream()
+            state["stream"] = {"clips_per_step": stream["span"] * stream["world"], "steps_per_epoch": stream["per_epoch"],
+                               "batch_size": self.hparams.batch_size, "processes": stream["world"]}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """On resume: refuse a dataset or split other than the checkpoint's. A different dataset
@@ -344,8 +366,48 @@ class LeWMDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction / data.split_seed split {self.path} into other validation episodes "
                              f"than {ckpt} was trained with, so episodes it trained on would be held out: use the "
                              "checkpoint's values, or start a new run without --ckpt_path")
+        self._check_stream(state.get("stream"), ckpt)
 
-    def _load_frames(self, device: torch.device) -> torch.Tensor:
+    def _check_stream(self, saved: dict | None, ckpt) -> None:
+        """A resumed run goes on in the clip order at the batch it reached, counted in batches: with
+        other clips per step or steps per epoch, that count would point elsewhere in the order, and
+        the rest of the run would repeat some clips within an epoch and never draw others."""
+        if not saved:  # a checkpoint written before the stream was recorded
+            return
+        stream = self._stream()
+        now = {"clips_per_step": stream["span"] * stream["world"], "steps_per_epoch": stream["per_epoch"]}
+        if all(saved.get(k) == v for k, v in now.items()):
+            return
+
+        def deal(record: dict) -> str:
+            processes = record.get("processes")
+            return (f"{record.get('clips_per_step')} clips per step (data.batch_size {record.get('batch_size')} on "
+                    f"{processes} process{'es' if processes != 1 else ''}), {record.get('steps_per_epoch')} steps "
+                    "per epoch")
+
+        now.update(batch_size=self.hparams.batch_size, processes=stream["world"])
+        raise ValueError(
+            f"{ckpt} was trained with {deal(saved)}; this run would train with {deal(now)}. Resumed so, it would "
+            "repeat some training clips and skip others: resume with the checkpoint's data.batch_size times "
+            "processes (trainer.devices x trainer.num_nodes) and trainer.limit_train_batches, or start a new run "
+            "without --ckpt_path")
+
+    @staticmethod
+    def _check_frames_fit(store: EpisodeStore, trainer) -> None:
+        """Every process checks, before any allocates, that the copies of the frames the processes
+        of its machine hold fit there (one per process when they train on the CPU, which they
+        share), and every process stops if one finds they do not."""
+        device = trainer.strategy.root_device
+        copies = trainer.num_devices if device.type == "cpu" else 1
+        problem = frames_memory_error(store, device, copies)
+        if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(problem is None, all=True):
+            problem = problem or ("data.frames_on_device: the frames do not fit in another process's memory (its "
+                                  "error says how much they need): set data.frames_on_device false to read frames "
+                                  "from the file")
+        if problem:
+            raise MemoryError(problem)
+
+    def _load_frames(self, device: torch.device, check: bool = True) -> torch.Tensor:
         def index(d: torch.device) -> int:
             return 0 if d.index is None else d.index
 
@@ -355,11 +417,13 @@ class LeWMDataModule(L.LightningDataModule):
             zero = trainer is None or trainer.is_global_zero
             bar = zero and (trainer is None or trainer.progress_bar_callback is not None)
             start = time.perf_counter()
-            self.frames = frames_to_device(EpisodeStore(self.path), device, progress=bar)
+            self.frames = frames_to_device(EpisodeStore(self.path), device, progress=bar, check=check)
             if zero:
                 f = self.frames
+                copies = trainer.num_devices if trainer is not None and device.type == "cpu" else 1
+                each = f" per process, {copies} processes" if copies > 1 else ""
                 print(f"frames on {device}: {f.shape[0]:,} frames of {f.shape[1]}x{f.shape[2]} px, "
-                      f"{f.numel() / 2**30:.2f} GiB, copied in {time.perf_counter() - start:.1f} s")
+                      f"{f.numel() / 2**30:.2f} GiB{each}, copied in {time.perf_counter() - start:.1f} s")
         return self.frames
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -427,28 +491,40 @@ class LeWMDataModule(L.LightningDataModule):
                              "at least 2; collect more or longer episodes, or lower data.num_frames / frameskip")
         # a last batch of one clip would break the projector's BatchNorm: drop it when there are others
         trainer = self.trainer
+        stream = self._stream()
         if trainer is not None and trainer.world_size > 1:  # each process draws its shard of the one order
             sampler = DistributedEpochSampler(len(train_set), self.hparams.shuffle_seed, trainer.world_size,
-                                              trainer.global_rank)
+                                              trainer.global_rank, cut=stream["cut"])
         else:
             sampler = EpochSampler(len(train_set), self.hparams.shuffle_seed)
-        world = trainer.world_size if trainer is not None else 1
-        per_rank = -(-len(train_set) // world)  # each process's share of the epoch
-        drop_last = per_rank > self.hparams.batch_size
         if trainer is not None and not from_start:
             # every pass goes on from the batches the run has trained on (read when the pass begins,
             # after Lightning has restored its counters), so a resumed run draws what the
             # uninterrupted run would have drawn next
-            per_epoch = per_rank // self.hparams.batch_size if drop_last else 1
-            limit = trainer.limit_train_batches
-            per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
             # a checkpoint written in on_train_batch_end counts its batch as processed, not yet
             # completed: it was trained on (Lightning completes it on restart)
-            sampler.follow(lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed, per_epoch,
-                           self.hparams.batch_size if drop_last else per_rank)
+            sampler.follow(lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed, stream["per_epoch"],
+                           stream["span"])
             # Lightning warns that a loader without `state_dict` cannot resume inside an epoch; this one does
             warnings.filterwarnings("ignore", message=re.escape(_LIGHTNING_NOT_RESUMABLE), category=PossibleUserWarning)
-        return self._loader(train_set, sampler, drop_last=drop_last)
+        return self._loader(train_set, sampler, drop_last=stream["drop_last"])
+
+    def _stream(self) -> dict:
+        """How the training clips are dealt out: `span` clips per batch on each of `world`
+        processes, `per_epoch` batches per epoch of their order (fewer with limit_train_batches),
+        the last incomplete batch dropped where there are full ones (a batch of one clip would
+        break the projector's BatchNorm), and under DDP each order cut to equal shares (`cut`)
+        where every share holds a full batch."""
+        trainer, size, batch = self.trainer, len(self.train_set), self.hparams.batch_size
+        world = trainer.world_size if trainer is not None else 1
+        cut = world > 1 and size // world >= batch
+        per_rank = size // world if cut else -(-size // world)  # each process's share of an epoch
+        drop_last = per_rank > batch
+        per_epoch = per_rank // batch if drop_last else 1
+        limit = trainer.limit_train_batches if trainer is not None else 1.0
+        per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
+        return {"world": world, "cut": cut, "drop_last": drop_last, "per_epoch": per_epoch,
+                "span": batch if drop_last else per_rank}
 
     def val_dataloader(self):
         if self.val_set is None:
