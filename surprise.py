@@ -277,23 +277,21 @@ def main(argv=None) -> dict:
     # the figure is drawn beside its final name and takes it only once the JSON is written, so an
     # interruption leaves no figure of other results than the JSON's
     figure_tmp = out / f".surprise.png.{os.getpid()}.tmp"
-    figure(figure_tmp, z, pixels, cal, p, title)
-
-    weights = model_dir / "model.safetensors"
-    result = {
-        "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
-        "model_dir": str(model_dir), "model_sha256": sha256_file(weights), "seed": args.seed,
-        "settings": dict(vars(args)), **setup,
-        "frameskip": cfg.frameskip, "history": cfg.history, "colour": COLOUR[setup["env"]],
-        "calibration": {"threshold_z": cal.threshold, "false_alarm_target": cal.false_alarm_rate, "runs": n_cal},
-        "statistics": stats,
-        "median_surprise": {c: surprise[c].nanquantile(0.5, dim=0).tolist() for c in CONDITIONS},
-        "figure_sha256": sha256_file(figure_tmp),
-        "wall_seconds": time.perf_counter() - start,
-    }
-    result = finite(result)
-    before = recorded_model(out / "surprise.json")
-    try:
+    try:  # nor a temporary figure where the run stops before it is renamed
+        figure(figure_tmp, z, pixels, cal, p, title)
+        weights = model_dir / "model.safetensors"
+        result = finite({
+            "protocol": PROTOCOL, "leworld_version": package_version(), "model": str(args.model),
+            "model_dir": str(model_dir), "model_sha256": sha256_file(weights), "seed": args.seed,
+            "settings": dict(vars(args)), **setup,
+            "frameskip": cfg.frameskip, "history": cfg.history, "colour": COLOUR[setup["env"]],
+            "calibration": {"threshold_z": cal.threshold, "false_alarm_target": cal.false_alarm_rate, "runs": n_cal},
+            "statistics": stats,
+            "median_surprise": {c: surprise[c].nanquantile(0.5, dim=0).tolist() for c in CONDITIONS},
+            "figure_sha256": sha256_file(figure_tmp),
+            "wall_seconds": time.perf_counter() - start,
+        })
+        before = recorded_model(out / "surprise.json")
         write_json(out / "surprise.json", result)
         os.replace(figure_tmp, out / "surprise.png")
     finally:

@@ -13,7 +13,8 @@ data (same file, split, clip length and batch size, in its first epoch's order) 
 weights fixed, takes the average of their batch statistics (`recalibrate_batchnorm`), prints
 the validation prediction loss in evaluation mode before and after, and writes the model back
 (atomically) or to `--out`. Training does the same at its end with
-`--model.bn_recalibration_batches N`.
+`--model.bn_recalibration_batches N`. Nothing is written when that loss gets worse, or when the
+run held out no validation episodes to check it on, unless `--force`.
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-batches", type=int, default=5, help="validation batches for the before/after loss")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already at --out")
     parser.add_argument("--force", action="store_true",
-                        help="write the re-estimated model even when its validation loss is worse")
+                        help="write the re-estimated model even when its validation loss is worse, or "
+                        "unchecked when the run held out no validation episodes")
     args = parser.parse_args(argv)
     keep_freed_memory()  # faster CPU forward passes on Linux (leworld/allocator.py)
     try:

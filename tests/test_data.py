@@ -721,7 +721,8 @@ def test_a_resume_refuses_other_clips_per_step_or_steps_per_epoch(dataset):
         return dm
 
     state = module().state_dict()
-    assert state["stream"] == {"clips_per_step": 4, "steps_per_epoch": 26, "batch_size": 4, "processes": 1}
+    assert state["stream"] == {"clips_per_step": 4, "steps_per_epoch": 26, "batch_size": 4, "processes": 1,
+                               "shares": "cut"}
     module().load_state_dict(state)
     module(batch_size=2, world=2).load_state_dict(state)  # 2 clips on each of 2 processes
     module(limit=26).load_state_dict(state)  # a limit that leaves the epoch as it was
@@ -738,6 +739,36 @@ def test_a_resume_refuses_other_clips_per_step_or_steps_per_epoch(dataset):
     scored = module(batch_size=8)
     scored.trainer.state.fn = "validate"
     scored.load_state_dict(state)  # scoring a checkpoint uses no training clips
+
+
+def test_ddp_runs_resumed_from_checkpoints_without_the_stream_record_keep_their_padded_shares(dataset):
+    """Before the stream was recorded, DDP shares were padded to equal length: 104 clips on 3
+    ranks in batches of 7 made 5 steps an epoch, where cut shares make 4. Resumed from such a
+    checkpoint (or from a later one of that run), the run goes on with the padded shares."""
+    from leworld.data.datamodule import DistributedEpochSampler
+
+    def module(rank=0, processed=0):
+        dm = LeWMDataModule(str(dataset), num_frames=2, frameskip=5, batch_size=7, num_workers=0, val_fraction=0.34)
+        dm.setup("fit")
+        dm.trainer = fitting_trainer(3, rank, processed=processed)
+        return dm
+
+    state = module().state_dict()
+    assert state["stream"]["steps_per_epoch"] == 4 and state["stream"]["shares"] == "cut"
+    older = {k: v for k, v in state.items() if k != "stream"}
+    for rank in range(3):
+        dm = module(rank, processed=6)
+        dm.load_state_dict(older)
+        padded = DistributedEpochSampler(104, 0, 3, rank)  # the shares of the runs before
+        shards = [padded.shard(e) for e in (1, 2)]
+        drawn = [list(b) for b in dm.train_dataloader().batch_sampler]
+        assert drawn == [shards[0][7:14], shards[0][14:21], shards[0][21:28], shards[0][28:35],
+                         shards[1][0:7]]  # 5 steps an epoch: step 6 is the second of epoch 1
+        assert dm.state_dict()["stream"] == {"clips_per_step": 21, "steps_per_epoch": 5, "batch_size": 7,
+                                             "processes": 3, "shares": "padded"}
+        again = module(rank, processed=6)
+        again.load_state_dict(dm.state_dict())  # a later checkpoint of the resumed run
+        assert [list(b) for b in again.train_dataloader().batch_sampler] == drawn
 
 
 def test_a_resumed_data_module_refuses_another_split_or_dataset_and_takes_its_own(dataset, tmp_path):

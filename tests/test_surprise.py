@@ -476,11 +476,14 @@ def test_a_second_version_of_a_run_names_the_results_it_replaced_and_the_figure_
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "write_json", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(["--model", str(first), *base, "--seed", "0", "--num-frames", "7"])
-    assert (out / "surprise.png").read_bytes() == png  # the figure of the results still there
-    assert sorted(p.name for p in out.iterdir()) == ["surprise.json", "surprise.png"]  # no temporary file left
+    for where in ("write_json", "sha256_file"):  # writing the results, or hashing the weights before
+        monkeypatch.setattr(cli, where, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["--model", str(first), *base, "--seed", "0", "--num-frames", "7"])
+        monkeypatch.undo()
+        monkeypatch.chdir(tmp_path)
+        assert (out / "surprise.png").read_bytes() == png  # the figure of the results still there
+        assert sorted(p.name for p in out.iterdir()) == ["surprise.json", "surprise.png"]  # no temporary file left
 
 
 def tiny_model(path: Path, dataset: dict | None, **overrides) -> Path:

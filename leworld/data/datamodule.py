@@ -282,6 +282,8 @@ class LeWMDataModule(L.LightningDataModule):
         self.action_mean: np.ndarray | None = None
         self.action_std: np.ndarray | None = None
         self.frames: torch.Tensor | None = None  # (F, R, R, 3) uint8 on the device, with frames_on_device
+        # DDP training shares padded to equal length, as runs whose checkpoints record no stream drew them
+        self._padded_shares = False
 
     def prepare_data(self) -> None:
         if self.path.exists() or self.generate is None:
@@ -342,7 +344,8 @@ class LeWMDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.state.fn == "fit":
             stream = self._stream()
             state["stream"] = {"clips_per_step": stream["span"] * stream["world"], "steps_per_epoch": stream["per_epoch"],
-                               "batch_size": self.hparams.batch_size, "processes": stream["world"]}
+                               "batch_size": self.hparams.batch_size, "processes": stream["world"],
+                               "shares": "padded" if self._padded_shares else "cut"}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -372,7 +375,12 @@ class LeWMDataModule(L.LightningDataModule):
         """A resumed run goes on in the clip order at the batch it reached, counted in batches: with
         other clips per step or steps per epoch, that count would point elsewhere in the order, and
         the rest of the run would repeat some clips within an epoch and never draw others."""
-        if not saved:  # a checkpoint written before the stream was recorded
+        if not saved or saved.get("shares") == "padded":
+            # DDP shares were padded to equal length before the stream was recorded (cut shares can
+            # have a step less per epoch): a run resumed from such a checkpoint, or from one of its
+            # own, pads them too, and records so
+            self._padded_shares = True
+        if not saved:
             return
         stream = self._stream()
         now = {"clips_per_step": stream["span"] * stream["world"], "steps_per_epoch": stream["per_epoch"]}
@@ -517,7 +525,7 @@ class LeWMDataModule(L.LightningDataModule):
         where every share holds a full batch."""
         trainer, size, batch = self.trainer, len(self.train_set), self.hparams.batch_size
         world = trainer.world_size if trainer is not None else 1
-        cut = world > 1 and size // world >= batch
+        cut = world > 1 and size // world >= batch and not self._padded_shares
         per_rank = size // world if cut else -(-size // world)  # each process's share of an epoch
         drop_last = per_rank > batch
         per_epoch = per_rank // batch if drop_last else 1
