@@ -39,7 +39,7 @@ import torch
 import envs
 from leworld.allocator import keep_freed_memory
 from leworld.checkpoint import find_model, load_model, model_extra, model_name, recorded_data_path, weights_file
-from leworld.data.store import ENV_HINT, RESOLUTION_HINT, DatasetError, EpisodeStore
+from leworld.data.store import RESOLUTION_HINT, DatasetError, EpisodeStore, fill_collect_hint
 from leworld.device import describe_device, resolve_device
 from leworld.evaluation import BASELINES, get_protocol, make_baseline, run_episodes, sample_pairs, summarize
 from leworld.evaluation.baselines import ReplayBaseline
@@ -446,10 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError:
         raise SystemExit(f"error: dataset {data_path} does not exist: generate it (the training command does) or pass --data")
     except DatasetError as e:
-        # the collect command it suggests, with this env and the model's resolution where known
-        message = str(e).replace(ENV_HINT, env_name)
-        if model is not None:
-            message = message.replace(RESOLUTION_HINT, str(model.config.image_size))
+        # the collect command it suggests, with this env and the model's frames where known
+        if model is None:
+            message = fill_collect_hint(str(e), env_name).replace(RESOLUTION_HINT, "<frame size in px>")
+        else:
+            params = (info["extra"].get("dataset") or {}).get("env_params") or {}
+            message = fill_collect_hint(str(e), env_name, model.config.image_size, params.get("supersample"))
         raise SystemExit(f"error: {message}")
     check_dataset(store, env_name, model if args.policy in ("model", "oracle") else None)
     if protocol.dataset is not None and args.data is not None:

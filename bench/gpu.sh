@@ -8,11 +8,13 @@
 # env and for 50, the training loop's own cost and syncs, then the compiled training step. Each
 # has its own time limit inside one BUDGET (585 s; bench/gpu_setup.sh), so a slow compile cannot
 # take the rest with it: a stage gets at most what is left of the budget, and with under 15 s left
-# it is skipped. A stage stopped at its limit writes no result (each writes its JSON line at its end).
+# it is skipped. A stage stopped at its limit writes no result (each writes its JSON line at its end);
+# the script exits 1 when a stage failed for another reason.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"
 scratch=$(mktemp -d)  # train_loop.py's runs and exported models: not worth bringing back
+trap 'rm -rf "$scratch"' EXIT
 mkdir -p "$out"
 . bench/gpu_setup.sh  # PYTHONPATH, limit, BUDGET (and the wheels in .whl/, if any)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
@@ -58,3 +60,7 @@ if [ -n "${TUNE:-}" ]; then
     --compile-mode max-autotune-no-cudagraphs --json "$out/train.jsonl"
 fi
 stage "done"
+if [ "$stage_errors" -gt 0 ]; then
+  echo "$stage_errors stage(s) failed (not a time limit): see their output above"
+  exit 1
+fi

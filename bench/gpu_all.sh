@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 final="${OUT:-bench/out}"
 mkdir -p "$final" data
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT  # what is worth keeping goes to $final (logs.tgz)
 exec > >(tee "$final/gpu_all.log") 2>&1
 . bench/gpu_setup.sh  # wheels, PYTHONPATH, limit, elapsed and the shared BUDGET
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"

@@ -58,6 +58,7 @@ fi
 # 2. training: the config's architecture; the schedule is STEPS long, the run at most MINUTES
 start=$(date +%s)
 stamp=$(mktemp); touch "$stamp"  # the model planned below must be newer than this
+trap 'rm -f "$stamp"' EXIT
 limit $((secs + 90)) "$py" train.py fit --config "$config" --data.path "$data" \
   --data.generate.episodes "$episodes" --data.generate.steps 100 --data.generate.resolution "$res" \
   --data.generate.supersample "$ss" --data.frames_on_device "$on_device" --model.model.image_size "$res" --model.lr "$lr" --model.lambda_sigreg "${LAMBDA:-0.09}" \

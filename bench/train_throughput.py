@@ -34,7 +34,7 @@ def load_settings(path: str) -> tuple[dict, dict, dict]:
 
 def run(config: str, steps: int, warmup: int, batch_size: int | None, compile: bool, device: str,
         compile_mode: str | None = None, profile: str | None = None, compile_parts: bool = False) -> dict:
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # "cuda:0", "cpu": the checks below read its name
     arch, module_args, data = load_settings(config)
     batch_size = batch_size or data["batch_size"]
     T = data["num_frames"]

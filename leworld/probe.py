@@ -50,7 +50,7 @@ from leworld.results import (
     check_writable, package_version, recorded_model, replaced_model_note, sha256_file, write_json,
 )
 from leworld.data.clips import split_episodes
-from leworld.data.store import DatasetError, EpisodeStore
+from leworld.data.store import DatasetError, EpisodeStore, fill_collect_hint
 
 PROTOCOL = "probe-v1"
 RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # tried on standardised features
@@ -464,7 +464,10 @@ def open_model_and_data(model_arg, data_arg=None, device: str = "cpu"):
         store = EpisodeStore(data_path)
     except DatasetError as e:
         hint = "" if data_arg else f" (the path comes from {record}; --data overrides it)"
-        raise SystemExit(f"error: {e}{hint}") from None
+        dataset = extra.get("dataset") or {}
+        message = fill_collect_hint(str(e), dataset.get("env"), model.config.image_size,
+                                    (dataset.get("env_params") or {}).get("supersample"))
+        raise SystemExit(f"error: {message}{hint}") from None
     model_env, data_env = (extra.get("dataset") or {}).get("env"), store.metadata.get("env")
     if model_env is not None and data_env != model_env:
         raise SystemExit(f"error: the model was trained on {model_env} but {data_path} holds {data_env} "

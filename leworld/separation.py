@@ -172,9 +172,15 @@ def separation_of_model(model, store, env: str | None = None, val_fraction: floa
     radius = float((store.metadata.get("env_params") or {}).get("success_radius", TWOROOM_RADIUS))
     result = separation(z, store.read("state", rows), owner, env, num_goals, band, seed, radius)
     if result["top1"]["goals"] == 0:
+        kept = len(np.unique(owner))
+        fixes = ([f"lower --stride ({stride})"] if stride > 1 else []) + (
+            [f"raise --max-frames ({max_frames}: {kept} of the {len(val_eps)} validation episodes kept)"]
+            if kept < len(val_eps) else [])
+        fixes.append(f"score more validation episodes ({len(val_eps)} here): a dataset with more episodes, generated "
+                     "with the model's settings and passed with --data")
         raise ValueError(f"none of the goal frames has a frame of another episode that passes the success test "
-                         f"({len(rows)} frames at stride {stride}): there is nothing to separate; lower --stride "
-                         "or raise --max-frames")
+                         f"({len(rows)} frames of {kept} episodes at stride {stride}): there is nothing to "
+                         f"separate; {'; or '.join(fixes)}")
     return {"env": env, "val_episodes": len(np.unique(owner)), **result,
             "seconds": {"encode": t1 - t0, "score": time.perf_counter() - t1}}
 

@@ -47,6 +47,26 @@ def test_plan_latency_takes_the_devices_other_commands_take_and_prints_what_ran(
     assert bad.returncode == 2 and "--device:" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_train_throughput_times_training_steps_and_records_the_device(tmp_path):
+    """The command as its docstring and bench/gpu.sh run it: a few steps on the device resolved
+    from --device, one JSON line with the rate it printed."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "bench/train_throughput.py"), "--config", str(ROOT / "configs/tworoom_tiny.yaml"),
+           "--steps", "2", "--warmup", "1", "--batch-size", "8", "--json", str(tmp_path / "r.jsonl")]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    for device in ("cpu", "auto"):
+        out = subprocess.run([*cmd, "--device", device], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "clips/s" in out.stdout
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for record in records:
+        assert record["batch_size"] == 8 and record["device"].startswith(cpu_model())
+        assert record["clips_per_s"] == pytest.approx(8 / record["step_s"], rel=1e-9) and record["loss"] > 0
+
+
 @pytest.mark.parametrize("script", ["train_throughput", "train_loop"])
 def test_training_benchmarks_refuse_an_unknown_device_as_a_usage_error(script):
     import subprocess
@@ -55,3 +75,21 @@ def test_training_benchmarks_refuse_an_unknown_device_as_a_usage_error(script):
                           str(ROOT / "configs/tworoom_tiny.yaml"), "--device", "bogus"], capture_output=True, text=True,
                          timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2 and "--device:" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow  # 2.5 minutes on 2 cores: every stage, torch.compile included, at tiny size
+def test_the_gpu_script_runs_every_stage_at_tiny_size_on_the_cpu(tmp_path):
+    """`QUICK=1 bash bench/gpu.sh`, the check to run before a GPU is lent: every stage writes its
+    result, none fails (the script exits 1 when one does), and no scratch folder is left."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+           "TMPDIR": str(tmp_path)}
+    out = subprocess.run(["bash", str(ROOT / "bench/gpu.sh")], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "stage stopped" not in out.stdout and "stage skipped" not in out.stdout
+    lines = {name: (tmp_path / "out" / name).read_text().splitlines()
+             for name in ("plan.jsonl", "train.jsonl", "train_loop.jsonl")}
+    assert [len(v) for v in lines.values()] == [3, 2, 2]
+    assert not list(tmp_path.glob("tmp.*"))  # the scratch folder (mktemp -d) is gone

@@ -959,6 +959,17 @@ def test_collection_timings_and_counts_reach_the_file_and_its_summary(dataset):
         assert json.loads(f.attrs["metadata"])["seconds"] == store.metadata["seconds"]
     summary = store.summary()
     assert "collected in" in summary and "episodes  6, 186 frames, 180 steps" in summary  # 6 x (30 + 1) rows
+    assert "policy    expert (noise 1.0), seed 3" in summary
+
+
+@pytest.mark.parametrize("policy, said", [("expert", "expert (noise 2.0, the policy's default)"),
+                                          ("random", "random (no action noise)")])
+def test_the_summary_names_the_noise_a_default_policy_applied(tmp_path, policy, said):
+    """Without --noise the file records noise None beside the noise the policy applied: the
+    summary said "noise None"."""
+    path = tmp_path / "d.h5"
+    collect("tworoom", episodes=1, steps=3, resolution=16, policy=policy, seed=0, out=path, progress=False)
+    assert f"policy    {said}, seed 0" in EpisodeStore(path).summary()
 
 
 def test_a_file_whose_writer_has_not_closed_is_refused_as_incomplete(tmp_path):
@@ -1034,3 +1045,15 @@ def test_a_dataset_records_the_noise_its_policy_drew_actions_with(tmp_path):
         warnings.simplefilter("always")
         dm.setup("fit")
     assert any("noise 2.0 (data.generate.noise is 0.5)" in str(w.message) for w in caught)
+
+
+def test_the_missing_dataset_hint_is_filled_in_with_what_the_caller_knows(tmp_path):
+    from leworld.data.store import ENV_HINT, RESOLUTION_HINT, fill_collect_hint
+
+    with pytest.raises(DatasetError) as err:
+        EpisodeStore(tmp_path / "none.h5")
+    message = str(err.value)
+    assert f"--env {ENV_HINT} --resolution {RESOLUTION_HINT} --out" in message
+    assert fill_collect_hint(message) == message
+    assert "--env pusht --resolution 64 --supersample 4 --out" in fill_collect_hint(message, "pusht", 64, 4)
+    assert "--env tworoom --resolution 32 --out" in fill_collect_hint(message, "tworoom", 32, 1)

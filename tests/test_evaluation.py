@@ -480,6 +480,8 @@ def test_plan_cli_clear_errors(tmp_path, tiny_model_dir, tworoom_data):
     assert proc.returncode != 0 and "no dataset at" in proc.stderr
     # the collect command with this env and the model's size, not the collector's default 224 px
     assert f"`python -m leworld.data.collect --env tworoom --resolution {RES} --out" in proc.stderr
+    proc = run_plan("--policy", "straight", "--env", "tworoom", "--data", str(tmp_path / "missing.h5"), cwd=tmp_path)
+    assert proc.returncode != 0 and "--env tworoom --resolution <frame size in px> --out" in proc.stderr  # no model
 
 
 def load_plan_script():

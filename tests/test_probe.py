@@ -328,9 +328,11 @@ def test_cli_clear_errors(tmp_path, dataset, case, message):
         export_tiny(tmp_path / "model", dataset, env="pusht")
     elif case == "other resolution":
         export_tiny(tmp_path / "model", dataset, image_size=48)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=message) as err:
         probe_mod.main(args)
     assert not (tmp_path / "out.json").exists()
+    if case == "no dataset":  # the collect command with the model's env and frame size
+        assert f"collect --env tworoom --resolution {TINY['image_size']} --out" in str(err.value)
 
 
 def test_a_training_checkpoint_is_probed_like_the_model_exported_from_it(tmp_path, dataset):

@@ -1034,7 +1034,7 @@ def test_train_cli_prints_an_input_error_in_a_line(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert (f"error: no dataset at {tmp_path / 'gen.h5'}: generate one with `python -m leworld.data.collect --env "
-            "<tworoom or pusht> --resolution <the model's image_size> --out") in out.stderr
+            "<tworoom or pusht> --resolution 32 --out") in out.stderr  # the model's frame size, from the config
     assert "(DatasetError; LEWORLD_TRACEBACK=1 shows where it was raised)" in out.stderr
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "LEWORLD_TRACEBACK": "1"})

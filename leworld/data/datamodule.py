@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from leworld.data.clips import ClipDataset, action_stats, collate_batch, split_episodes
-from leworld.data.store import EpisodeStore
+from leworld.data.store import DatasetError, EpisodeStore, fill_collect_hint
 
 
 @dataclass
@@ -303,7 +303,13 @@ class LeWMDataModule(L.LightningDataModule):
         if self.action_mean is not None:
             return
         hp = self.hparams
-        store = EpisodeStore(self.path)  # clear error if the file is missing
+        try:
+            store = EpisodeStore(self.path)  # clear error if the file is missing
+        except DatasetError as e:  # naming the env and frame size where the config says them
+            spec = self._generate_spec() if self.generate is not None else {}
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            size = getattr(getattr(module, "config", None), "image_size", None) or spec.get("resolution")
+            raise DatasetError(fill_collect_hint(str(e), spec.get("env"), size, spec.get("supersample"))) from None
         self._check_generate_spec(store)
         self.metadata = store.metadata
         self.action_dim = store.action_dim

@@ -36,8 +36,21 @@ _FIELDS = ("pixels", "action", "proprio", "state")
 
 
 # Placeholders of the collect command in the "no dataset" message, which callers that know the env
-# or the model fill in (plan.py)
+# or the model fill in (`fill_collect_hint`)
 ENV_HINT, RESOLUTION_HINT = "<tworoom or pusht>", "<the model's image_size>"
+
+
+def fill_collect_hint(message: str, env: str | None = None, resolution: int | None = None,
+                      supersample: int | None = None) -> str:
+    """The "no dataset" message with the collect command's env and frame size filled in where the
+    caller knows them (from a model or a config), with `--supersample` where the model's data was
+    drawn supersampled."""
+    if env:
+        message = message.replace(ENV_HINT, str(env))
+    if resolution:
+        size = str(resolution) + (f" --supersample {supersample}" if supersample and int(supersample) > 1 else "")
+        message = message.replace(RESOLUTION_HINT, size)
+    return message
 
 
 class DatasetError(RuntimeError):
@@ -245,6 +258,19 @@ class EpisodeStore:
         rows = slice(start, start + int(self.episode_length[index]))
         return {name: self.read(name, rows) for name in _FIELDS}
 
+    def _noise(self) -> str:
+        """The data policy's action noise as the summary gives it: the one asked for, or the
+        policy's default that was applied (recorded as `policy_noise`)."""
+        m = self.metadata
+        if m.get("noise") is not None:
+            return f"noise {m['noise']}"
+        default = m.get("policy_noise")
+        if default is None:  # uniform random actions
+            return "no action noise"
+        if isinstance(default, (int, float)):
+            return f"noise {default}, the policy's default"
+        return f"noise: the policy's default, {json.dumps(default)}"
+
     def summary(self) -> str:
         m = self.metadata
         lengths = self.episode_length
@@ -252,7 +278,7 @@ class EpisodeStore:
         lines = [
             f"dataset   {self.path} ({size_mb:.1f} MiB)",
             f"env       {m.get('env_id')} {json.dumps(m.get('env_params', {}))}",
-            f"policy    {m.get('policy')} (noise {m.get('noise')}), seed {m.get('seed')}",
+            f"policy    {m.get('policy')} ({self._noise()}), seed {m.get('seed')}",
             f"episodes  {self.num_episodes}, {self.num_frames} frames, {int((lengths - 1).sum())} steps "
             f"(length {int(lengths.min())}-{int(lengths.max())})",
             f"frames    {self.resolution}x{self.resolution} RGB uint8",
